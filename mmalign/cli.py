@@ -1,0 +1,151 @@
+"""mmalign command line: train, sample, score, eval."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg, run_dir=args.output_dir, resume=args.resume).fit()
+    if args.report:
+        from mmalign.toy.report import before_after
+
+        before_after(Path(args.output_dir or cfg.run.output_dir or f"runs/{cfg.run.name}"), cfg)
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise SystemExit(f"error: {p}: prompts file not found")
+        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from mmalign import registry
+    from mmalign.config import _parse_dataclass, load_config
+    from mmalign.media import image_grid, tensor_to_pil
+
+    if args.config:
+        cfg = load_config(args.config)
+        gen_cfg = cfg.generator.args
+        name = cfg.generator.name
+    else:
+        if not args.pretrained:
+            raise SystemExit("error: give --pretrained MODEL or --config RUN_CONFIG")
+        name = args.generator
+        gen_cfg = _parse_dataclass(registry.lookup("generator", name).config,
+                                   {"pretrained": args.pretrained, "finetune": "lora"}, "generator")
+    gen = registry.lookup("generator", name).build(gen_cfg)
+    if args.weights:
+        gen.load_trained(args.weights)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen.to(device)
+    prompts = _read_prompts(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, all_images = [], []
+    for i in range(0, len(prompts) * args.n, args.batch_size):
+        chunk = [(j // args.n, j % args.n) for j in range(i, min(i + args.batch_size, len(prompts) * args.n))]
+        ps = [prompts[p] for p, _ in chunk]
+        seeds = [args.seed + p * 1000 + k for p, k in chunk]
+        ro = gen.rollout(ps, num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seeds=seeds,
+                         need_log_probs=False)
+        for (p, k), img, s in zip(chunk, ro.samples.images, seeds):
+            path = out / f"{p:04d}_{k:02d}.png"
+            tensor_to_pil(img).save(path)
+            rows.append({"path": str(path), "prompt": prompts[p], "seed": s})
+        all_images.append(ro.samples.images)
+    image_grid(torch.cat(all_images), nrow=args.n if args.n > 1 else 8).save(out / "grid.png")
+    with open(out / "samples.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(rows)} images, grid.png and samples.jsonl to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a generator from a YAML config",
+                       description="Train from CONFIG. Overrides: dotted.key=value (YAML values), e.g. "
+                                   "train.lr=1e-5 method.beta=2500. Under `accelerate launch` this runs DDP.")
+    p.add_argument("config", help="run config YAML (configs/toy/*.yaml, configs/<model>/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--output-dir", help="run directory (default: run.output_dir or runs/<run.name>)")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="resume from the latest complete checkpoint of the run, or from a checkpoint path")
+    p.add_argument("--report", action="store_true", help="toy world: print base vs aligned gold accuracy")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images from prompts (optionally with trained weights)")
+    p.add_argument("--pretrained", help="hub id or local diffusers directory")
+    p.add_argument("--config", help="take the generator from a run config instead")
+    p.add_argument("--generator", default="sd", help="generator registry name (default: sd)")
+    p.add_argument("--weights", help="trained weights: a run's final/ directory (LoRA or UNet)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a text file, one prompt per line")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device")
+    p.add_argument("--out", default="samples", help="output directory")
+    p.set_defaults(fn=cmd_sample)
+
+    try:
+        from mmalign import scoring
+
+        p = sub.add_parser("score", help="score media files against prompts with any reward")
+        scoring.add_score_args(p)
+        p.set_defaults(fn=scoring.run_score)
+        p = sub.add_parser("eval-judge", help="agreement of a reward/judge with human preference labels")
+        scoring.add_eval_judge_args(p)
+        p.set_defaults(fn=scoring.run_eval_judge)
+    except ImportError:
+        pass
+    try:
+        from mmalign import evaluation
+
+        p = sub.add_parser("eval", help="toy world: gold accuracy, proxy reward and diversity of a model or run")
+        evaluation.add_eval_args(p)
+        p.set_defaults(fn=evaluation.run_eval)
+    except ImportError:
+        pass
+
+    args = parser.parse_args(argv)
+    from mmalign.config import ConfigError
+    from mmalign.data.preference import DataError
+    from mmalign.media import MediaError
+    from mmalign.trainer import TrainingError
+
+    try:
+        return args.fn(args) or 0
+    except (ConfigError, DataError, MediaError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

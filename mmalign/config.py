@@ -1,0 +1,290 @@
+"""YAML run configs -> typed, validated dataclasses.
+
+Errors name the file and the dotted key path (`cfg.yaml: train.lr: expected a number, got
+'fast'`). CLI overrides (`train.lr=1e-5 method.beta=2500`) are applied to the raw YAML
+before validation, so they are checked the same way. Component sections (`generator`,
+`reward`, `method`) name a registry entry with `name:`; their other keys are validated
+against that entry's config dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from mmalign import registry
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Component:
+    """A registry name plus that entry's validated config."""
+
+    name: str
+    args: Any
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["manifest", "pickapic", "generated", "none"] = "manifest"
+    path: str | None = None  # manifest .jsonl/.csv, or a parquet/arrow directory for pickapic
+    resolution: int | None = None  # pixels; default: the generator's resolution
+    skip_bad: bool = False  # skip (and count) unreadable images instead of stopping
+    cache_latents: bool = False
+    cache_dir: str | None = None  # default: <run dir>/latent_cache
+    max_samples: int | None = None
+    random_flip: bool = False  # never for captions with left/right relations
+    num_workers: int = 0
+    # kind=generated: on-policy pairs, sampled from the generator and ranked by the reward
+    prompts: str | None = None  # a .txt file (one prompt per line) or "toy:train"
+    candidates: int = 4  # samples per prompt; the best and the worst make a pair
+    sample_steps: int = 20
+    sample_guidance: float = 5.0
+    sample_eta: float = 1.0
+    min_gap: float = 0.0  # drop pairs whose reward gap is below this
+
+    def validate(self) -> None:
+        if self.kind in ("manifest", "pickapic") and not self.path:
+            raise ValueError(f"path: required for data.kind={self.kind}")
+        if self.path and self.kind in ("manifest", "pickapic") and not Path(self.path).exists():
+            raise ValueError(f"path: {self.path} not found")
+        if self.kind == "generated" and not self.prompts:
+            raise ValueError("prompts: required for data.kind=generated (a .txt file or 'toy:train')")
+        if self.candidates < 2:
+            raise ValueError("candidates: need at least 2 to make a pair")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps; 0 = only before training and at the end
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    gold: bool = False  # also report the toy world's gold accuracy (toy captions only)
+    enabled: bool = True
+    seed: int = 1234
+    num_steps: int = 20
+    guidance_scale: float = 5.0
+    images_per_prompt: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 1  # per process, per micro-batch (pairs for preference methods)
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None  # e.g. 0.999; None disables EMA
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class RunConfig:
+    generator: Component = field(metadata={"component": "generator"})
+    method: Component = field(metadata={"component": "method"})
+    reward: Component | None = field(default=None, metadata={"component": "reward"})
+    run: RunSection = field(default_factory=RunSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is bool:
+        return "true/false"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def _parse_component(kind: str, value: Any, where: str) -> Component:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key, got {value!r}")
+    if "name" not in value:
+        raise ConfigError(f"{where}.name: missing required key (which {kind} to use)")
+    name = value["name"]
+    try:
+        entry = registry.lookup(kind, name)
+    except KeyError as e:
+        raise ConfigError(f"{where}.name: {e.args[0]}") from None
+    rest = {k: v for k, v in value.items() if k != "name"}
+    return Component(name, _parse_dataclass(entry.config, rest, where))
+
+
+def _parse_dataclass(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or '<top level>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}: missing required key")
+            continue
+        kind = f.metadata.get("component")
+        if kind is not None:
+            kwargs[name] = None if data[name] is None else _parse_component(kind, data[name], path)
+        else:
+            kwargs[name] = _convert(hints[name], data[name], path)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or '<top level>'}: {e}") from None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{prefix}{e}") from None
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key.path=value")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(data or {}, overrides, source=str(path))
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None, source: str = "<config>") -> RunConfig:
+    import copy
+
+    data = apply_overrides(copy.deepcopy(data), overrides or [])
+    try:
+        return _parse_dataclass(RunConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    if isinstance(obj, Component):
+        return {"name": obj.name, **to_dict(obj.args)}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

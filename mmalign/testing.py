@@ -1,0 +1,133 @@
+"""Tiny models of the real classes, saved like a user's checkpoints, for tests and demos.
+
+Everything here builds offline: the CLIP BPE vocabulary ships inside open_clip's wheel, so
+a transformers CLIPTokenizer with ids identical to open_clip's can be written locally.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+
+
+def write_clip_tokenizer(out_dir: str | Path) -> Path:
+    """Write a transformers CLIPTokenizer (vocab.json + merges.txt) from open_clip's BPE."""
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    st = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(k, k): v for k, v in st.encoder.items()}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 8, **kw):
+    from diffusers import UNet2DConditionModel
+
+    args = dict(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4, norm_num_groups=8,
+    )
+    args.update(kw)
+    return UNet2DConditionModel(**args)
+
+
+def tiny_vae(sample_size: int = 32):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
+        norm_num_groups=8, sample_size=sample_size, layers_per_block=1,
+    )
+
+
+def tiny_text_encoder(hidden: int = 32, projection: bool = False, projection_dim: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+
+
+def make_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A random-weight SD 1.x-layout pipeline (32x32 images, 8x8x4 latents) saved to `out_dir`."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tok_dir = write_clip_tokenizer(out / "_tok")
+    pipe = StableDiffusionPipeline(
+        unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_text_encoder(),
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir), scheduler=_scheduler(prediction_type),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight SDXL-layout pipeline: two text encoders, pooled embeds and time ids."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    unet = tiny_unet(
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=tiny_vae(), text_encoder=tiny_text_encoder(32),
+        text_encoder_2=tiny_text_encoder(32, projection=True, projection_dim=32), tokenizer=tok,
+        tokenizer_2=tok, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_tiny_open_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight open_clip model in the hub layout (open_clip_config.json + safetensors)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    torch.manual_seed(seed)
+    model = open_clip.create_model("local-dir:" + str(out), load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return out

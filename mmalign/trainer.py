@@ -1,0 +1,308 @@
+"""The shared trainer: everything that is not an algorithm.
+
+Device placement, mixed precision and multi-process (DDP; FSDP/DeepSpeed configs through
+`accelerate launch`) come from accelerate. The trainer owns gradient checkpointing,
+accumulation, clipping, AdamW + warmup schedule, EMA, atomic checkpoints with exact
+resume, JSONL metrics, a progress bar, and periodic evaluation (sample grid + reward).
+A method only computes `loss(batch, generator)`.
+
+Run directory layout:
+    config.yaml            the resolved config
+    metrics.jsonl          one JSON object per logged step / evaluation
+    samples/step_*.png     evaluation grids (fixed prompts and seeds)
+    checkpoints/step_*/    trainable weights, optimizer, scheduler, EMA, RNG, step
+    final/                 the trained weights (LoRA in diffusers format, or the UNet)
+    summary.json           timings and final evaluation
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from mmalign import checkpoint as ckpt
+from mmalign import registry
+from mmalign.config import RunConfig, dump_config
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def build(kind: str, component) -> Any:
+    return registry.lookup(kind, component.name).build(component.args)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: str | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        t = cfg.train
+        self.run_dir = Path(run_dir or cfg.run.output_dir or f"runs/{cfg.run.name}")
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
+        self.is_main = self.acc.is_main_process
+        set_seed(cfg.run.seed)  # identical LoRA init on every process
+        self.generator = build("generator", cfg.generator).to(self.acc.device)
+        self.reward = build("reward", cfg.reward) if cfg.reward is not None else None
+        if self.reward is not None and hasattr(self.reward, "to"):
+            self.reward.to(self.acc.device)
+        self.method = build("method", cfg.method)
+        if t.gradient_checkpointing:
+            self.generator.enable_gradient_checkpointing()
+        self.resume = resume
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _build_data(self):
+        from mmalign.data import preference as P
+
+        d = self.cfg.data
+        res = d.resolution or self.generator.resolution
+        if d.kind == "generated":
+            from mmalign.data.generated import generate_pairs
+
+            if self.reward is None:
+                raise TrainingError("data.kind=generated ranks samples with a reward: set `reward:`")
+            with self.acc.autocast():
+                ds = generate_pairs(self.generator, self.reward, d, seed=self.cfg.run.seed, log=self._print)
+        elif d.kind in ("manifest", "pickapic"):
+            ps = P.read_manifest(d.path) if d.kind == "manifest" else P.read_pickapic(d.path)
+            if d.max_samples:
+                ps.pairs = ps.pairs[: d.max_samples]
+            ps = P.validate_pairs(ps, d.skip_bad)
+            self._print(f"data: {len(ps.pairs)} pairs from {ps.source} "
+                        f"({ps.ties_dropped} ties dropped, {ps.bad_skipped} bad pairs skipped)")
+            self._log({"data/pairs": len(ps.pairs), "data/ties_dropped": ps.ties_dropped,
+                       "data/bad_skipped": ps.bad_skipped})
+            ds = P.PreferenceDataset(ps, res, d.random_flip, seed=self.cfg.run.seed)
+            if d.cache_latents:
+                path = ds.cache_latents(self.generator, d.cache_dir or self.run_dir / "latent_cache", self.is_main)
+                self.acc.wait_for_everyone()
+                ds.use_latents(path)
+        else:
+            raise TrainingError(f"data.kind={d.kind!r}: method {self.cfg.method.name!r} needs preference data")
+        return ds
+
+    def _batches(self, ds, start_micro: int) -> Iterator[dict]:
+        from torch.utils.data import DataLoader
+
+        from mmalign.data.preference import collate
+        from mmalign.data.sampling import GlobalBatchSampler, Seeded
+
+        sampler = GlobalBatchSampler(len(ds), self.cfg.train.batch_size, self.acc.num_processes,
+                                     self.acc.process_index, self.cfg.run.seed, start_micro)
+        loader = DataLoader(Seeded(ds), batch_sampler=sampler, collate_fn=collate,
+                            num_workers=self.cfg.data.num_workers)
+        return iter(loader)
+
+    def _print(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        final = ckpt.step_dir(self.ckpt_root, self.step)
+        tmp = ckpt.tmp_dir_for(final)
+        if self.is_main:
+            ckpt.begin(final)
+        self.acc.wait_for_everyone()
+        ckpt.save_rng(tmp, self.acc.process_index)
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            sd = {n: p.detach().cpu().contiguous() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+            save_file(sd, str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), tmp / "ema.pt")
+            ckpt.commit(tmp, final, {"step": self.step, "num_processes": self.acc.num_processes})
+            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text())
+        sd = load_file(str(path / "trainable.safetensors"))
+        named = dict(self.unwrapped.named_parameters())
+        missing = [n for n, p in named.items() if p.requires_grad and n not in sd]
+        unexpected = [n for n in sd if n not in named]
+        if missing or unexpected:
+            raise TrainingError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for n, v in sd.items():
+                named[n].copy_(v)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        ckpt.load_rng(path, self.acc.process_index)
+        self.step = int(state["step"])
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def _resume_path(self) -> Path | None:
+        if not self.resume:
+            return None
+        if self.resume == "latest":
+            p = ckpt.latest_checkpoint(self.ckpt_root)
+            if p is None:
+                raise TrainingError(f"--resume latest: no complete checkpoint in {self.ckpt_root}")
+            return p
+        p = Path(self.resume)
+        if not (p / "state.json").is_file():
+            raise TrainingError(f"--resume {p}: not a complete checkpoint directory (no state.json)")
+        return p
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Sample the fixed eval prompts (deterministic DDIM), score them, save a grid."""
+        from mmalign.media import image_grid
+
+        e = self.cfg.eval
+        out: dict[str, float] = {}
+        if self.is_main and e.enabled and e.prompts:
+            prompts = [p for p in e.prompts for _ in range(e.images_per_prompt)]
+            seeds = [e.seed + i for i in range(len(prompts))]
+            self.generator.set_forward_module(self.unwrapped)  # no collective ops on one rank
+            with self.acc.autocast():
+                ro = self.generator.rollout(prompts, num_steps=e.num_steps, guidance_scale=e.guidance_scale,
+                                            eta=0.0, seeds=seeds, need_log_probs=False)
+            self.generator.set_forward_module(self.model)
+            images = ro.samples.images
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            image_grid(images, nrow=min(8, len(images))).save(self.run_dir / "samples" / f"{tag}.png")
+            if self.reward is not None:
+                out["eval/reward"] = float(self.reward(ro.samples, prompts).float().mean())
+            if e.gold:
+                from mmalign.toy.evaluate import gold_report
+
+                rep = gold_report(images, prompts)
+                out["eval/gold_accuracy"] = rep["accuracy"]
+            self._log({"step": self.step, "tag": tag, **out})
+        self.acc.wait_for_everyone()
+        return out
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict[str, Any]:
+        from diffusers.optimization import get_scheduler
+
+        t = self.cfg.train
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self.acc.wait_for_everyone()
+        ds = self._build_data()
+
+        self.unwrapped = self.generator.trainable()
+        params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("the generator has no trainable parameters")
+        n_params = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                weight_decay=t.weight_decay)
+        self.lr_scheduler = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.warmup_steps,
+                                          num_training_steps=t.steps)
+        self.model, self.optimizer = self.acc.prepare(self.unwrapped, opt)
+        self.generator.set_forward_module(self.model)
+        self.ema = None
+        if t.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=t.ema_decay)
+
+        resume_from = self._resume_path()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        elif self.cfg.eval.enabled:
+            self.evaluate("step_0000000")
+
+        batches = self._batches(ds, self.step * t.grad_accum)
+        self._print(f"training {n_params:,} parameters for {t.steps} steps "
+                    f"(global batch {t.batch_size * t.grad_accum * self.acc.num_processes}) -> {self.run_dir}")
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        t0, steps_timed = time.perf_counter(), 0
+        while self.step < t.steps:
+            sums: dict[str, float] = {}
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                with self.acc.accumulate(self.model), self.acc.autocast():
+                    loss, metrics = self.method.loss(batch, self.generator)
+                    if not torch.isfinite(loss):
+                        last = ckpt.latest_checkpoint(self.ckpt_root)
+                        raise TrainingError(
+                            f"non-finite loss ({float(loss)}) at step {self.step + 1}, prompts "
+                            f"{batch['prompts'][:3]}; metrics {metrics}. Nothing was written for this step; "
+                            f"last checkpoint: {last or 'none'}")
+                    self.acc.backward(loss)
+                    if self.acc.sync_gradients:
+                        if t.max_grad_norm is not None:
+                            gn = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                            metrics["grad_norm"] = float(gn)
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                for k, v in {"loss": float(loss), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+            if self.ema is not None:
+                self.ema.step(params)
+            self.step += 1
+            steps_timed += 1
+            if self.acc.num_processes > 1:
+                vec = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
+                sums = dict(zip(sums, vec.tolist()))
+            sums["lr"] = self.lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix({k: f"{sums[k]:.4g}" for k in ("loss", "implicit_acc", "reward") if k in sums})
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self._log({"step": self.step, **sums})
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                self.save_checkpoint()
+            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < t.steps:
+                self.evaluate(f"step_{self.step:07d}")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        self.save_checkpoint()
+        self.save_final()
+        final_eval = self.evaluate(f"step_{self.step:07d}") if self.cfg.eval.enabled else {}
+        pairs = steps_timed * t.batch_size * t.grad_accum * self.acc.num_processes
+        summary = {"steps": self.step, "train_seconds": elapsed,
+                   "seconds_per_step": elapsed / max(steps_timed, 1),
+                   "samples_per_second": pairs / max(elapsed, 1e-9), "trainable_parameters": n_params,
+                   **final_eval}
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def save_final(self) -> Path:
+        """The trained weights (EMA if enabled) in the generator's own format, atomically."""
+        final = self.run_dir / "final"
+        if self.is_main:
+            params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+            if self.ema is not None:
+                self.ema.store(params)
+                self.ema.copy_to(params)
+            tmp = ckpt.begin(final)
+            self.generator.save_trained(tmp)
+            ckpt.commit(tmp, final, {"step": self.step})
+            if self.ema is not None:
+                self.ema.restore(params)
+        self.acc.wait_for_everyone()
+        return final

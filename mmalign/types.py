@@ -1,0 +1,127 @@
+"""The interfaces every reward, generator and method speaks (see ARCHITECTURE.md).
+
+Kept deliberately small: a media batch (`Samples`), what a rollout returns (`Rollout`),
+and three protocols. Everything else is an implementation detail of one adapter.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+Modality = Literal["image", "video", "audio", "text"]
+
+
+@dataclass
+class Samples:
+    """One media batch. Exactly the fields of the batch's modality are set.
+
+    images: B,3,H,W float in [0, 1]; video: B,F,3,H,W float in [0, 1];
+    audio: B,C,T float in [-1, 1] with `sample_rate`; text: list of B strings.
+    """
+
+    images: Tensor | None = None
+    video: Tensor | None = None
+    audio: Tensor | None = None
+    sample_rate: int | None = None
+    text: list[str] | None = None
+
+    def __len__(self) -> int:
+        for x in (self.images, self.video, self.audio, self.text):
+            if x is not None:
+                return len(x)
+        return 0
+
+    @property
+    def modality(self) -> Modality:
+        for name, x in (("image", self.images), ("video", self.video), ("audio", self.audio), ("text", self.text)):
+            if x is not None:
+                return name  # type: ignore[return-value]
+        raise ValueError("Samples holds no media")
+
+    def require(self, modality: Modality, who: str) -> Tensor | list[str]:
+        """Return this batch's tensor for `modality`, or fail naming `who` wanted what."""
+        x = {"image": self.images, "video": self.video, "audio": self.audio, "text": self.text}[modality]
+        if x is None:
+            have = self.modality if len(self) else "nothing"
+            raise TypeError(f"{who} scores {modality} samples, but got {have} samples")
+        if modality == "image":
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise ValueError(f"{who}: images must be B,3,H,W in [0,1], got shape {tuple(x.shape)}")
+        return x
+
+
+@dataclass
+class Rollout:
+    """What `Generator.rollout` returns.
+
+    latents: B, T+1, C, h, w -- x_T ... x_0 of the sampler (index k is the input of step k)
+    timesteps: T -- the scheduler timestep used at step k
+    log_probs: B, T -- log p(latents[:, k+1] | latents[:, k], c) of the stochastic step
+                 (full Gaussian log-density summed over latent dimensions); None when eta=0
+    """
+
+    samples: Samples
+    latents: Tensor
+    timesteps: Tensor
+    log_probs: Tensor | None
+    prompts: list[str]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+    modality: Modality
+    differentiable: bool
+
+    def __call__(self, samples: Samples, prompts: Sequence[str]) -> Tensor:  # [B], higher = better
+        ...
+
+
+@runtime_checkable
+class Generator(Protocol):
+    modality: Modality
+
+    def trainable(self) -> nn.Module: ...
+
+    def rollout(self, prompts: Sequence[str], **sampling: Any) -> Rollout: ...
+
+    def step_log_prob(self, rollout: Rollout, step: int, **kw: Any) -> Tensor: ...
+
+    def denoise_error(self, x0: Tensor, cond: Any, t: Tensor, noise: Tensor) -> Tensor: ...
+
+    def reference(self) -> AbstractContextManager: ...
+
+
+@runtime_checkable
+class Method(Protocol):
+    online: bool
+
+    def loss(self, batch: dict, generator: Generator) -> tuple[Tensor, dict[str, float]]: ...
+
+
+def per_sample_randn(seeds: Tensor | Sequence[int], shape: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+    """Gaussian noise of `shape` per sample, each drawn from its own seed.
+
+    Methods draw their noise and timesteps this way so that a sample's randomness does not
+    depend on how the global batch is split over processes or accumulation steps (a
+    2-process run equals a 1-process run) and a resumed run replays the same draws.
+    """
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        out.append(torch.randn(tuple(shape), generator=g))
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+def per_sample_randint(seeds: Tensor | Sequence[int], low: int, high: int, device=None, salt: int = 1) -> Tensor:
+    """One integer in [low, high) per sample from its seed (salted so it differs from the noise)."""
+    vals = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s) * 1_000_003 + salt)
+        vals.append(int(torch.randint(low, high, (1,), generator=g)))
+    return torch.tensor(vals, device=device, dtype=torch.long)

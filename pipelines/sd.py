@@ -1,0 +1,398 @@
+"""Generator adapter for UNet latent diffusion: Stable Diffusion 1.x / 2.x and SDXL.
+
+Loads a diffusers pipeline from a hub id or a local directory, fine-tunes the UNet with
+LoRA (peft) or fully, and implements the Generator interface:
+
+- `denoise_error(x0, cond, t, noise)`: per-sample mean over latent dimensions of
+  ||target - model(x_t, t, c)||^2 (target = eps, or v for v-prediction models).
+- `rollout(prompts, ...)`: DDIM sampling with eta and classifier-free guidance, returning
+  every latent x_T..x_0, the timesteps, and per-step log p(x_{t-1} | x_t, c) of the
+  stochastic DDIM step (Song et al., "Denoising Diffusion Implicit Models", eq. 12, as
+  DDPO (Black et al.) uses it). Log-probs are full Gaussian log-densities *summed* over
+  latent dimensions; methods that want a per-dimension scale divide explicitly.
+- `reference()`: the frozen reference policy. With LoRA the adapters are disabled (no
+  second model); with full fine-tuning a frozen copy is made once.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mmalign.registry import register_generator
+from mmalign.types import Rollout, Samples, per_sample_randn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: Literal["gaussian", "default"] = "gaussian"  # B starts at zero either way
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise ValueError("rank: must be positive")
+
+
+@dataclass
+class SDGeneratorConfig:
+    pretrained: str  # hub id or local directory in diffusers layout
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16"
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights (VAE, text encoders, LoRA base)
+    resolution: int | None = None  # pixels; default: the UNet's sample_size x VAE factor
+    negative_prompt: str = ""
+
+    def validate(self) -> None:
+        p = self.pretrained
+        looks_local = p.startswith(("/", ".", "~")) or p.count("/") > 1
+        if looks_local and not Path(p).expanduser().is_dir():
+            raise ValueError(f"pretrained: directory {p} not found")
+        if Path(p).is_dir() and not (Path(p) / "model_index.json").is_file():
+            raise ValueError(f"pretrained: {p} has no model_index.json (not a diffusers pipeline directory)")
+
+
+def _is_local(p: str) -> bool:
+    return Path(p).expanduser().is_dir()
+
+
+class LatentDiffusionGenerator:
+    """SD 1.x/2.x and SDXL through diffusers; the UNet is what trains."""
+
+    modality = "image"
+
+    def __init__(self, cfg: SDGeneratorConfig):
+        from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+
+        self.cfg = cfg
+        src = str(Path(cfg.pretrained).expanduser()) if _is_local(cfg.pretrained) else cfg.pretrained
+        index = DiffusionPipeline.load_config(src, revision=cfg.revision)
+        self.is_xl = "text_encoder_2" in index or "XL" in index.get("_class_name", "")
+        kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, torch_dtype=DTYPES[cfg.dtype])
+        if self.is_xl:
+            from diffusers import StableDiffusionXLPipeline
+
+            self.pipe = StableDiffusionXLPipeline.from_pretrained(src, **kw)
+        else:
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                src, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
+            )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet: nn.Module = self.pipe.unet
+        self.vae = self.pipe.vae.requires_grad_(False).eval()
+        for enc in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            if enc is not None:
+                enc.requires_grad_(False).eval()
+        # Latent diffusion must never clip x0 to [-1, 1] (PNDM configs lack the key and
+        # DDIM's default would turn it on).
+        sched_cfg = dict(self.pipe.scheduler.config)
+        self.train_scheduler = DDPMScheduler.from_config(sched_cfg, clip_sample=False)
+        self.scheduler = DDIMScheduler.from_config(sched_cfg, clip_sample=False)
+        self.prediction_type = self.train_scheduler.config.prediction_type
+        self.num_train_timesteps = self.train_scheduler.config.num_train_timesteps
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = cfg.resolution or self.unet.config.sample_size * self.vae_scale
+        self._ref_unet: nn.Module | None = None
+        self._use_ref = False
+        self._forward_unet: nn.Module = self.unet  # replaced by the trainer's wrapped (DDP) module
+
+        if cfg.finetune == "lora":
+            from peft import LoraConfig
+
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=cfg.lora.target_modules,
+                    init_lora_weights="gaussian" if cfg.lora.init == "gaussian" else True,
+                )
+            )
+            for p in self.unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # LoRA weights train in float32
+        else:
+            self.unet.to(torch.float32).requires_grad_(True)
+            self._ref_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self._ref_unet.to(DTYPES[cfg.dtype])
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: Any) -> "LatentDiffusionGenerator":
+        self.pipe.to(device)
+        if self._ref_unet is not None:
+            self._ref_unet.to(device)
+        return self
+
+    def trainable(self) -> nn.Module:
+        return self.unet
+
+    def set_forward_module(self, module: nn.Module) -> None:
+        """Route training forwards through the trainer's wrapper (e.g. DDP) of `trainable()`."""
+        self._forward_unet = module
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def reference(self):
+        """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
+        if self._ref_unet is not None:
+            self._use_ref = True
+            try:
+                yield
+            finally:
+                self._use_ref = False
+        else:
+            self.unet.disable_adapters()
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], negative: bool = False) -> dict[str, Any]:
+        """Text conditioning for `prompts` (or the negative prompt repeated when `negative`)."""
+        prompts = list(prompts)
+        dev = self.device
+        if self.is_xl:
+            pe, ne, pooled, npooled = self.pipe.encode_prompt(
+                prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=negative,
+                negative_prompt=[self.cfg.negative_prompt] * len(prompts) if negative else None,
+            )
+            emb, pool = (ne, npooled) if negative else (pe, pooled)
+            r = self.resolution
+            time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=dev, dtype=emb.dtype).repeat(len(prompts), 1)
+            return {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pool, "time_ids": time_ids}}
+        texts = [self.cfg.negative_prompt] * len(prompts) if negative else prompts
+        emb, _ = self.pipe.encode_prompt(texts, dev, 1, False)
+        return {"encoder_hidden_states": emb}
+
+    @staticmethod
+    def cat_cond(*conds: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"encoder_hidden_states": torch.cat([c["encoder_hidden_states"] for c in conds])}
+        if "added_cond_kwargs" in conds[0]:
+            out["added_cond_kwargs"] = {
+                k: torch.cat([c["added_cond_kwargs"][k] for c in conds]) for k in conds[0]["added_cond_kwargs"]
+            }
+        return out
+
+    # ------------------------------------------------------------------ VAE
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """B,3,H,W in [0,1] -> scaled latents (the posterior mean: deterministic, cacheable)."""
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        z = self.vae.encode(x).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).float()
+
+    def decode(self, latents: Tensor) -> Samples:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        x = self.vae.decode(z).sample.float()
+        return Samples(images=((x + 1) / 2).clamp(0, 1))
+
+    # ------------------------------------------------------------------ model calls
+    def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
+        unet = self._ref_unet if self._use_ref else self._forward_unet
+        dtype = next(unet.parameters()).dtype if self._use_ref else latents.dtype
+        enc = cond["encoder_hidden_states"].to(dtype)
+        kw = {}
+        if "added_cond_kwargs" in cond:
+            kw["added_cond_kwargs"] = {k: v.to(dtype) for k, v in cond["added_cond_kwargs"].items()}
+        if t.ndim == 0:
+            t = t.expand(latents.shape[0])
+        return unet(latents.to(dtype), t, encoder_hidden_states=enc, **kw).sample.float()
+
+    def denoise_error(self, x0: Tensor, cond: dict[str, Any], t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample mean squared error of the denoiser at timesteps t (shape [B])."""
+        x_t = self.train_scheduler.add_noise(x0, noise, t)
+        pred = self.model_output(x_t, t, cond)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.train_scheduler.get_velocity(x0, noise, t)
+        else:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        return (pred - target.float()).pow(2).flatten(1).mean(1)
+
+    def guided_eps(self, x: Tensor, t: Tensor, cond: dict, uncond: dict | None, scale: float) -> Tensor:
+        """Classifier-free guided epsilon at one (scalar) timestep; v-prediction converted to epsilon."""
+        if uncond is None or scale == 1.0:
+            out = self.model_output(x, t, cond)
+        else:
+            both = self.model_output(torch.cat([x, x]), t, self.cat_cond(uncond, cond))
+            u, c = both.chunk(2)
+            out = u + scale * (c - u)
+        if self.prediction_type == "v_prediction":  # eps = sqrt(a) v + sqrt(1 - a) x_t
+            a = float(self.scheduler.alphas_cumprod[int(t)])
+            out = math.sqrt(a) * out + math.sqrt(1 - a) * x
+        return out
+
+    # ------------------------------------------------------------------ DDIM with log-probs
+    def _alphas(self, t: int, prev_t: int) -> tuple[float, float]:
+        ac = self.scheduler.alphas_cumprod
+        a_t = float(ac[t])
+        a_prev = float(ac[prev_t]) if prev_t >= 0 else float(self.scheduler.final_alpha_cumprod)
+        return a_t, a_prev
+
+    def ddim_step(self, eps: Tensor, x: Tensor, t: int, prev_t: int, eta: float) -> tuple[Tensor, float]:
+        """Mean and standard deviation of p(x_prev | x_t) for DDIM with eta (Song et al. eq. 12)."""
+        a_t, a_prev = self._alphas(t, prev_t)
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * math.sqrt(max(var, 0.0))
+        mean = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps
+        return mean, std
+
+    @staticmethod
+    def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
+        """Per-sample log N(x; mean, std^2 I), summed over all non-batch dimensions (float32)."""
+        d = x[0].numel()
+        sq = (x.float() - mean.float()).pow(2).flatten(1).sum(1)
+        return -sq / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
+
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        num_steps: int = 20,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        seeds: Sequence[int] | None = None,
+        latents: Tensor | None = None,
+        need_log_probs: bool = True,
+        decode: bool = True,
+    ) -> Rollout:
+        """Sample with DDIM; keep x_T..x_0 and log-probs of each stochastic step.
+
+        Noise is drawn per sample from `seeds` (default 0..B-1), so a sample does not depend
+        on the batch it is in.
+        """
+        if need_log_probs and eta <= 0:
+            raise ValueError("rollout: eta=0 is deterministic DDIM and has no step log-probabilities; use eta>0 "
+                             "or need_log_probs=False")
+        prompts = list(prompts)
+        B = len(prompts)
+        seeds = list(seeds) if seeds is not None else list(range(B))
+        dev = self.device
+        c = self.unet.config
+        shape = (c.in_channels, self.resolution // self.vae_scale, self.resolution // self.vae_scale)
+        cond = self.encode_prompt(prompts)
+        uncond = self.encode_prompt(prompts, negative=True) if guidance_scale != 1.0 else None
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        timesteps = self.scheduler.timesteps.clone()
+        stride = self.num_train_timesteps // num_steps
+        x = per_sample_randn(seeds, shape, dev) if latents is None else latents.to(dev).float()
+        x = x * self.scheduler.init_noise_sigma
+        traj, logps = [x], []
+        with torch.no_grad():
+            for k, t in enumerate(timesteps.tolist()):
+                eps = self.guided_eps(x, torch.tensor(t, device=dev), cond, uncond, guidance_scale)
+                mean, std = self.ddim_step(eps, x, t, t - stride, eta)
+                if std > 0:
+                    noise = per_sample_randn([s * 7919 + k + 1 for s in seeds], shape, dev)
+                    x = mean + std * noise
+                    if need_log_probs:
+                        logps.append(self.gaussian_log_prob(x, mean, std))
+                else:
+                    x = mean
+                traj.append(x)
+            samples = self.decode(x) if decode else Samples()
+        return Rollout(
+            samples=samples,
+            latents=torch.stack(traj, 1),
+            timesteps=timesteps,
+            log_probs=torch.stack(logps, 1) if logps else None,
+            prompts=prompts,
+            extras={"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "eta": eta,
+                    "stride": stride},
+        )
+
+    def step_log_prob(self, rollout: Rollout, step: int, index: Tensor | slice = slice(None)) -> Tensor:
+        """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model."""
+        ex = rollout.extras
+        x = rollout.latents[index, step].to(self.device)
+        x_next = rollout.latents[index, step + 1].to(self.device)
+        t = int(rollout.timesteps[step])
+        sub = lambda d: None if d is None else _index_cond(d, index)
+        eps = self.guided_eps(x, torch.tensor(t, device=self.device), sub(ex["cond"]), sub(ex["uncond"]),
+                              ex["guidance_scale"])
+        mean, std = self.ddim_step(eps, x, t, t - ex["stride"], ex["eta"])
+        return self.gaussian_log_prob(x_next, mean, std)
+
+    # ------------------------------------------------------------------ saving
+    def save_trained(self, out_dir: str | Path) -> Path:
+        """Save what was trained: a diffusers-format LoRA, or the full UNet."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.finetune == "lora":
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            type(self.pipe).save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+        else:
+            self.unet.save_pretrained(out / "unet", safe_serialization=True)
+        (out / "mmalign_generator.json").write_text(json.dumps({"pretrained": self.cfg.pretrained,
+                                                                "finetune": self.cfg.finetune}))
+        return out
+
+    def load_trained(self, path: str | Path) -> None:
+        """Load weights written by `save_trained` (a LoRA directory or a full UNet)."""
+        path = Path(path)
+        if (path / "pytorch_lora_weights.safetensors").is_file():
+            if self.cfg.finetune == "lora":
+                from diffusers.utils import convert_unet_state_dict_to_peft
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                sd = load_file(path / "pytorch_lora_weights.safetensors")
+                sd = {k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")}
+                res = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(sd))
+                if getattr(res, "unexpected_keys", None):
+                    raise ValueError(f"{path}: LoRA keys do not match this UNet: {res.unexpected_keys[:5]}")
+            else:
+                self.pipe.load_lora_weights(path)
+        elif (path / "unet" / "config.json").is_file():
+            from diffusers import UNet2DConditionModel
+
+            loaded = UNet2DConditionModel.from_pretrained(path / "unet")
+            missing = self.unet.load_state_dict(loaded.state_dict(), strict=False)
+            if missing.unexpected_keys:
+                raise ValueError(f"{path}: UNet weights do not match: {missing.unexpected_keys[:5]}")
+        else:
+            raise FileNotFoundError(f"{path}: neither pytorch_lora_weights.safetensors nor unet/ found")
+
+
+def _index_cond(cond: dict[str, Any], index: Tensor | slice) -> dict[str, Any]:
+    out: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"][index]}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: v[index] for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
+@register_generator("sd", SDGeneratorConfig)
+def build_sd(cfg: SDGeneratorConfig) -> LatentDiffusionGenerator:
+    """UNet latent diffusion (Stable Diffusion 1.x/2.x, SDXL) through diffusers."""
+    return LatentDiffusionGenerator(cfg)
