@@ -83,7 +83,8 @@ class DiffusionDPO:
         if self.cfg.sft_weight:
             loss = loss + self.cfg.sft_weight * err_w.mean()
         metrics = {k: float(v.detach().mean()) for k, v in m.items()}
-        metrics.update(mse_w=float(err_w.mean()), mse_l=float(err_l.mean()), ref_mse_w=float(ref_w.mean()))
+        metrics.update(mse_w=float(err_w.detach().mean()), mse_l=float(err_l.detach().mean()),
+                       ref_mse_w=float(ref_w.mean()))
         return loss, metrics
 
 

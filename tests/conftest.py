@@ -1,0 +1,63 @@
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from mmalign.media import tensor_to_pil
+from mmalign.testing import make_tiny_open_clip, make_tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return make_tiny_open_clip(tmp_path_factory.mktemp("models") / "clip")
+
+
+@pytest.fixture(scope="session")
+def pairs_manifest(tmp_path_factory):
+    """Six preference pairs of 32x32 images: chosen = reddish, rejected = bluish."""
+    d = tmp_path_factory.mktemp("pairs")
+    (d / "img").mkdir()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(6):
+        a = torch.rand(3, 32, 32, generator=g) * 0.3
+        b = a.clone()
+        a[0] += 0.6
+        b[2] += 0.6
+        tensor_to_pil(a).save(d / f"img/{i}_w.png")
+        tensor_to_pil(b).save(d / f"img/{i}_l.png")
+        rows.append({"prompt": f"a red square number {i}", "chosen": f"img/{i}_w.png", "rejected": f"img/{i}_l.png"})
+    (d / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d / "pairs.jsonl"
+
+
+def write_config(path, sd, clip, manifest, **sections):
+    """A small Diffusion-DPO run config; `sections` override whole keys (dicts are merged)."""
+    import yaml
+
+    cfg = {
+        "run": {"name": "test", "seed": 0},
+        "generator": {"name": "sd", "pretrained": str(sd), "lora": {"rank": 4, "alpha": 4}},
+        "reward": {"name": "clip", "model": f"local-dir:{clip}"},
+        "method": {"name": "diffusion_dpo", "beta": 5000},
+        "data": {"kind": "manifest", "path": str(manifest)},
+        "train": {"steps": 3, "batch_size": 2, "lr": 1e-3},
+        "eval": {"enabled": False, "prompts": ["a red square"], "num_steps": 3},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,139 @@
+import math
+
+import pytest
+import torch
+
+from mmalign.pipelines.sd import LatentDiffusionGenerator, LoraSettings, SDGeneratorConfig
+from mmalign.testing import make_tiny_sd, make_tiny_sdxl
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_sd):
+    torch.manual_seed(0)
+    g = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd), lora=LoraSettings(rank=4, alpha=4)))
+    with torch.no_grad():  # make LoRA non-trivial so the reference differs from the policy
+        for p in g.trainable().parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return g
+
+
+def test_rollout_log_probs_are_the_scheduler_gaussian(gen):
+    """Stored log-probs equal log N(x_{t-1}; mean, var) with diffusers' own DDIM step."""
+    from diffusers import DDIMScheduler
+
+    prompts = ["a red circle", "two blue squares"]
+    ro = gen.rollout(prompts, num_steps=4, guidance_scale=3.0, eta=1.0, seeds=[3, 4])
+    assert ro.latents.shape == (2, 5, 4, 8, 8) and ro.log_probs.shape == (2, 4)
+    assert ro.samples.images.shape == (2, 3, 32, 32)
+    sched = DDIMScheduler.from_config(gen.scheduler.config)
+    sched.set_timesteps(4)
+    for k, t in enumerate(sched.timesteps):
+        x, x_next = ro.latents[:, k].double(), ro.latents[:, k + 1].double()
+        with torch.no_grad():
+            eps = gen.guided_eps(x.float(), t, ro.extras["cond"], ro.extras["uncond"], 3.0).double()
+        prev_t = int(t) - sched.config.num_train_timesteps // 4
+        var = sched._get_variance(int(t), prev_t).double()
+        std = var.sqrt()
+        # diffusers' step with zero variance noise returns the mean
+        mean = sched.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample.double()
+        d = x[0].numel()
+        want = (-((x_next - mean) ** 2).flatten(1).sum(1) / (2 * var) - d * torch.log(std)
+                - 0.5 * d * math.log(2 * math.pi))
+        torch.testing.assert_close(ro.log_probs[:, k].double(), want, rtol=1e-4, atol=1e-2)
+
+
+def test_step_log_prob_recomputes_the_stored_one(gen):
+    ro = gen.rollout(["a red circle", "a green square"], num_steps=3, guidance_scale=2.0, eta=0.8)
+    for k in range(3):
+        with torch.no_grad():
+            lp = gen.step_log_prob(ro, k)
+        torch.testing.assert_close(lp, ro.log_probs[:, k], rtol=1e-5, atol=1e-3)
+        with torch.no_grad(), gen.reference():
+            ref = gen.step_log_prob(ro, k)
+        assert not torch.allclose(ref, lp)  # adapters disabled -> a different policy
+
+
+def test_eta_zero_is_rejected_when_log_probs_are_needed(gen):
+    with pytest.raises(ValueError, match="eta=0"):
+        gen.rollout(["a red circle"], num_steps=2, eta=0.0)
+    ro = gen.rollout(["a red circle"], num_steps=2, eta=0.0, need_log_probs=False)
+    assert ro.log_probs is None
+
+
+def test_rollout_is_per_sample_deterministic(gen):
+    a = gen.rollout(["a red circle", "a blue square"], num_steps=2, seeds=[5, 6]).latents
+    b = gen.rollout(["a blue square"], num_steps=2, seeds=[6]).latents
+    torch.testing.assert_close(a[1:], b)
+
+
+def test_reference_disables_lora(gen):
+    x0 = torch.randn(2, 4, 8, 8)
+    cond = gen.encode_prompt(["a", "b"])
+    t, noise = torch.tensor([100, 900]), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        pol = gen.denoise_error(x0, cond, t, noise)
+        with gen.reference():
+            ref = gen.denoise_error(x0, cond, t, noise)
+        again = gen.denoise_error(x0, cond, t, noise)
+    assert not torch.allclose(pol, ref)
+    torch.testing.assert_close(pol, again)
+
+
+def test_full_finetune_keeps_a_frozen_copy(tiny_sd):
+    g = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd), finetune="full"))
+    assert all(p.requires_grad for p in g.trainable().parameters())
+    with torch.no_grad():
+        next(iter(g.trainable().parameters())).add_(1.0)
+    x0, cond = torch.randn(1, 4, 8, 8), g.encode_prompt(["a"])
+    t, noise = torch.tensor([500]), torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        pol = g.denoise_error(x0, cond, t, noise)
+        with g.reference():
+            ref = g.denoise_error(x0, cond, t, noise)
+    assert not torch.allclose(pol, ref)
+
+
+def test_sdxl_conditioning_and_rollout(tmp_path):
+    path = make_tiny_sdxl(tmp_path / "sdxl")
+    g = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(path), lora=LoraSettings(rank=2, alpha=2)))
+    assert g.is_xl
+    cond = g.encode_prompt(["a red circle", "a blue square"])
+    assert cond["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+    assert cond["added_cond_kwargs"]["text_embeds"].shape == (2, 32)
+    err = g.denoise_error(torch.randn(2, 4, 8, 8), cond, torch.tensor([1, 999]), torch.randn(2, 4, 8, 8))
+    err.sum().backward()
+    assert any(p.grad is not None for p in g.trainable().parameters() if p.requires_grad)
+    ro = g.rollout(["a red circle"], num_steps=2, guidance_scale=3.0)
+    assert torch.isfinite(ro.log_probs).all()
+
+
+def test_v_prediction_model(tmp_path):
+    path = make_tiny_sd(tmp_path / "sdv", prediction_type="v_prediction")
+    g = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(path)))
+    assert g.prediction_type == "v_prediction"
+    ro = g.rollout(["a"], num_steps=2)
+    assert torch.isfinite(ro.log_probs).all()
+
+
+def test_lora_save_is_diffusers_format_and_loads(gen, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = gen.save_trained(tmp_path / "lora")
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(gen.cfg.pretrained, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_lora_weights(out)
+    fresh = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=gen.cfg.pretrained,
+                                                       lora=LoraSettings(rank=4, alpha=4)))
+    fresh.load_trained(out)
+    for (n, a), b in zip(gen.trainable_state_dict().items(), fresh.trainable_state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    from mmalign.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"generator\.pretrained: directory .*nope not found"):
+        config_from_dict({"generator": {"name": "sd", "pretrained": str(tmp_path / "nope")},
+                          "method": {"name": "diffusion_dpo"}})
