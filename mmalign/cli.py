@@ -15,11 +15,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = Trainer(cfg, run_dir=args.output_dir, resume=args.resume).fit()
-    if args.report:
-        from mmalign.toy.report import before_after
-
-        before_after(Path(args.output_dir or cfg.run.output_dir or f"runs/{cfg.run.name}"), cfg)
+    run_dir = Path(args.output_dir or cfg.run.output_dir or f"runs/{cfg.run.name}")
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+    if args.report:
+        import json
+
+        from mmalign.evaluation import format_comparison
+
+        evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+        if len(evals) >= 2:
+            print(f"\nbase (step {evals[0]['step']}) vs aligned (step {evals[-1]['step']}) on "
+                  f"{evals[-1]['eval']['n_samples']} evaluation samples:")
+            print(format_comparison(evals[0]["eval"], evals[-1]["eval"]))
+    print(f"run directory: {run_dir} (config.yaml, metrics.jsonl, samples/, checkpoints/, final/, summary.json)")
     return 0
 
 
@@ -53,7 +61,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise SystemExit("error: give --pretrained MODEL or --config RUN_CONFIG")
         name = args.generator
         gen_cfg = _parse_dataclass(registry.lookup("generator", name).config,
-                                   {"pretrained": args.pretrained, "finetune": "lora"}, "generator")
+                                   {"pretrained": args.pretrained, "finetune": "none"}, "generator")
     gen = registry.lookup("generator", name).build(gen_cfg)
     if args.weights:
         gen.load_trained(args.weights)

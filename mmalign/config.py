@@ -73,6 +73,8 @@ class DataConfig:
 class EvalConfig:
     every: int = 0  # steps; 0 = only before training and at the end
     prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    prompts_from: str | None = None  # instead of `prompts`: "toy:heldout" or a .txt file
+    max_prompts: int | None = None
     gold: bool = False  # also report the toy world's gold accuracy (toy captions only)
     enabled: bool = True
     seed: int = 1234

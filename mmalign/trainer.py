@@ -77,7 +77,9 @@ class Trainer:
             if self.reward is None:
                 raise TrainingError("data.kind=generated ranks samples with a reward: set `reward:`")
             with self.acc.autocast():
-                ds = generate_pairs(self.generator, self.reward, d, seed=self.cfg.run.seed, log=self._print)
+                ds = generate_pairs(self.generator, self.reward, d, seed=self.cfg.run.seed, log=self._print,
+                                    accelerator=self.acc, cache=self.run_dir / "generated_pairs.safetensors")
+            self._log({"data/pairs": len(ds)})
         elif d.kind in ("manifest", "pickapic"):
             ps = P.read_manifest(d.path) if d.kind == "manifest" else P.read_pickapic(d.path)
             if d.max_samples:
@@ -172,31 +174,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, tag: str) -> dict[str, float]:
-        """Sample the fixed eval prompts (deterministic DDIM), score them, save a grid."""
+    def evaluate(self, tag: str) -> dict[str, Any]:
+        """Sample the fixed eval prompts (deterministic DDIM, fixed seeds), score, save a grid."""
+        from mmalign.evaluation import evaluate_generator, expand_prompts
         from mmalign.media import image_grid
 
         e = self.cfg.eval
-        out: dict[str, float] = {}
-        if self.is_main and e.enabled and e.prompts:
-            prompts = [p for p in e.prompts for _ in range(e.images_per_prompt)]
-            seeds = [e.seed + i for i in range(len(prompts))]
+        out: dict[str, Any] = {}
+        if self.is_main and e.enabled:
+            prompts = expand_prompts(e.prompts, e.prompts_from, e.max_prompts)
             self.generator.set_forward_module(self.unwrapped)  # no collective ops on one rank
             with self.acc.autocast():
-                ro = self.generator.rollout(prompts, num_steps=e.num_steps, guidance_scale=e.guidance_scale,
-                                            eta=0.0, seeds=seeds, need_log_probs=False)
+                out, images = evaluate_generator(self.generator, self.reward, prompts, e.images_per_prompt,
+                                                 e.seed, e.num_steps, e.guidance_scale, e.gold)
             self.generator.set_forward_module(self.model)
-            images = ro.samples.images
             (self.run_dir / "samples").mkdir(exist_ok=True)
-            image_grid(images, nrow=min(8, len(images))).save(self.run_dir / "samples" / f"{tag}.png")
-            if self.reward is not None:
-                out["eval/reward"] = float(self.reward(ro.samples, prompts).float().mean())
-            if e.gold:
-                from mmalign.toy.evaluate import gold_report
-
-                rep = gold_report(images, prompts)
-                out["eval/gold_accuracy"] = rep["accuracy"]
-            self._log({"step": self.step, "tag": tag, **out})
+            image_grid(images[:64], nrow=min(8 * e.images_per_prompt, 16)).save(
+                self.run_dir / "samples" / f"{tag}.png")
+            self._log({"step": self.step, "tag": tag, "eval": out})
         self.acc.wait_for_everyone()
         return out
 
@@ -259,7 +254,7 @@ class Trainer:
                         self.optimizer.step()
                         self.lr_scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
-                for k, v in {"loss": float(loss), **metrics}.items():
+                for k, v in {"loss": float(loss.detach()), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum
             if self.ema is not None:
                 self.ema.step(params)
@@ -282,6 +277,7 @@ class Trainer:
         self.save_checkpoint()
         self.save_final()
         final_eval = self.evaluate(f"step_{self.step:07d}") if self.cfg.eval.enabled else {}
+        final_eval = {f"eval/{k}": v for k, v in final_eval.items() if isinstance(v, (int, float))}
         pairs = steps_timed * t.batch_size * t.grad_accum * self.acc.num_processes
         summary = {"steps": self.step, "train_seconds": elapsed,
                    "seconds_per_step": elapsed / max(steps_timed, 1),

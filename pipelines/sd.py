@@ -50,7 +50,7 @@ class SDGeneratorConfig:
     pretrained: str  # hub id or local directory in diffusers layout
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16"
-    finetune: Literal["lora", "full"] = "lora"
+    finetune: Literal["lora", "full", "none"] = "lora"  # none: inference only (sample / eval)
     lora: LoraSettings = field(default_factory=LoraSettings)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights (VAE, text encoders, LoRA base)
     resolution: int | None = None  # pixels; default: the UNet's sample_size x VAE factor
@@ -125,6 +125,8 @@ class LatentDiffusionGenerator:
             for p in self.unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # LoRA weights train in float32
+        elif cfg.finetune == "none":
+            self.unet.requires_grad_(False).eval()
         else:
             self.unet.to(torch.float32).requires_grad_(True)
             self._ref_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
@@ -157,7 +159,9 @@ class LatentDiffusionGenerator:
     @contextmanager
     def reference(self):
         """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
-        if self._ref_unet is not None:
+        if self.cfg.finetune == "none":
+            yield
+        elif self._ref_unet is not None:
             self._use_ref = True
             try:
                 yield

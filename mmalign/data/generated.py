@@ -1,0 +1,111 @@
+"""On-policy preference pairs: sample the generator, rank with a reward, keep best vs worst.
+
+For each prompt, `candidates` samples are drawn (per-sample seeds, so the set is the same
+whatever the number of processes); the reward's best and worst form a (chosen, rejected)
+pair of *latents* (no VAE round trip). This is how the toy world's Diffusion-DPO run gets
+its data, and it works for any generator/reward pair (RLAIF-style self-generated data).
+Prompts are split over processes and the pairs gathered, so nobody samples twice; the
+pairs are saved in the run directory and reused on resume.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+
+def load_prompts(spec: str) -> list[str]:
+    """'toy:train' / 'toy:heldout' / 'toy:all', or a text file with one prompt per line."""
+    if spec.startswith("toy:"):
+        from mmalign.toy import world
+
+        sets = {"train": world.train_captions, "heldout": world.heldout_captions, "all": world.all_captions}
+        if spec[4:] not in sets:
+            raise ValueError(f"unknown prompt set {spec!r} (toy:train, toy:heldout, toy:all)")
+        return list(sets[spec[4:]]())
+    p = Path(spec)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: prompts file not found")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{p}: no prompts")
+    return prompts
+
+
+class LatentPairs(Dataset):
+    def __init__(self, prompts: list[str], latents_w: torch.Tensor, latents_l: torch.Tensor):
+        self.prompts, self.w, self.l = prompts, latents_w, latents_l
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": self.prompts[i], "latents_w": self.w[i], "latents_l": self.l[i]}
+
+
+@torch.no_grad()
+def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] = print, accelerator=None,
+                   cache: Path | None = None, batch_size: int = 64) -> LatentPairs:
+    from safetensors.torch import load_file, save_file
+
+    prompts = load_prompts(d.prompts)
+    if d.max_samples and d.max_samples < len(prompts):
+        prompts = sorted(random.Random(seed).sample(prompts, d.max_samples), key=prompts.index)
+    key = json.dumps({"prompts": prompts, "k": d.candidates, "steps": d.sample_steps, "cfg": d.sample_guidance,
+                      "eta": d.sample_eta, "seed": seed, "gap": d.min_gap, "model": generator.cfg.pretrained})
+    if cache is not None and cache.with_suffix(".json").is_file() and cache.with_suffix(".json").read_text() == key:
+        t = load_file(str(cache))
+        kept = json.loads(cache.with_suffix(".prompts.json").read_text())
+        log(f"data: reusing {len(kept)} generated pairs from {cache}")
+        return LatentPairs(kept, t["w"], t["l"])
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = list(range(rank, len(prompts), world))
+    k = d.candidates
+    per_batch = max(1, batch_size // k)
+    out_idx, out_w, out_l, gaps, best_s, worst_s = [], [], [], [], [], []
+    for start in range(0, len(mine), per_batch):
+        idx = mine[start:start + per_batch]
+        rep = [prompts[i] for i in idx for _ in range(k)]
+        seeds = [seed * 1_000_003 + i * k + j for i in idx for j in range(k)]
+        ro = generator.rollout(rep, num_steps=d.sample_steps, guidance_scale=d.sample_guidance, eta=d.sample_eta,
+                               seeds=seeds, need_log_probs=False)
+        scores = reward(ro.samples, rep).float().view(len(idx), k).cpu()
+        x0 = ro.latents[:, -1].view(len(idx), k, *ro.latents.shape[2:]).cpu()
+        for row, i in enumerate(idx):
+            b, w = int(scores[row].argmax()), int(scores[row].argmin())
+            gap = float(scores[row, b] - scores[row, w])
+            if gap <= d.min_gap or b == w:
+                continue
+            out_idx.append(i)
+            out_w.append(x0[row, b])
+            out_l.append(x0[row, w])
+            gaps.append(gap)
+            best_s.append(float(scores[row, b]))
+            worst_s.append(float(scores[row, w]))
+    local = list(zip(out_idx, out_w, out_l, gaps, best_s, worst_s))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        local = gather_object([local])
+        local = [x for part in local for x in part]
+    local.sort(key=lambda x: x[0])
+    if not local:
+        raise ValueError("data: no preference pairs survived (every reward gap <= data.min_gap)")
+    kept = [prompts[x[0]] for x in local]
+    w = torch.stack([x[1] for x in local])
+    l = torch.stack([x[2] for x in local])
+    mean = lambda v: sum(v) / len(v)
+    log(f"data: {len(kept)} generated pairs from {len(prompts)} prompts x {k} samples; reward best "
+        f"{mean([x[4] for x in local]):.4f} vs worst {mean([x[5] for x in local]):.4f} "
+        f"(mean gap {mean([x[3] for x in local]):.4f})")
+    if cache is not None and (accelerator is None or accelerator.is_main_process):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"w": w.contiguous(), "l": l.contiguous()}, str(cache))
+        cache.with_suffix(".prompts.json").write_text(json.dumps(kept))
+        cache.with_suffix(".json").write_text(key)
+    return LatentPairs(kept, w, l)
