@@ -74,22 +74,26 @@ class LatentDiffusionGenerator:
 
     modality = "image"
 
-    def __init__(self, cfg: SDGeneratorConfig):
+    def __init__(self, cfg: SDGeneratorConfig, pipe: Any = None):
+        """Load `cfg.pretrained`, or wrap an already built pipeline (`pipe`, e.g. in benchmarks)."""
         from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
         self.cfg = cfg
-        src = str(Path(cfg.pretrained).expanduser()) if _is_local(cfg.pretrained) else cfg.pretrained
-        index = DiffusionPipeline.load_config(src, revision=cfg.revision)
-        self.is_xl = "text_encoder_2" in index or "XL" in index.get("_class_name", "")
-        kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, torch_dtype=DTYPES[cfg.dtype])
-        if self.is_xl:
-            from diffusers import StableDiffusionXLPipeline
-
-            self.pipe = StableDiffusionXLPipeline.from_pretrained(src, **kw)
+        if pipe is not None:
+            self.pipe = pipe
         else:
-            self.pipe = StableDiffusionPipeline.from_pretrained(
-                src, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
-            )
+            src = str(Path(cfg.pretrained).expanduser()) if _is_local(cfg.pretrained) else cfg.pretrained
+            index = DiffusionPipeline.load_config(src, revision=cfg.revision)
+            kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, dtype=DTYPES[cfg.dtype])
+            if "text_encoder_2" in index or "XL" in index.get("_class_name", ""):
+                from diffusers import StableDiffusionXLPipeline
+
+                self.pipe = StableDiffusionXLPipeline.from_pretrained(src, **kw)
+            else:
+                self.pipe = StableDiffusionPipeline.from_pretrained(
+                    src, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
+                )
+        self.is_xl = getattr(self.pipe, "text_encoder_2", None) is not None
         self.pipe.set_progress_bar_config(disable=True)
         self.unet: nn.Module = self.pipe.unet
         self.vae = self.pipe.vae.requires_grad_(False).eval()
