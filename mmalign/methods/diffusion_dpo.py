@@ -18,21 +18,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.methods.preference import LOSSES, pairwise
 from mmalign.registry import register_method
 from mmalign.types import per_sample_randint, per_sample_randn
 
 
 def diffusion_dpo_loss(
-    policy_err_w: Tensor, policy_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float
+    policy_err_w: Tensor, policy_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float,
+    loss_type: str = "dpo", eps: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-sample Diffusion-DPO losses and metrics from per-sample denoising errors."""
-    policy_diff = policy_err_w - policy_err_l
-    ref_diff = ref_err_w - ref_err_l
-    inside = -0.5 * beta * (policy_diff - ref_diff)
-    losses = -F.logsigmoid(inside)
+    """Per-sample Diffusion-DPO losses and metrics from per-sample denoising errors.
+
+    `loss_type` swaps the sigmoid for another objective of the preference layer (cdpo,
+    robust_dpo, ipo, hinge) on the same scores (-error) and the same beta/2.
+    """
+    inside = -0.5 * beta * ((policy_err_w - policy_err_l) - (ref_err_w - ref_err_l))
+    losses = pairwise(loss_type, -policy_err_w, -policy_err_l, -ref_err_w, -ref_err_l, beta / 2, eps)
     # implicit reward of each image relative to the reference: r = -beta/2 * (e_theta - e_ref)
     reward_w = -0.5 * beta * (policy_err_w - ref_err_w)
     reward_l = -0.5 * beta * (policy_err_l - ref_err_l)
@@ -48,12 +51,16 @@ def diffusion_dpo_loss(
 @dataclass
 class DiffusionDPOConfig:
     beta: float = 5000.0
+    loss_type: str = "dpo"  # dpo | cdpo | robust_dpo | ipo | hinge (mmalign/methods/preference.py)
+    label_smoothing: float = 0.0  # eps of cdpo / robust_dpo
     sft_weight: float = 0.0  # optional extra loss on the winner's denoising error
     max_timestep: int | None = None  # sample t in [0, max_timestep); default all training steps
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError("beta: must be positive")
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"loss_type: unknown {self.loss_type!r}; choose from {sorted(LOSSES)}")
 
 
 class DiffusionDPO:
@@ -78,7 +85,8 @@ class DiffusionDPO:
         with torch.no_grad(), generator.reference():
             ref_w, ref_l = generator.denoise_error(x, cond2, t2, noise2).chunk(2)
 
-        losses, m = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.beta)
+        losses, m = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.beta, self.cfg.loss_type,
+                                       self.cfg.label_smoothing)
         loss = losses.mean()
         if self.cfg.sft_weight:
             loss = loss + self.cfg.sft_weight * err_w.mean()
