@@ -41,7 +41,7 @@ class RunSection:
 
 @dataclass
 class DataConfig:
-    kind: Literal["manifest", "pickapic", "generated", "none"] = "manifest"
+    kind: Literal["manifest", "pickapic", "generated", "prompts", "none"] = "manifest"
     path: str | None = None  # manifest .jsonl/.csv, or a parquet/arrow directory for pickapic
     resolution: int | None = None  # pixels; default: the generator's resolution
     skip_bad: bool = False  # skip (and count) unreadable images instead of stopping
@@ -50,8 +50,9 @@ class DataConfig:
     max_samples: int | None = None
     random_flip: bool = False  # never for captions with left/right relations
     num_workers: int = 0
-    # kind=generated: on-policy pairs, sampled from the generator and ranked by the reward
-    prompts: str | None = None  # a .txt file (one prompt per line) or "toy:train"
+    # kind=prompts (online methods) and kind=generated: a .txt file (one per line) or "toy:train"
+    prompts: str | None = None
+    # kind=generated: on-policy pairs, sampled once from the generator and ranked by the reward
     candidates: int = 4  # samples per prompt; the best and the worst make a pair
     sample_steps: int = 20
     sample_guidance: float = 5.0
@@ -63,8 +64,10 @@ class DataConfig:
             raise ValueError(f"path: required for data.kind={self.kind}")
         if self.path and self.kind in ("manifest", "pickapic") and not Path(self.path).exists():
             raise ValueError(f"path: {self.path} not found")
-        if self.kind == "generated" and not self.prompts:
-            raise ValueError("prompts: required for data.kind=generated (a .txt file or 'toy:train')")
+        if self.kind in ("generated", "prompts") and not self.prompts:
+            raise ValueError(f"prompts: required for data.kind={self.kind} (a .txt file or 'toy:train')")
+        if self.prompts and not self.prompts.startswith("toy:") and not Path(self.prompts).is_file():
+            raise ValueError(f"prompts: {self.prompts} not found")
         if self.candidates < 2:
             raise ValueError("candidates: need at least 2 to make a pair")
 

@@ -28,7 +28,21 @@ KINDS = {"generator": GENERATORS, "reward": REWARDS, "method": METHODS}
 BUILTIN_MODULES = [
     "mmalign.pipelines.sd",
     "mmalign.rewards.clip",
+    "mmalign.rewards.clip_hf",
+    "mmalign.rewards.hps",
+    "mmalign.rewards.pickscore",
+    "mmalign.rewards.aesthetic",
+    "mmalign.rewards.rules",
+    "mmalign.rewards.mix",
+    "mmalign.rewards.vlm_judge",
+    "mmalign.rewards.audio_judge",
+    "mmalign.rewards.clap",
+    "mmalign.rewards.video",
     "mmalign.methods.diffusion_dpo",
+    "mmalign.methods.online_dpo",
+    "mmalign.methods.grpo",
+    "mmalign.methods.raft",
+    "mmalign.methods.d3po",
 ]
 
 

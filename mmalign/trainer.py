@@ -59,6 +59,9 @@ class Trainer:
         self.resume = resume
         self.ckpt_root = self.run_dir / "checkpoints"
         self.step = 0
+        self.buffer = None  # the online round in progress
+        self._resumed_buffer = None
+        self._round_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ set-up
     def _log(self, record: dict) -> None:
@@ -110,6 +113,54 @@ class Trainer:
                             num_workers=self.cfg.data.num_workers)
         return iter(loader)
 
+    def _online_batches(self, start_step: int) -> Iterator[dict]:
+        """Rounds of on-policy sampling, each followed by `steps_per_round` optimizer steps."""
+        from mmalign.data.generated import load_prompts
+
+        t, rs, seed = self.cfg.train, self.method.rollout, self.cfg.run.seed
+        if self.cfg.data.kind != "prompts":
+            raise TrainingError(f"method {self.cfg.method.name!r} is online: set data.kind=prompts and data.prompts")
+        if self.reward is None and getattr(self.method, "needs_reward", True):
+            raise TrainingError(f"method {self.cfg.method.name!r} scores its samples: set `reward:`")
+        world, rank = self.acc.num_processes, self.acc.process_index
+        if rs.prompts_per_round % world:
+            raise TrainingError(f"rollout.prompts_per_round={rs.prompts_per_round} must divide over {world} processes")
+        pool = load_prompts(self.cfg.data.prompts)
+        micro_per_round = rs.steps_per_round * t.grad_accum
+        rnd, offset = divmod(start_step, rs.steps_per_round)
+        while True:
+            if offset and self._resumed_buffer is not None:
+                buf = self._resumed_buffer
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + rnd)
+                picks = torch.randint(len(pool), (rs.prompts_per_round,), generator=g).tolist()
+                mine = list(range(rank, rs.prompts_per_round, world))
+                prompts = [pool[picks[i]] for i in mine]
+                seeds = [seed * 10_000_019 + rnd * rs.prompts_per_round + i for i in mine]
+                self.generator.set_forward_module(self.unwrapped)  # sampling: no DDP hooks
+                with self.acc.autocast():
+                    buf = self.method.collect(self.generator, self.reward, prompts, seeds)
+                self.generator.set_forward_module(self.model)
+                stats = self.method.round_metrics(buf)
+                if world > 1:
+                    vec = self.acc.reduce(torch.tensor(list(stats.values()), device=self.acc.device), "mean")
+                    stats = dict(zip(stats, vec.tolist()))
+                self._round_metrics = {f"rollout/{k}": v for k, v in stats.items()}
+            self._resumed_buffer = None
+            self.buffer = buf
+            n = self.method.num_items(buf)
+            if n == 0:  # e.g. every group had zero advantage: nothing to learn from this round
+                raise TrainingError(f"round {rnd}: no trainable items in the buffer (all ties / zero advantages?)")
+            g = torch.Generator().manual_seed(seed * 7_368_787 + rnd)
+            need = micro_per_round * t.batch_size
+            order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))]).tolist()
+            for m in range(offset * t.grad_accum, micro_per_round):
+                idx = order[m * t.batch_size:(m + 1) * t.batch_size]
+                seeds = [seed * 1_000_000_007 + (rnd * micro_per_round + m) * t.batch_size + i
+                         for i in range(len(idx))]
+                yield self.method.batch(buf, idx, seeds)
+            rnd, offset = rnd + 1, 0
+
     def _print(self, msg: str) -> None:
         if self.is_main:
             tqdm.write(msg)
@@ -124,6 +175,10 @@ class Trainer:
             ckpt.begin(final)
         self.acc.wait_for_everyone()
         ckpt.save_rng(tmp, self.acc.process_index)
+        if self.buffer is not None:  # online methods: the round in progress, for exact resume
+            from mmalign.methods.online import save_buffer
+
+            save_buffer(self.buffer, tmp / f"buffer_{self.acc.process_index}")
         self.acc.wait_for_everyone()
         if self.is_main:
             sd = {n: p.detach().cpu().contiguous() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
@@ -156,6 +211,11 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
         ckpt.load_rng(path, self.acc.process_index)
+        buf = path / f"buffer_{self.acc.process_index}"
+        if buf.is_dir():
+            from mmalign.methods.online import load_buffer
+
+            self._resumed_buffer = load_buffer(buf, self.generator)
         self.step = int(state["step"])
         self._print(f"resumed from {path} at step {self.step}")
 
@@ -204,7 +264,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         self.acc.wait_for_everyone()
-        ds = self._build_data()
+        online = getattr(self.method, "online", False)
+        ds = None if online else self._build_data()
 
         self.unwrapped = self.generator.trainable()
         params = [p for p in self.unwrapped.parameters() if p.requires_grad]
@@ -229,7 +290,7 @@ class Trainer:
         elif self.cfg.eval.enabled:
             self.evaluate("step_0000000")
 
-        batches = self._batches(ds, self.step * t.grad_accum)
+        batches = self._online_batches(self.step) if online else self._batches(ds, self.step * t.grad_accum)
         self._print(f"training {n_params:,} parameters for {t.steps} steps "
                     f"(global batch {t.batch_size * t.grad_accum * self.acc.num_processes}) -> {self.run_dir}")
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
@@ -264,10 +325,17 @@ class Trainer:
                 vec = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
                 sums = dict(zip(sums, vec.tolist()))
             sums["lr"] = self.lr_scheduler.get_last_lr()[0]
+            sums.update(self._round_metrics)
             bar.update(1)
-            bar.set_postfix({k: f"{sums[k]:.4g}" for k in ("loss", "implicit_acc", "reward") if k in sums})
+            if "rollout/reward_mean" in sums:
+                self._last_reward = sums["rollout/reward_mean"]
+            post = {k: f"{sums[k]:.4g}" for k in ("loss", "implicit_acc", "margin") if k in sums}
+            if getattr(self, "_last_reward", None) is not None:
+                post["reward"] = f"{self._last_reward:.4g}"
+            bar.set_postfix(post)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log({"step": self.step, **sums})
+                self._round_metrics = {}
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                 self.save_checkpoint()
             if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < t.steps:

@@ -71,6 +71,62 @@ class Rollout:
     prompts: list[str]
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: Sequence[int] | Tensor) -> "Rollout":
+        """The sub-rollout of samples `index` (tensors with a batch dimension are indexed)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Rollout(
+            samples=_index_samples(self.samples, idx),
+            latents=self.latents[idx.to(self.latents.device)],
+            timesteps=self.timesteps,
+            log_probs=None if self.log_probs is None else self.log_probs[idx.to(self.log_probs.device)],
+            prompts=[self.prompts[i] for i in idx.tolist()],
+            extras=_index_tree(self.extras, idx, len(self)),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["Rollout"]) -> "Rollout":
+        """Concatenate rollouts made with the same sampler settings."""
+        first = parts[0]
+        return Rollout(
+            samples=Samples(images=torch.cat([p.samples.images for p in parts]))
+            if first.samples.images is not None else Samples(),
+            latents=torch.cat([p.latents for p in parts]),
+            timesteps=first.timesteps,
+            log_probs=None if first.log_probs is None else torch.cat([p.log_probs for p in parts]),
+            prompts=[x for p in parts for x in p.prompts],
+            extras=_cat_tree([p.extras for p in parts], [len(p) for p in parts]),
+        )
+
+
+def _index_samples(s: Samples, idx: Tensor) -> Samples:
+    pick = lambda x: None if x is None else x[idx.to(x.device)]
+    return Samples(images=pick(s.images), video=pick(s.video), audio=pick(s.audio), sample_rate=s.sample_rate,
+                   text=None if s.text is None else [s.text[i] for i in idx.tolist()])
+
+
+def _index_tree(x: Any, idx: Tensor, n: int) -> Any:
+    if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == n:
+        return x[idx.to(x.device)]
+    if isinstance(x, dict):
+        return {k: _index_tree(v, idx, n) for k, v in x.items()}
+    if isinstance(x, list) and len(x) == n:
+        return [x[i] for i in idx.tolist()]
+    return x
+
+
+def _cat_tree(xs: list[Any], sizes: list[int]) -> Any:
+    x0 = xs[0]
+    if isinstance(x0, Tensor) and x0.ndim > 0 and x0.shape[0] == sizes[0]:
+        return torch.cat(xs)
+    if isinstance(x0, dict):
+        return {k: _cat_tree([x[k] for x in xs], sizes) for k in x0}
+    if isinstance(x0, list) and len(x0) == sizes[0]:
+        return [v for x in xs for v in x]
+    return x0
+
 
 @runtime_checkable
 class Reward(Protocol):

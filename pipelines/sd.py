@@ -304,8 +304,7 @@ class LatentDiffusionGenerator:
         B = len(prompts)
         seeds = list(seeds) if seeds is not None else list(range(B))
         dev = self.device
-        c = self.unet.config
-        shape = (c.in_channels, self.resolution // self.vae_scale, self.resolution // self.vae_scale)
+        shape = self.latent_shape
         cond = self.encode_prompt(prompts)
         uncond = self.encode_prompt(prompts, negative=True) if guidance_scale != 1.0 else None
         self.scheduler.set_timesteps(num_steps, device="cpu")
@@ -337,8 +336,24 @@ class LatentDiffusionGenerator:
                     "stride": stride},
         )
 
-    def step_log_prob(self, rollout: Rollout, step: int, index: Tensor | slice = slice(None)) -> Tensor:
-        """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model."""
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        h = self.resolution // self.vae_scale
+        return (self.unet.config.in_channels, h, h)
+
+    def condition(self, rollout: Rollout) -> Rollout:
+        """(Re)compute a rollout's text conditioning from its prompts (e.g. after loading it)."""
+        rollout.extras["cond"] = self.encode_prompt(rollout.prompts)
+        g = rollout.extras.get("guidance_scale", 1.0)
+        rollout.extras["uncond"] = self.encode_prompt(rollout.prompts, negative=True) if g != 1.0 else None
+        return rollout
+
+    def step_log_prob(self, rollout: Rollout, step: int, index: Tensor | slice = slice(None),
+                      return_mean: bool = False):
+        """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model.
+
+        With `return_mean`, also the step's Gaussian mean and std (for KL penalties).
+        """
         ex = rollout.extras
         x = rollout.latents[index, step].to(self.device)
         x_next = rollout.latents[index, step + 1].to(self.device)
@@ -347,7 +362,8 @@ class LatentDiffusionGenerator:
         eps = self.guided_eps(x, torch.tensor(t, device=self.device), sub(ex["cond"]), sub(ex["uncond"]),
                               ex["guidance_scale"])
         mean, std = self.ddim_step(eps, x, t, t - ex["stride"], ex["eta"])
-        return self.gaussian_log_prob(x_next, mean, std)
+        logp = self.gaussian_log_prob(x_next, mean, std)
+        return (logp, mean, std) if return_mean else logp
 
     # ------------------------------------------------------------------ saving
     def save_trained(self, out_dir: str | Path) -> Path:

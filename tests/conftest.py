@@ -42,7 +42,7 @@ def pairs_manifest(tmp_path_factory):
 
 
 def write_config(path, sd, clip, manifest, **sections):
-    """A small Diffusion-DPO run config; `sections` override whole keys (dicts are merged)."""
+    """A small Diffusion-DPO run config; `sections` override keys (dicts are merged, `method` replaced)."""
     import yaml
 
     cfg = {
@@ -55,7 +55,7 @@ def write_config(path, sd, clip, manifest, **sections):
         "eval": {"enabled": False, "prompts": ["a red square"], "num_steps": 3},
     }
     for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k != "method":
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v

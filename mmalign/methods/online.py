@@ -1,0 +1,113 @@
+"""What every online method shares: rollout settings, collecting a round of samples,
+per-prompt group statistics, and saving a round's buffer (for exact resume and for
+inspection / human labelling).
+
+A *round*: the trainer picks `prompts_per_round` prompts (deterministically from the
+run seed and the round number; split over processes by whole prompt groups), the method
+collects `samples_per_prompt` samples of each with the current policy (no gradients;
+per-step log-probs stored), scores them with the reward, and then the trainer takes
+`steps_per_round` optimizer steps on micro-batches drawn from that buffer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mmalign.types import Rollout, per_sample_randn
+
+
+@dataclass
+class RolloutSettings:
+    prompts_per_round: int = 16  # over all processes
+    samples_per_prompt: int = 4  # the group size G
+    num_steps: int = 20
+    guidance_scale: float = 4.0
+    eta: float = 1.0
+    steps_per_round: int = 2  # optimizer steps per round
+    same_initial_noise: bool = False  # the samples of one prompt share x_T
+
+    def validate(self) -> None:
+        if self.samples_per_prompt < 1 or self.prompts_per_round < 1:
+            raise ValueError("rollout: prompts_per_round and samples_per_prompt must be >= 1")
+
+
+@torch.no_grad()
+def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs: RolloutSettings,
+            need_log_probs: bool = True, batch_size: int = 64) -> Rollout:
+    """G samples of every prompt with the current policy; extras get `rewards` and `group`."""
+    G = rs.samples_per_prompt
+    rep = [p for p in prompts for _ in range(G)]
+    sample_seeds = [s * 1009 + j for s in seeds for j in range(G)]
+    init = None
+    if rs.same_initial_noise:
+        shape = generator.latent_shape
+        init = per_sample_randn([s for s in seeds for _ in range(G)], shape, generator.device)
+    parts = []
+    for i in range(0, len(rep), batch_size):
+        sl = slice(i, i + batch_size)
+        ro = generator.rollout(rep[sl], num_steps=rs.num_steps, guidance_scale=rs.guidance_scale, eta=rs.eta,
+                               seeds=sample_seeds[sl], latents=None if init is None else init[sl],
+                               need_log_probs=need_log_probs)
+        ro.extras["rewards"] = reward(ro.samples, rep[sl]).float().detach()
+        parts.append(ro)
+    ro = Rollout.cat(parts)
+    ro.extras["group"] = torch.arange(len(prompts), device=ro.latents.device).repeat_interleave(G)
+    return ro
+
+
+def group_advantages(rewards: Tensor, group: Tensor, eps: float = 1e-4, std: bool = True) -> Tensor:
+    """(r - mean_g) / (std_g + eps) within each prompt group (GRPO / DDPO per-prompt stat tracking)."""
+    adv = torch.zeros_like(rewards)
+    for g in group.unique():
+        m = group == g
+        r = rewards[m]
+        a = r - r.mean()
+        if std:
+            a = a / (r.std(unbiased=False) + eps)
+        adv[m] = a
+    return adv
+
+
+BUFFER_SKIP = ("cond", "uncond")  # recomputed from the prompts on load
+
+
+def save_buffer(ro: Rollout, path: Path) -> None:
+    """Write a round's buffer: tensors as safetensors, prompts and settings as JSON."""
+    from safetensors.torch import save_file
+
+    tensors = {"latents": ro.latents, "timesteps": ro.timesteps}
+    if ro.log_probs is not None:
+        tensors["log_probs"] = ro.log_probs
+    meta = {"prompts": ro.prompts, "scalars": {}}
+    for k, v in ro.extras.items():
+        if k in BUFFER_SKIP:
+            continue
+        if isinstance(v, Tensor):
+            tensors[f"extras.{k}"] = v
+        else:
+            meta["scalars"][k] = v
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / "buffer.safetensors"))
+    (path / "buffer.json").write_text(json.dumps(meta))
+
+
+def load_buffer(path: Path, generator) -> Rollout:
+    from safetensors.torch import load_file
+
+    from mmalign.types import Samples
+
+    t = load_file(str(path / "buffer.safetensors"))
+    meta = json.loads((path / "buffer.json").read_text())
+    extras = {k[len("extras."):]: v.to(generator.device) for k, v in t.items() if k.startswith("extras.")}
+    extras.update(meta["scalars"])
+    ro = Rollout(Samples(), t["latents"].to(generator.device), t["timesteps"], t.get("log_probs"), meta["prompts"],
+                 extras)
+    if ro.log_probs is not None:
+        ro.log_probs = ro.log_probs.to(generator.device)
+    generator.condition(ro)
+    return ro

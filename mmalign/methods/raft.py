@@ -1,0 +1,94 @@
+"""Reward-ranked and reward-weighted fine-tuning: RAFT / best-of-N and reward-weighted
+regression (RWR) for diffusion models.
+
+- RAFT (Dong et al., "RAFT: Reward rAnked FineTuning for Generative Foundation Model
+  Alignment", 2023): sample N per prompt with the current policy, keep the top `top_k` by
+  reward, and fine-tune on them with the ordinary denoising loss.
+- RWR (Peters & Schaal 2007; for text-to-image: Lee et al., "Aligning Text-to-Image Models
+  using Human Feedback", 2023): the denoising loss on every sample, weighted by
+  w_i = softmax_group(r_i / temperature) * G (so that uniform rewards give weight 1).
+
+    L = sum_i w_i * ||eps - eps_theta(x_t^(i), t, c_i)||^2 / sum_i 1
+
+Both need no log-probs (any sampler; eta may be 0). Nothing keeps the policy near the
+reference but the step count and learning rate (no KL term).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mmalign.methods.online import RolloutSettings, collect
+from mmalign.registry import register_method
+from mmalign.types import per_sample_randint, per_sample_randn
+
+
+@dataclass
+class RAFTConfig:
+    rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(eta=0.0))
+    mode: Literal["raft", "rwr"] = "raft"
+    top_k: int = 1  # raft: samples kept per prompt
+    temperature: float = 0.1  # rwr: softmax temperature on rewards within a group
+    min_reward: float | None = None  # raft: also require reward >= this
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("top_k: must be >= 1")
+        if self.top_k >= self.rollout.samples_per_prompt and self.mode == "raft":
+            raise ValueError("top_k: must be smaller than rollout.samples_per_prompt (else nothing is filtered)")
+
+
+class RAFT:
+    online = True
+
+    def __init__(self, cfg: RAFTConfig):
+        self.cfg, self.rollout = cfg, cfg.rollout
+
+    def collect(self, generator, reward, prompts, seeds):
+        ro = collect(generator, reward, prompts, seeds, self.rollout, need_log_probs=False)
+        r, grp = ro.extras["rewards"], ro.extras["group"]
+        G = self.rollout.samples_per_prompt
+        rg = r.view(-1, G)
+        if self.cfg.mode == "raft":
+            top = rg.topk(self.cfg.top_k, dim=1).indices + torch.arange(len(rg), device=r.device)[:, None] * G
+            keep = top.flatten()
+            if self.cfg.min_reward is not None:
+                keep = keep[r[keep] >= self.cfg.min_reward]
+            weights = torch.ones(len(r), device=r.device)
+        else:
+            weights = (torch.softmax(rg / self.cfg.temperature, dim=1) * G).flatten()
+            keep = torch.arange(len(r), device=r.device)
+        ro.extras["weights"] = weights
+        ro.extras["keep"] = keep.sort().values
+        return ro
+
+    def round_metrics(self, ro) -> dict[str, float]:
+        r, keep = ro.extras["rewards"], ro.extras["keep"]
+        return {"reward_mean": float(r.mean()), "reward_kept": float(r[keep].mean()) if len(keep) else float("nan"),
+                "kept": float(len(keep))}
+
+    def num_items(self, ro) -> int:
+        return len(ro.extras["keep"])
+
+    def batch(self, ro, idx, seeds) -> dict:
+        sel = ro.extras["keep"][torch.as_tensor(idx, device=ro.extras["keep"].device)]
+        return {"prompts": [ro.prompts[i] for i in sel.tolist()], "latents": ro.latents[sel, -1],
+                "weights": ro.extras["weights"][sel], "seeds": torch.as_tensor(seeds)}
+
+    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+        x0 = batch["latents"].to(generator.device).float()
+        seeds = batch["seeds"]
+        noise = per_sample_randn(seeds, x0.shape[1:], x0.device)
+        t = per_sample_randint(seeds, 0, generator.num_train_timesteps, x0.device)
+        err = generator.denoise_error(x0, generator.encode_prompt(batch["prompts"]), t, noise)
+        w = batch["weights"].to(err.device)
+        return (w * err).mean(), {"mse": float(err.detach().mean()), "weight_max": float(w.max())}
+
+
+@register_method("raft", RAFTConfig)
+def build_raft(cfg: RAFTConfig) -> RAFT:
+    """RAFT / best-of-N fine-tuning, or reward-weighted regression (mode: rwr)."""
+    return RAFT(cfg)

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from mmalign import checkpoint as ckpt
+from mmalign.config import load_config
+from mmalign.methods.d3po import d3po_step_loss
+from mmalign.methods.grpo import GRPO, GRPOConfig, ppo_clip_loss
+from mmalign.methods.online import RolloutSettings, group_advantages
+from mmalign.trainer import Trainer
+from tests.conftest import write_config
+
+
+def test_ppo_clip_matches_float64_and_is_flat_outside_the_range():
+    g = torch.Generator().manual_seed(0)
+    new = torch.randn(64, generator=g, dtype=torch.float64) * 0.3
+    old = torch.randn(64, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(64, generator=g, dtype=torch.float64)
+    c = 0.2
+    per, _ = ppo_clip_loss(new, old, adv, c)
+    for i in range(64):
+        rho = math.exp(new[i].item() - old[i].item())
+        want = max(-adv[i].item() * rho, -adv[i].item() * min(max(rho, 1 - c), 1 + c))
+        assert per[i].item() == pytest.approx(want, rel=1e-12)
+    # ratio far above 1 + c with a positive advantage: clipped, no gradient
+    lp = torch.tensor([1.0], requires_grad=True)
+    ppo_clip_loss(lp, torch.zeros(1), torch.ones(1), c)[0].sum().backward()
+    assert lp.grad.item() == 0.0
+    lp = torch.tensor([0.05], requires_grad=True)  # inside the range: gradient -A * rho
+    ppo_clip_loss(lp, torch.zeros(1), torch.ones(1), c)[0].sum().backward()
+    assert lp.grad.item() == pytest.approx(-math.exp(0.05))
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 2.0])
+    grp = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv = group_advantages(r, grp, eps=0.0 + 1e-12)
+    torch.testing.assert_close(adv[:2], torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(adv[2:], torch.zeros(4))
+
+
+def test_d3po_loss_float64_swap_and_tie():
+    g = torch.Generator().manual_seed(1)
+    lw, ll, rw, rl = (torch.randn(16, generator=g, dtype=torch.float64) for _ in range(4))
+    got = d3po_step_loss(lw, ll, rw, rl, beta=0.7, eps=0.5)
+    for i in range(16):
+        cl = lambda x: min(max(x, math.log(0.5)), math.log(1.5))
+        z = 0.7 * (cl(lw[i].item() - rw[i].item()) - cl(ll[i].item() - rl[i].item()))
+        assert got[i].item() == pytest.approx(math.log1p(math.exp(-z)), rel=1e-10)
+    a = torch.tensor([0.1], requires_grad=True)
+    b = torch.tensor([-0.2], requires_grad=True)
+    d3po_step_loss(a, b, torch.zeros(1), torch.zeros(1), 1.0, None).sum().backward()
+    ga, gb = a.grad.item(), b.grad.item()
+    a.grad, b.grad = None, None
+    d3po_step_loss(b, a, torch.zeros(1), torch.zeros(1), 1.0, None).sum().backward()
+    assert a.grad.item() * ga < 0 and b.grad.item() * gb < 0  # swapping winner and loser flips the gradient
+    assert ga < 0 < gb  # descent raises the winner's log-prob, lowers the loser's
+
+
+ONLINE = {
+    "grpo": {"name": "grpo", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3,
+                                         "steps_per_round": 2}, "kl_coef": 0.1},
+    "raft": {"name": "raft", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3,
+                                         "steps_per_round": 2}},
+    "rwr": {"name": "raft", "mode": "rwr", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3,
+                                                       "num_steps": 3, "steps_per_round": 2}},
+    "online_dpo": {"name": "online_dpo", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3,
+                                                     "num_steps": 3, "steps_per_round": 2}},
+    "d3po": {"name": "d3po", "reference": "base", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 2,
+                                                              "same_initial_noise": True, "num_steps": 3,
+                                                              "steps_per_round": 2}},
+}
+
+
+def _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, **train):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
+    return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method=method,
+                        data={"kind": "prompts", "prompts": str(prompts)},
+                        train={"steps": 3, "batch_size": 2, "lr": 1e-3, **train})
+
+
+@pytest.mark.parametrize("name", list(ONLINE))
+def test_online_method_trains(name, tmp_path, tiny_sd, tiny_clip, pairs_manifest):
+    p = _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, ONLINE[name])
+    tr = Trainer(load_config(p), run_dir=tmp_path / "run")
+    before = {n: v.detach().clone() for n, v in tr.generator.trainable().named_parameters() if v.requires_grad}
+    tr.fit()
+    after = {n: v for n, v in tr.generator.trainable().named_parameters() if v.requires_grad}
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    import json
+
+    logs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rollout/reward_mean" in l for l in logs)
+
+
+def test_stored_log_prob_equals_recomputed_before_update(tiny_sd, tiny_clip):
+    from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
+    from mmalign.rewards.clip import ClipRewardConfig, ClipScore
+
+    gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd)))
+    reward = ClipScore(ClipRewardConfig(model=f"local-dir:{tiny_clip}"))
+    m = GRPO(GRPOConfig(rollout=RolloutSettings(samples_per_prompt=3, num_steps=3), timestep_fraction=1.0,
+                        filter_zero_std=False))
+    buf = m.collect(gen, reward, ["a red circle", "a blue square"], [0, 1])
+    batch = m.batch(buf, list(range(6)), [5] * 6)
+    loss, metrics = m.loss(batch, gen)
+    assert metrics["abs_log_ratio"] < 1e-3  # ratio = 1
+    assert metrics["clipfrac"] == 0.0
+
+
+def test_online_resume_mid_round_is_exact(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
+    """Checkpoint in the middle of a round (the round's buffer is saved) and resume."""
+    method = dict(ONLINE["grpo"], rollout=dict(ONLINE["grpo"]["rollout"], steps_per_round=3))
+    p = _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, steps=4, checkpoint_every=1,
+                    keep_last=10)
+    Trainer(load_config(p), run_dir=tmp_path / "full").fit()
+    Trainer(load_config(p, ["train.steps=2"]), run_dir=tmp_path / "split").fit()
+    assert (ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints") / "buffer_0" / "buffer.safetensors").is_file()
+    Trainer(load_config(p), run_dir=tmp_path / "split", resume="latest").fit()
+    from safetensors.torch import load_file
+
+    a = load_file(str(ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints") / "trainable.safetensors"))
+    b = load_file(str(ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints") / "trainable.safetensors"))
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
