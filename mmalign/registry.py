@@ -43,6 +43,7 @@ BUILTIN_MODULES = [
     "mmalign.methods.grpo",
     "mmalign.methods.raft",
     "mmalign.methods.d3po",
+    "mmalign.methods.diffusion_dro",
 ]
 
 
