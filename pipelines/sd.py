@@ -57,7 +57,9 @@ class SDGeneratorConfig:
     negative_prompt: str = ""
 
     def validate(self) -> None:
-        p = self.pretrained
+        from mmalign.paths import resolve
+
+        p = self.pretrained = resolve(self.pretrained)
         looks_local = p.startswith(("/", ".", "~")) or p.count("/") > 1
         if looks_local and not Path(p).expanduser().is_dir():
             raise ValueError(f"pretrained: directory {p} not found")

@@ -12,6 +12,7 @@ Load from any of:
   model: "ViT-B-32", pretrained: "openai"             (a tag: downloads on a real run)
   model: "ViT-B-32", pretrained: "/path/ckpt.safetensors"  (a checkpoint file)
   model: "local-dir:/path" or "hf-hub:org/repo"        (open_clip_config.json + weights)
+  model: "toy:proxy_clip"                              (the toy world's proxy reward)
   model_config: {embed_dim: ..., vision_cfg: ..., text_cfg: ...}, pretrained: file
 """
 from __future__ import annotations
@@ -45,6 +46,10 @@ class ClipRewardConfig:
     device: str | None = None  # default: the trainer's device
 
     def validate(self) -> None:
+        from mmalign.paths import resolve
+
+        if self.model is not None and self.model.startswith("toy:"):  # a shipped toy-world reward
+            self.model = "local-dir:" + resolve(self.model)
         if (self.model is None) == (self.model_config is None):
             raise ValueError("model: give exactly one of `model` or `model_config`")
         if self.model is not None and self.model.startswith("local-dir:"):
