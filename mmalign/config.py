@@ -163,6 +163,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
+    if tp is dict:
+        return _convert(dict[str, Any], value, where)
+    if tp is list:
+        return _convert(list[Any], value, where)
     if dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, where)
     if tp is bool:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.registry import register_reward
+from mmalign.rewards._common import reward_info
 from mmalign.types import Samples
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -154,6 +155,7 @@ class ClipScore:
 
 
 @register_reward("clip", ClipRewardConfig)
+@reward_info("image", True, "open_clip model: built-in name + tag/checkpoint, local-dir:, hf-hub:, or toy:")
 def build_clip(cfg: ClipRewardConfig) -> ClipScore:
     """CLIP score (open_clip): w * cos(image, text)."""
     return ClipScore(cfg)

@@ -1,0 +1,461 @@
+"""`mmalign score` and `mmalign eval-judge`: any registered reward over media files.
+
+    mmalign score --reward NAME [--reward-args k=v ...] [--config reward.yaml]
+                  (--prompts prompts.txt | --prompt TEXT | --manifest m.jsonl) [--out scores.jsonl] PATHS...
+    mmalign score --list
+    mmalign eval-judge --reward NAME [--reward-args k=v ...] --pairs pairs.jsonl [--out judged.jsonl]
+
+Media: images (png/jpg/...), videos (a directory of frames, or .mp4 etc. when torchcodec or
+PyAV is installed) and audio (PCM .wav always; .flac etc. through soundfile / torchaudio).
+A file that is missing or unreadable stops the run with an error naming it.
+
+Reward arguments (`--reward-args k=v`, values parsed as YAML, and/or a YAML file holding a
+reward section `{name: ..., k: v}` or a run config with a `reward:` section) are validated by
+the registry entry's config dataclass, exactly as in a run config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+# --------------------------------------------------------------------------- reward from CLI
+
+
+def parse_reward_args(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """['k=v', ...] -> dict, values parsed as YAML (numbers, booleans, lists, mappings)."""
+    import yaml
+
+    from mmalign.config import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise ConfigError(f"--reward-args {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise ConfigError(f"--reward-args {item!r}: empty key")
+        try:
+            out[k] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--reward-args {k}: not a YAML value ({e})") from None
+        if out[k] is None and v.strip() not in ("null", "~", "None"):
+            out[k] = v
+    return out
+
+
+def reward_spec(name: str | None, args: Sequence[str] | None = None, config: str | None = None) -> dict[str, Any]:
+    """Merge --config (a reward section or a run config's `reward:`), --reward and --reward-args."""
+    import yaml
+
+    from mmalign.config import ConfigError
+
+    spec: dict[str, Any] = {}
+    if config:
+        p = Path(config)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping")
+        spec = dict(data["reward"]) if isinstance(data.get("reward"), dict) else dict(data)
+    if name:
+        if spec.get("name") not in (None, name):
+            spec = {}  # a different reward than the file's: the file's arguments do not apply
+        spec["name"] = name
+    spec.update(parse_reward_args(args))
+    if "name" not in spec:
+        raise ConfigError("give --reward NAME (or a --config with a reward name)")
+    return spec
+
+
+def build_reward_from_spec(spec: dict[str, Any], where: str = "reward") -> Any:
+    """Validate the arguments with the entry's config dataclass, then build."""
+    from mmalign.rewards._common import build_reward
+
+    return build_reward(spec, where)
+
+
+def validate_reward_spec(spec: dict[str, Any], where: str = "reward") -> Any:
+    """The entry's validated config object (raises ConfigError naming the bad key)."""
+    from mmalign import registry
+    from mmalign.config import ConfigError, _parse_dataclass
+
+    try:
+        entry = registry.lookup("reward", spec["name"])
+    except KeyError as e:
+        raise ConfigError(f"{where}.name: {e.args[0]}") from None
+    return _parse_dataclass(entry.config, {k: v for k, v in spec.items() if k != "name"}, where)
+
+
+# For entries whose builder carries no `reward_info` (rewards/_common.py) attributes.
+_KNOWN_INFO = {
+    "clip": ("image", "config (default yes)", "open_clip model (name / local-dir: / hf-hub:) + weights"),
+}
+
+
+def list_rewards() -> list[dict[str, str]]:
+    from mmalign import registry
+
+    registry.load_builtins()
+    rows = []
+    for name in sorted(registry.REWARDS):
+        e = registry.REWARDS[name]
+        known = _KNOWN_INFO.get(name, ("?", "?", "?"))
+        diff = getattr(e.build, "differentiable", known[1])
+        rows.append({
+            "name": name,
+            "modality": str(getattr(e.build, "modality", known[0])),
+            "differentiable": {True: "yes", False: "no"}.get(diff, str(diff)) if isinstance(diff, bool) else str(diff),
+            "loads": str(getattr(e.build, "loads", known[2])),
+            "description": e.doc,
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_prompts_file(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: prompts file not found")
+    return [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_jsonl(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: file not found")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{p}:{i}: expected a JSON object per line")
+        rows.append(row)
+    return rows
+
+
+def _resolve(base: Path, value: str) -> str:
+    q = Path(value)
+    return str(q if q.is_absolute() else base / q)
+
+
+MEDIA_KEYS = ("path", "file", "image", "video", "audio")
+
+
+def items_from_args(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(path, prompt) pairs from PATHS + prompts, or from a manifest."""
+    if args.manifest:
+        if args.paths:
+            raise ValueError("give media PATHS or --manifest, not both")
+        base = Path(args.manifest).parent
+        items = []
+        for i, row in enumerate(read_jsonl(args.manifest), 1):
+            key = next((k for k in MEDIA_KEYS if k in row), None)
+            if key is None:
+                raise ValueError(f"{args.manifest}:{i}: no media key (one of {', '.join(MEDIA_KEYS)})")
+            prompt = row.get("prompt", row.get("caption", ""))
+            items.append((_resolve(base, str(row[key])), str(prompt)))
+        if not items:
+            raise ValueError(f"{args.manifest}: no rows")
+        return items
+    paths = list(args.paths or [])
+    if not paths:
+        raise ValueError("give media PATHS (or --manifest m.jsonl)")
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += read_prompts_file(args.prompts)
+    if not prompts:
+        prompts = [""]
+    if len(prompts) == 1:
+        prompts = prompts * len(paths)
+    if len(prompts) != len(paths):
+        raise ValueError(f"{len(paths)} media files but {len(prompts)} prompts (give one per file, or one for all)")
+    return list(zip(paths, prompts))
+
+
+def load_media(path: str, modality: str, num_frames: int | None = None):
+    """One file -> (tensor, sample_rate or None) for the reward's modality, errors naming the file."""
+    from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind
+
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"{p}: file not found")
+    kind = media_kind(p)
+    if modality in ("image", "video", "audio") and kind != modality:
+        raise MediaError(f"{p}: is {kind}, but the reward scores {modality}")
+    if kind == "image":
+        return load_image(p), None
+    if kind == "video":
+        return load_video(p, num_frames), None
+    return load_audio(p)
+
+
+def _samples(tensors: list, modality: str, sample_rate: int | None):
+    import torch
+
+    from mmalign.types import Samples
+
+    x = torch.stack(tensors)
+    if modality == "image":
+        return Samples(images=x)
+    if modality == "video":
+        return Samples(video=x)
+    return Samples(audio=x, sample_rate=sample_rate)
+
+
+def score_items(reward: Any, items: Sequence[tuple[str, str]], batch_size: int = 8,
+                num_frames: int | None = None) -> list[float]:
+    """Score (path, prompt) items, batching files of equal shape (and sample rate) together."""
+    import torch
+
+    modality = reward.modality if reward.modality in ("image", "video", "audio") else None
+    scores: list[float] = [math.nan] * len(items)
+    pending: dict[tuple, list[tuple[int, Any, str]]] = defaultdict(list)
+
+    def flush(key: tuple) -> None:
+        group = pending.pop(key)
+        kind, sr = key[0], key[1]
+        with torch.no_grad():
+            out = reward(_samples([t for _, t, _ in group], kind, sr), [p for _, _, p in group])
+        for (i, _, _), s in zip(group, out.detach().float().cpu().tolist()):
+            scores[i] = float(s)
+
+    from mmalign.media import media_kind
+
+    for i, (path, prompt) in enumerate(items):
+        tensor, sr = load_media(path, modality or media_kind(path), num_frames)
+        kind = modality or media_kind(path)
+        key = (kind, sr, tuple(tensor.shape))
+        pending[key].append((i, tensor, prompt))
+        if len(pending[key]) >= batch_size:
+            flush(key)
+    for key in list(pending):
+        flush(key)
+    return scores
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    v = [x for x in values if x == x]
+    if not v:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / len(v))
+    return {"n": len(v), "mean": mean, "std": std, "min": min(v), "max": max(v)}
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    def fmt(x: Any) -> str:
+        if isinstance(x, float):
+            return f"{x:.4f}"
+        return str(x)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) if cells else len(c) for j, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- score command
+
+
+def _add_reward_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", help="registered reward name (see --list)")
+    parser.add_argument("--reward-args", nargs="*", default=[], metavar="K=V",
+                        help="reward config fields, values parsed as YAML (validated like a run config)")
+    parser.add_argument("--config", help="YAML with a reward section ({name: ..., ...} or a run config's reward:)")
+    parser.add_argument("--device", help="put the reward on this device (if its config has a device field)")
+    parser.add_argument("--batch-size", type=int, default=8, help="files per reward call")
+
+
+def add_score_args(parser: argparse.ArgumentParser) -> None:
+    _add_reward_args(parser)
+    parser.add_argument("--list", action="store_true", help="list every registered reward and exit")
+    parser.add_argument("--prompts", help="text file, one prompt per line (one per file, or one for all)")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable; one for all files)")
+    parser.add_argument("--manifest", help="JSONL rows {path, prompt} (paths relative to the manifest)")
+    parser.add_argument("--out", help="write one JSON line per file: path, prompt, score")
+    parser.add_argument("--num-frames", type=int, default=None, help="videos: keep this many evenly spaced frames")
+    parser.add_argument("paths", nargs="*", help="media files (images, videos or frame folders, audio)")
+
+
+def _split_reward_args(args: argparse.Namespace) -> None:
+    """`--reward-args k=v ... PATHS`: argparse hands the trailing paths to --reward-args; an
+    item without '=' is a path, so move it back to PATHS."""
+    extra = [a for a in args.reward_args or [] if "=" not in a]
+    if extra and hasattr(args, "paths"):
+        args.reward_args = [a for a in args.reward_args if "=" in a]
+        args.paths = extra + list(args.paths or [])
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, dict]:
+    spec = reward_spec(args.reward, args.reward_args, args.config)
+    if getattr(args, "device", None):
+        from mmalign import registry
+
+        entry = registry.lookup("reward", spec["name"])
+        if "device" in getattr(entry.config, "__dataclass_fields__", {}):
+            spec.setdefault("device", args.device)
+    validate_reward_spec(spec)  # clear error before any model loads
+    return build_reward_from_spec(spec), spec
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from mmalign.config import ConfigError
+    from mmalign.media import MediaError
+
+    if args.list:
+        rows = list_rewards()
+        print(format_table(rows, ["name", "modality", "differentiable", "loads", "description"]))
+        return 0
+    try:
+        _split_reward_args(args)
+        items = items_from_args(args)
+        reward, spec = _build(args)
+        scores = score_items(reward, items, args.batch_size, args.num_frames)
+    except (ConfigError, MediaError, OSError, ValueError, TypeError) as e:
+        return _fail(str(e))
+    rows = [{"path": p, "prompt": pr, "score": s} for (p, pr), s in zip(items, scores)]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    summary = {"reward": spec["name"], **summarize(scores)}
+    print(format_table([summary], ["reward", "n", "mean", "std", "min", "max"]))
+    if args.out:
+        print(f"wrote {len(rows)} scores to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval-judge
+
+
+def add_eval_judge_args(parser: argparse.ArgumentParser) -> None:
+    _add_reward_args(parser)
+    parser.add_argument("--pairs", required=True,
+                        help="JSONL rows {prompt, chosen, rejected[, category]} (or {prompt, image0, image1, label})")
+    parser.add_argument("--pairwise", action="store_true",
+                        help="use the judge's prefer(a, b) (VLM / audio judges) instead of comparing scores")
+    parser.add_argument("--tie-eps", type=float, default=0.0,
+                        help="a pair is a tie when |score(chosen) - score(rejected)| <= tie-eps "
+                             "(pairwise: |P(chosen first) - 0.5| <= tie-eps)")
+    parser.add_argument("--out", help="write one JSON line per pair with the judge's scores and verdict")
+
+
+def read_pairs(path: str) -> list[dict]:
+    """Normalise pair rows to {prompt, chosen, rejected, category}; human ties are dropped (counted)."""
+    base = Path(path).parent
+    out = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        prompt = row.get("prompt", row.get("caption"))
+        if prompt is None:
+            raise ValueError(f"{path}:{i}: no prompt (key 'prompt' or 'caption')")
+        if "chosen" in row and "rejected" in row:
+            chosen, rejected = row["chosen"], row["rejected"]
+        elif "image0" in row and "image1" in row and "label" in row:
+            label = row["label"]
+            if label in (0, "0"):
+                chosen, rejected = row["image0"], row["image1"]
+            elif label in (1, "1"):
+                chosen, rejected = row["image1"], row["image0"]
+            else:  # a human tie carries no preference label
+                out.append({"prompt": prompt, "human_tie": True, "category": row.get("category", "all")})
+                continue
+        else:
+            raise ValueError(f"{path}:{i}: expected keys chosen/rejected (or image0/image1/label)")
+        out.append({"prompt": str(prompt), "chosen": _resolve(base, chosen), "rejected": _resolve(base, rejected),
+                    "category": str(row.get("category", "all")), "human_tie": False})
+    return out
+
+
+def agreement(margins: Sequence[float], tie_eps: float = 0.0) -> dict[str, float]:
+    """MJ-Bench-style accuracy from per-pair margins (judge's chosen-minus-rejected preference).
+
+    A pair is correct when margin > tie_eps, wrong when margin < -tie_eps, a tie otherwise.
+    acc_with_ties counts ties as wrong (correct / all pairs); acc_without_ties drops them
+    (correct / non-tied pairs).
+    """
+    n = len(margins)
+    correct = sum(1 for m in margins if m > tie_eps)
+    ties = sum(1 for m in margins if abs(m) <= tie_eps)
+    decided = n - ties
+    return {
+        "n": n,
+        "acc_with_ties": correct / n if n else math.nan,
+        "acc_without_ties": correct / decided if decided else math.nan,
+        "tie_rate": ties / n if n else math.nan,
+    }
+
+
+def judge_pairs(reward: Any, pairs: Sequence[dict], batch_size: int = 8, pairwise: bool = False) -> list[dict]:
+    """Per pair: the judge's scores (or P(chosen better)) and the margin used for agreement."""
+    import torch
+
+    results = []
+    usable = [p for p in pairs if not p["human_tie"]]
+    if pairwise:
+        if not hasattr(reward, "prefer"):
+            raise ValueError(f"reward {getattr(reward, 'name', '?')!r} has no prefer(a, b); drop --pairwise")
+        for p in usable:  # the two media of a pair may differ in size: one pair per call
+            (ta, sra), (tb, srb) = load_media(p["chosen"], reward.modality), load_media(p["rejected"], reward.modality)
+            with torch.no_grad():
+                prob = float(reward.prefer(_samples([ta], reward.modality, sra), _samples([tb], reward.modality, srb),
+                                           [p["prompt"]])[0])
+            results.append({**p, "p_chosen": prob, "margin": prob - 0.5})
+        return results
+    items = [(p["chosen"], p["prompt"]) for p in usable] + [(p["rejected"], p["prompt"]) for p in usable]
+    scores = score_items(reward, items, batch_size)
+    n = len(usable)
+    for k, p in enumerate(usable):
+        results.append({**p, "score_chosen": scores[k], "score_rejected": scores[n + k],
+                        "margin": scores[k] - scores[n + k]})
+    return results
+
+
+def run_eval_judge(args: argparse.Namespace) -> int:
+    from mmalign.config import ConfigError
+    from mmalign.media import MediaError
+
+    try:
+        pairs = read_pairs(args.pairs)
+        reward, spec = _build(args)
+        results = judge_pairs(reward, pairs, args.batch_size, args.pairwise)
+    except (ConfigError, MediaError, OSError, ValueError, TypeError) as e:
+        return _fail(str(e))
+    by_cat: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        by_cat[r["category"]].append(r["margin"])
+    rows = []
+    if len(by_cat) > 1:
+        for cat in sorted(by_cat):
+            rows.append({"category": cat, **agreement(by_cat[cat], args.tie_eps)})
+    rows.append({"category": "overall", **agreement([r["margin"] for r in results], args.tie_eps)})
+    human_ties = sum(1 for p in pairs if p["human_tie"])
+    if args.out:
+        with open(args.out, "w") as f:
+            for r in results:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "human_tie"}) + "\n")
+    print(f"judge: {spec['name']}  pairs: {len(results)}" + (f"  (human ties skipped: {human_ties})" if human_ties else ""))
+    print(format_table(rows, ["category", "n", "acc_with_ties", "acc_without_ties", "tie_rate"]))
+    return 0

@@ -1,0 +1,300 @@
+"""Tiny random models of the real classes each reward adapter loads, saved to a directory.
+
+Used by tests/test_rewards*.py and benchmarks/reward_throughput.py (nothing here downloads).
+Each `make_*` writes what a user's hub id / local path / checkpoint file would hold and
+returns the config arguments that load it through the adapter's normal code path.
+Configs follow shared/TINY_MODELS.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+TINY_CLIP_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=77)
+TINY_CLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=2)
+
+# ChatML-style template for the tiny VLM tokenizers: images/audio become the processor's
+# placeholder token, which the processor then expands to the model's feature count.
+_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ IMAGE }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+WORDS = (
+    "Yes No yes no A B 1 2 3 4 5 6 7 8 9 10 Image Audio : ? . , \" ' image audio first second "
+    "better which does this figure show a an the photo of red green blue circle square triangle "
+    "cat dog on left right above below and is in sound rate from to how well match matches "
+    "prompt please answer or one two with only number picture describe quality user assistant system "
+    "Does Please Which How Rate Is Answer You are helpful"
+).split()
+
+
+def seed_all(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+def word_tokenizer(specials: dict[int, str], chat_template: str | None = None, vocab_size: int = 256):
+    """A WordLevel tokenizer (tokenizers) wrapped in PreTrainedTokenizerFast.
+
+    `specials` pins special tokens to ids (e.g. {250: "<image>"}), as the tiny model configs
+    reference them by id.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<unk>", "<pad>", "<s>", "</s>"]
+    vocab: dict[str, int] = {t: i for i, t in enumerate(base)}
+    for w in WORDS:
+        if w not in vocab and len(vocab) < min(specials, default=vocab_size):
+            vocab[w] = len(vocab)
+    for i, tok in specials.items():
+        vocab[tok] = i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        additional_special_tokens=list(specials.values()),
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def open_clip_tokenizer_files(directory: str | Path) -> tuple[str, str]:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer from open_clip's bundled BPE."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    st = SimpleTokenizer()
+    ren = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {ren.get(k, k): v for k, v in st.encoder.items()}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    merges = sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m, _ in merges) + "\n")
+    return str(directory / "vocab.json"), str(directory / "merges.txt")
+
+
+def clip_tokenizer(directory: str | Path):
+    from transformers import CLIPTokenizer
+
+    v, m = open_clip_tokenizer_files(Path(directory) / "_bpe")
+    return CLIPTokenizer(vocab_file=v, merges_file=m)
+
+
+# --------------------------------------------------------------------------- CLIP family
+
+
+def make_clip_hf(directory: str | Path, seed: int = 0, image_size: int = 32) -> dict:
+    """A tiny transformers CLIPModel + CLIPTokenizer + CLIPImageProcessor saved to `directory`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    seed_all(seed)
+    directory = Path(directory)
+    vision = dict(TINY_CLIP_VISION, image_size=image_size)
+    model = CLIPModel(CLIPConfig(text_config=TINY_CLIP_TEXT, vision_config=vision, projection_dim=16))
+    model.save_pretrained(directory)
+    clip_tokenizer(directory).save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    return {"model": str(directory)}
+
+
+def make_hps_checkpoint(directory: str | Path, seed: int = 0) -> dict:
+    """A tiny open_clip model's state_dict saved the way HPS_v2*_compressed.pt stores it."""
+    import open_clip
+
+    seed_all(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    open_clip.factory._MODEL_CONFIGS.setdefault("mmalign-tiny-clip", dict(TINY_OPEN_CLIP))
+    model = open_clip.create_model("mmalign-tiny-clip", pretrained=None)
+    path = directory / "HPS_tiny_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return {"checkpoint": str(path), "model_config": dict(TINY_OPEN_CLIP)}
+
+
+def make_aesthetic(directory: str | Path, seed: int = 0, embed_dim: int = 16) -> dict:
+    """Tiny CLIP backbone + an MLP head checkpoint with the released predictor's key layout."""
+    from mmalign.rewards.aesthetic import AestheticMLP
+
+    directory = Path(directory)
+    args = make_clip_hf(directory / "clip", seed=seed)
+    seed_all(seed + 1)
+    head = AestheticMLP(embed_dim)
+    path = directory / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(head.state_dict(), path)
+    return {"clip_model": args["model"], "head": str(path)}
+
+
+# --------------------------------------------------------------------------- VLMs
+
+
+def make_llava(directory: str | Path, seed: int = 0) -> dict:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    seed_all(seed)
+    directory = Path(directory)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, pad_token_id=1),
+        image_token_index=250,
+    )
+    LlavaForConditionalGeneration(cfg).save_pretrained(directory)
+    tok = word_tokenizer({250: "<image>", 254: "<|im_start|>", 255: "<|im_end|>"}, _CHATML.replace("{{ IMAGE }}", "<image>"))
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=tok.chat_template)
+    proc.save_pretrained(directory)
+    return {"model": str(directory)}
+
+
+def make_qwen2vl(directory: str | Path, seed: int = 0) -> dict:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    seed_all(seed)
+    directory = Path(directory)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=2, eos_token_id=3,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2),
+        image_token_id=250, vision_start_token_id=252, vision_end_token_id=253,
+    )
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(directory)
+    tmpl = _CHATML.replace("{{ IMAGE }}", "<|vision_start|><|image_pad|><|vision_end|>")
+    tok = word_tokenizer({250: "<|image_pad|>", 251: "<|video_pad|>", 252: "<|vision_start|>", 253: "<|vision_end|>",
+                          254: "<|im_start|>", 255: "<|im_end|>"}, tmpl)
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+                            video_processor=Qwen2VLVideoProcessor(), tokenizer=tok, chat_template=tmpl)
+    proc.save_pretrained(directory)
+    return {"model": str(directory)}
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def make_clap(directory: str | Path, seed: int = 0, sampling_rate: int = 16000) -> dict:
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+
+    seed_all(seed)
+    directory = Path(directory)
+    cfg = ClapConfig(
+        audio_config=dict(spec_size=128, num_mel_bins=64, window_size=4, depths=[1, 1], num_attention_heads=[2, 2],
+                          patch_embeds_hidden_size=16, hidden_size=32, patch_size=4, patch_stride=[4, 4],
+                          enable_fusion=False, projection_dim=16),
+        text_config=dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=80, projection_dim=16, pad_token_id=1),
+        projection_dim=16,
+    )
+    ClapModel(cfg).save_pretrained(directory)
+    fe = ClapFeatureExtractor(feature_size=64, sampling_rate=sampling_rate, hop_length=160, fft_window_size=400,
+                              max_length_s=2, truncation="rand_trunc", frequency_max=sampling_rate // 2)
+    tok = word_tokenizer({})
+    ClapProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(directory)
+    return {"model": str(directory)}
+
+
+def make_qwen2audio(directory: str | Path, seed: int = 0) -> dict:
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    seed_all(seed)
+    directory = Path(directory)
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128),
+        text_config=dict(model_type="qwen2", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=2, eos_token_id=3),
+        audio_token_index=250,
+    )
+    Qwen2AudioForConditionalGeneration(cfg).save_pretrained(directory)
+    tok = word_tokenizer({250: "<|AUDIO|>", 251: "<|audio_bos|>", 252: "<|audio_eos|>", 254: "<|im_start|>", 255: "<|im_end|>"})
+    proc = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok)
+    tok.chat_template = proc.chat_template
+    proc = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
+                               chat_template=proc.chat_template)
+    proc.save_pretrained(directory)
+    return {"model": str(directory)}
+
+
+# --------------------------------------------------------------------------- shared cache
+
+_BUILDERS = {
+    "clip_hf": make_clip_hf,
+    "hps": make_hps_checkpoint,
+    "aesthetic": make_aesthetic,
+    "llava": make_llava,
+    "qwen2vl": make_qwen2vl,
+    "clap": make_clap,
+    "qwen2audio": make_qwen2audio,
+}
+_CACHE: dict[str, dict] = {}
+_ROOT: list = []
+
+
+def tiny(kind: str) -> dict:
+    """Build (once per process) the tiny model `kind` in a temp dir; returns its config args."""
+    if kind not in _CACHE:
+        import tempfile
+
+        if not _ROOT:
+            _ROOT.append(tempfile.TemporaryDirectory(prefix="mmalign-tiny-"))
+        _CACHE[kind] = _BUILDERS[kind](Path(_ROOT[0].name) / kind)
+    return dict(_CACHE[kind])
+
+
+# --------------------------------------------------------------------------- a test reward
+
+
+def register_test_rewards() -> None:
+    """Register `test_mean_pixel` (score = scale * mean pixel value + offset): a reward whose
+    value is known by hand, for mixes, video aggregation and the CLI. Idempotent."""
+    from dataclasses import dataclass
+
+    from mmalign import registry
+
+    if "test_mean_pixel" in registry.REWARDS:
+        return
+
+    @dataclass
+    class MeanPixelConfig:
+        scale: float = 1.0
+        offset: float = 0.0
+
+    class MeanPixel:
+        modality = "image"
+        differentiable = True
+
+        def __init__(self, cfg: MeanPixelConfig):
+            self.cfg, self.name = cfg, "test_mean_pixel"
+
+        def __call__(self, samples, prompts):
+            x = samples.require("image", "reward 'test_mean_pixel'")
+            return self.cfg.scale * x.flatten(1).mean(1) + self.cfg.offset
+
+        def embed_images(self, images):
+            return torch.nn.functional.normalize(images.flatten(1), dim=-1)
+
+    def build(cfg: MeanPixelConfig) -> MeanPixel:
+        """Test reward: scale * mean pixel value + offset."""
+        return MeanPixel(cfg)
+
+    build.modality, build.differentiable, build.loads = "image", True, "nothing (test reward)"
+    registry.register_reward("test_mean_pixel", MeanPixelConfig)(build)
