@@ -12,6 +12,19 @@ from mmalign.media import tensor_to_pil
 from mmalign.testing import make_tiny_open_clip, make_tiny_sd
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models run fastest on one thread (and far faster on a loaded machine); the slow
+    toy-world runs keep every core."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
