@@ -41,8 +41,8 @@ class RunSection:
 
 @dataclass
 class DataConfig:
-    kind: Literal["manifest", "pickapic", "generated", "prompts", "none"] = "manifest"
-    path: str | None = None  # manifest .jsonl/.csv, or a parquet/arrow directory for pickapic
+    kind: Literal["manifest", "pickapic", "generated", "prompts", "vlm", "none"] = "manifest"
+    path: str | None = None  # manifest .jsonl/.csv, or a parquet/arrow directory for pickapic; kind=vlm: rows
     resolution: int | None = None  # pixels; default: the generator's resolution
     skip_bad: bool = False  # skip (and count) unreadable images instead of stopping
     cache_latents: bool = False
@@ -60,9 +60,9 @@ class DataConfig:
     min_gap: float = 0.0  # drop pairs whose reward gap is below this
 
     def validate(self) -> None:
-        if self.kind in ("manifest", "pickapic") and not self.path:
+        if self.kind in ("manifest", "pickapic", "vlm") and not self.path:
             raise ValueError(f"path: required for data.kind={self.kind}")
-        if self.path and self.kind in ("manifest", "pickapic") and not Path(self.path).exists():
+        if self.path and self.kind in ("manifest", "pickapic", "vlm") and not Path(self.path).exists():
             raise ValueError(f"path: {self.path} not found")
         if self.kind in ("generated", "prompts") and not self.prompts:
             raise ValueError(f"prompts: required for data.kind={self.kind} (a .txt file or 'toy:train')")

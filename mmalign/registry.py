@@ -44,6 +44,8 @@ BUILTIN_MODULES = [
     "mmalign.methods.raft",
     "mmalign.methods.d3po",
     "mmalign.methods.diffusion_dro",
+    "mmalign.pipelines.vlm",
+    "mmalign.methods.vlm_dpo",
 ]
 
 

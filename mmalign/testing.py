@@ -131,3 +131,104 @@ def make_tiny_open_clip(out_dir: str | Path, seed: int = 0) -> Path:
     model = open_clip.create_model("local-dir:" + str(out), load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return out
+
+
+# --------------------------------------------------------------------------- tiny VLMs
+# (appended for the VLM adapter; the builders above are unchanged)
+
+VLM_SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 250, "<|image_pad|>": 250,
+               "<|video_pad|>": 251, "<|vision_start|>": 252, "<|vision_end|>": 253,
+               "<|im_start|>": 254, "<|im_end|>": 255}
+
+
+def _vlm_chat_template(image: str) -> str:
+    return (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def make_char_tokenizer(image_token: str = "<image>", video_token: str | None = None):
+    """A character-level `PreTrainedTokenizerFast` over printable ASCII (ids 4..98) with the VLM
+    special tokens at the ids `VLM_SPECIAL` gives (vocab 256). Builds offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i, c in enumerate(chr(x) for x in range(32, 127)):
+        vocab[c] = 4 + i
+    vocab["\n"] = 99
+    specials = [image_token, "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
+    if video_token:
+        specials.append(video_token)
+    for s in specials:
+        vocab[s] = VLM_SPECIAL[s]
+    used = set(vocab.values())
+    for i in range(256):
+        if i not in used:
+            vocab[f"<unused{i}>"] = i
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=specials)
+    return tok
+
+
+def make_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny `LlavaForConditionalGeneration` (CLIP vision tower, Llama LM; 32x32 images ->
+    16 image tokens) with a LlavaProcessor and a chat template, saved with save_pretrained."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=255),
+        image_token_index=250, vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 255
+    tok = make_char_tokenizer("<image>")
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=_vlm_chat_template("<image>"))
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def make_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny `Qwen2VLForConditionalGeneration` (56x56 images -> 4 image tokens, M-RoPE) with a
+    Qwen2VLProcessor and a chat template, saved with save_pretrained."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    cfg = Qwen2VLConfig(
+        text_config={"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 255},
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 255
+    tok = make_char_tokenizer("<|image_pad|>", video_token="<|video_pad|>")
+    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template=_vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out

@@ -73,6 +73,10 @@ class Trainer:
         from mmalign.data import preference as P
 
         d = self.cfg.data
+        if hasattr(self.method, "build_dataset"):  # a method that reads its own data (e.g. vlm_dpo)
+            ds = self.method.build_dataset(d, self.generator, self.run_dir, log=self._print, accelerator=self.acc)
+            self._log({"data/pairs": len(ds)})
+            return ds
         res = d.resolution or self.generator.resolution
         if d.kind == "generated":
             from mmalign.data.generated import generate_pairs
@@ -109,7 +113,7 @@ class Trainer:
 
         sampler = GlobalBatchSampler(len(ds), self.cfg.train.batch_size, self.acc.num_processes,
                                      self.acc.process_index, self.cfg.run.seed, start_micro)
-        loader = DataLoader(Seeded(ds), batch_sampler=sampler, collate_fn=collate,
+        loader = DataLoader(Seeded(ds), batch_sampler=sampler, collate_fn=getattr(ds, "collate", collate),
                             num_workers=self.cfg.data.num_workers)
         return iter(loader)
 

@@ -84,3 +84,94 @@ def pairwise(loss_type: str, policy_w, policy_l, ref_w, ref_l, beta: float, eps:
     if loss_type in ("cdpo", "robust_dpo"):
         return fn(policy_w, policy_l, ref_w, ref_l, beta, eps)
     return fn(policy_w, policy_l, ref_w, ref_l, beta)
+
+
+# --------------------------------------------------------------------------- VLM / LM family
+# (appended for the VLM DPO family; the functions above are unchanged)
+#
+# Scores below are response log-probabilities: `logp_*` summed over response tokens,
+# `avg_*` their length averages. Every function returns per-sample losses.
+
+
+def simpo(avg_w: Tensor, avg_l: Tensor, beta: float, gamma: float) -> Tensor:
+    """SimPO (Meng et al. 2024), reference-free:  -log sigmoid(beta/|y_w| log pi(y_w|x)
+    - beta/|y_l| log pi(y_l|x) - gamma), on length-averaged log-probs `avg_*`."""
+    return -F.logsigmoid(beta * (avg_w - avg_l) - gamma)
+
+
+def log_odds(avg: Tensor) -> Tensor:
+    """log( P / (1 - P) ) with P = exp(avg), the length-normalised likelihood (ORPO eq. 4)."""
+    return avg - torch.log1p(-torch.exp(avg).clamp(max=1 - 1e-7))
+
+
+def orpo(avg_w: Tensor, avg_l: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """ORPO (Hong et al. 2024): L = L_SFT + lam * L_OR with L_SFT = -avg_w (mean token NLL of
+    the chosen response) and L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)).
+    Returns (per-sample loss, per-sample L_OR)."""
+    l_or = -F.logsigmoid(log_odds(avg_w) - log_odds(avg_l))
+    return -avg_w + lam * l_or, l_or
+
+
+def kto_kl_baseline(kl_policy: Tensor, kl_ref: Tensor) -> Tensor:
+    """KTO's reference point z0 = max(0, mean(log pi(y'|x) - log pi_ref(y'|x))) over mismatched
+    (x, y') pairs of the batch, detached (Ethayarajh et al. 2024, as the paper's code does)."""
+    return (kl_policy - kl_ref).mean().clamp(min=0).detach()
+
+
+def kto(logp: Tensor, ref_logp: Tensor, desirable: Tensor, z0: Tensor | float, beta: float,
+        lambda_d: float = 1.0, lambda_u: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al. 2024), unpaired. r = log pi(y|x) - log pi_ref(y|x);
+    desirable: lambda_D (1 - sigmoid(beta (r - z0))); undesirable: lambda_U (1 - sigmoid(beta (z0 - r)))."""
+    r = logp - ref_logp
+    d = desirable.to(torch.bool)
+    return torch.where(d, lambda_d * (1 - torch.sigmoid(beta * (r - z0))),
+                       lambda_u * (1 - torch.sigmoid(beta * (z0 - r))))
+
+
+def mdpo(policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, policy_w_corrupt: Tensor,
+         ref_w_corrupt: Tensor, beta: float, anchor: float = 0.0) -> dict[str, Tensor]:
+    """mDPO (Wang et al. 2024, "mDPO: Conditional Preference Optimization for Multimodal LLMs").
+
+    With r(y|m) = beta (log pi(y|m,x) - log pi_ref(y|m,x)), m the image and m' a corrupted one:
+      dpo    = -log sigmoid(r(y_w|m) - r(y_l|m))           (standard DPO)
+      copo   = -log sigmoid(r(y_w|m) - r(y_w|m'))          (conditional: prefer the true image)
+      anchor = -log sigmoid(r(y_w|m) - delta)              (anchored preference, delta = 0)
+    L = dpo + copo + anchor. Returns the three per-sample terms and their sum ("loss")."""
+    rw = beta * (policy_w - ref_w)
+    rl = beta * (policy_l - ref_l)
+    rc = beta * (policy_w_corrupt - ref_w_corrupt)
+    out = {"dpo": -F.logsigmoid(rw - rl), "copo": -F.logsigmoid(rw - rc), "anchor": -F.logsigmoid(rw - anchor)}
+    out["loss"] = out["dpo"] + out["copo"] + out["anchor"]
+    return out
+
+
+def mmdpo_beta(beta: float, delta: Tensor, w: float, k: float) -> Tensor:
+    """MM-DPO's dynamic reward scaling (MM-RLHF, Zhang et al. 2025):
+    beta(delta) = beta (1 + w (1 - exp(-k delta))), delta a reward-model margin r(y_w) - r(y_l)."""
+    return beta * (1 + w * (1 - torch.exp(-k * delta)))
+
+
+def dense_token_weights(mask: Tensor, changed: Tensor, gamma: float) -> Tensor:
+    """RLHF-V's dense DPO weights (Yu et al. 2024, eq. 3): per response token 1 if unchanged
+    between chosen and rejected, gamma if changed; 0 outside the response."""
+    m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    return m * torch.where(changed.to(torch.bool), torch.as_tensor(gamma, dtype=m.dtype), torch.ones_like(m))
+
+
+def dense_logp(token_logps: Tensor, mask: Tensor, changed: Tensor, gamma: float) -> Tensor:
+    """RLHF-V's response score: log pi(y|x) = (1/N) [sum_{unchanged} log p + gamma sum_{changed} log p],
+    N = |y_u| + gamma |y_c|. token_logps, mask, changed: [B, T]."""
+    wts = dense_token_weights(mask, changed, gamma).to(token_logps.dtype)
+    return (token_logps * wts).sum(-1) / wts.sum(-1).clamp(min=1e-8)
+
+
+def povid(policy_w: Tensor, policy_lt: Tensor, policy_ln: Tensor, ref_w: Tensor, ref_lt: Tensor, ref_ln: Tensor,
+          alpha: float, beta1: float, beta2: float) -> Tensor:
+    """POVID (Zhou et al. 2024, "Aligning Modalities in Vision Large Language Models via
+    Preference Fine-tuning", eq. 3):
+      L = -log sigmoid( alpha log[pi(y_w|x)/pi_ref(y_w|x)]
+                        - ( beta1 log[pi(y_l^t|x)/pi_ref(y_l^t|x)] + beta2 log[pi(y_l^n|x~)/pi_ref(y_l^n|x~)] ) )
+    y_l^t: the hallucinated (AI-written) rejection; y_l^n: the policy's response to the noisy image x~,
+    scored given x~."""
+    z = alpha * (policy_w - ref_w) - (beta1 * (policy_lt - ref_lt) + beta2 * (policy_ln - ref_ln))
+    return -F.logsigmoid(z)
