@@ -36,6 +36,13 @@ def test_train_sample_score(tmp_path, tiny_sd, tiny_clip, pairs_manifest, capsys
     assert len(scored) == 4 and all(isinstance(s["score"], float) for s in scored)
     assert "mean" in capsys.readouterr().out
 
+    # mmalign eval: base vs trained weights of the run, JSON + before/after grid
+    assert main(["eval", "--run", str(run), "--prompts-from", str(prompts), "--seeds", "2", "--steps", "2",
+                 "--no-gold"]) == 0
+    res = json.loads((run / "eval" / "eval.json").read_text())
+    assert {"base", "trained"} <= set(res) and "diversity" in res["trained"] and "reward" in res["base"]
+    assert (run / "eval" / "before_after.png").is_file()
+
 
 def test_bad_config_exits_with_a_message(tmp_path, tiny_sd, tiny_clip, pairs_manifest, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest)
