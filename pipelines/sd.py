@@ -84,6 +84,9 @@ class LatentDiffusionGenerator:
         if pipe is not None:
             self.pipe = pipe
         else:
+            from mmalign.paths import resolve
+
+            cfg.pretrained = resolve(cfg.pretrained)
             src = str(Path(cfg.pretrained).expanduser()) if _is_local(cfg.pretrained) else cfg.pretrained
             index = DiffusionPipeline.load_config(src, revision=cfg.revision)
             kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, dtype=DTYPES[cfg.dtype])

@@ -27,7 +27,6 @@ def test_shipped_base_model_is_imperfect_on_purpose():
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
 
     gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained="toy:sd_toy", finetune="none"))
-    gen.cfg.validate()
     prompts = expand_prompts([], "toy:heldout", None)
     out, images = evaluate_generator(gen, None, prompts, seeds_per_prompt=2, num_steps=20, guidance_scale=4.0,
                                      gold=True)
