@@ -31,7 +31,9 @@ def evaluate_generator(generator, reward, prompts: list[str], seeds_per_prompt: 
     rep = [p for p in prompts for _ in range(seeds_per_prompt)]
     seeds = [seed + i for i in range(len(rep))]
     images, rewards = [], []
-    for i in range(0, len(rep), batch_size):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(rep), batch_size), desc=f"eval {len(rep)} samples", leave=False, dynamic_ncols=True):
         ro = generator.rollout(rep[i:i + batch_size], num_steps=num_steps, guidance_scale=guidance_scale, eta=0.0,
                                seeds=seeds[i:i + batch_size], need_log_probs=False)
         images.append(ro.samples.images.float().cpu())

@@ -68,7 +68,11 @@ def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] =
     k = d.candidates
     per_batch = max(1, batch_size // k)
     out_idx, out_w, out_l, gaps, best_s, worst_s = [], [], [], [], [], []
-    for start in range(0, len(mine), per_batch):
+    from tqdm.auto import tqdm
+
+    main = accelerator is None or accelerator.is_main_process
+    for start in tqdm(range(0, len(mine), per_batch), desc=f"sampling {k} candidates x {len(mine)} prompts",
+                      disable=not main, dynamic_ncols=True):
         idx = mine[start:start + per_batch]
         rep = [prompts[i] for i in idx for _ in range(k)]
         seeds = [seed * 1_000_003 + i * k + j for i in idx for j in range(k)]
