@@ -1,0 +1,414 @@
+"""Train the toy world's shipped models from scratch (CPU is enough).
+
+    python -m mmalign.toy.train {vae,unet,proxy,all} --out mmalign/toy/assets [--minutes N] [--seed 0]
+
+Stages (the UNet stage reads the VAE stage from --work):
+  vae    AutoencoderKL (32x32 -> 8x8x4) on rendered train scenes    -> <work>/vae/
+  unet   UNet2DConditionModel + tiny CLIPTextModel on cached latents -> <out>/sd_toy/
+         (StableDiffusionPipeline layout, fp16 weights)
+  proxy  tiny open_clip model, contrastive with hard negatives       -> <out>/proxy_clip/
+
+Training is time-boxed (--minutes for the UNet, --vae-minutes, --proxy-minutes) and
+step-capped (--unet-steps ...): runs are seeded, and the number of steps done is written
+next to the weights (train_info.json), so `--unet-steps N` with a large --minutes repeats
+a run step for step. The UNet stage saves a checkpoint and prints held-out gold accuracy
+per caption kind every --eval-every minutes, so a run can be stopped once the model is in
+the wanted accuracy band (see mmalign/toy/README section in ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import SIZE, caption_kind, heldout_captions, render, train_captions
+
+HERE = Path(__file__).parent
+TEXT_CFG = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=49407,
+)
+VAE_CFG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
+    layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=SIZE,
+)
+UNET_CFG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(48, 96),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+    attention_head_dim=4, norm_num_groups=16,
+)
+SCHED_CFG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+KIND_SHARE = {"single": 0.15, "count": 0.19, "and": 0.22, "left": 0.22, "above": 0.22}
+PROXY_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
+}
+PROXY_MEAN = [0.5, 0.5, 0.5]
+PROXY_STD = [0.5, 0.5, 0.5]
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------ data
+
+
+def to_tensor(images) -> torch.Tensor:
+    """list of PIL -> B,3,H,W float in [0,1]."""
+    a = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0
+
+
+def scene_pool(captions, per_caption: int, seed_offset: int = 0):
+    """Rendered scenes: (captions list, uint8 tensor N,3,32,32)."""
+    caps, imgs = [], []
+    for s in range(per_caption):
+        for c in captions:
+            caps.append(c)
+            imgs.append(render(c, seed_offset + s))
+    a = np.stack([np.asarray(im) for im in imgs])
+    return caps, torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def write_clip_tokenizer(path: Path):
+    """A transformers CLIPTokenizer whose ids equal open_clip's (from open_clip's BPE vocab)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    sp = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(k, k): v for k, v in sp.encoder.items()}
+    merges = sorted(sp.bpe_ranks.items(), key=lambda kv: kv[1])
+    tmp = path / "_src"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (tmp / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in merges) + "\n", encoding="utf-8"
+    )
+    tok = CLIPTokenizer(
+        str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+    ref = __import__("open_clip").tokenize(["a red circle to the left of a blue square"])[0]
+    ids = tok("a red circle to the left of a blue square")["input_ids"]
+    assert ids == ref[: len(ids)].tolist(), (ids, ref)
+    shutil.rmtree(tmp)
+    return tok
+
+
+# ------------------------------------------------------------------ VAE
+
+
+def train_vae(work: Path, minutes: float, seed: int, max_steps: int | None = None):
+    from diffusers import AutoencoderKL
+
+    seed_all(seed)
+    _, pool = scene_pool(train_captions(), 32, seed_offset=10_000)
+    log(f"vae: pool {tuple(pool.shape)}")
+    vae = AutoencoderKL(**VAE_CFG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    t0, step = time.time(), 0
+    while time.time() - t0 < minutes * 60 and (max_steps is None or step < max_steps):
+        idx = torch.randint(0, len(pool), (32,), generator=g)
+        x = pool[idx].float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean()
+        loss = F.mse_loss(rec, x) + 1e-6 * kl
+        lr = 2e-3 * min(1.0, (step + 1) / 100)
+        if time.time() - t0 > 0.7 * minutes * 60:
+            lr *= 0.25
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log(f"vae step {step} mse {F.mse_loss(rec, x).item():.4f} kl {kl.item():.1f}")
+    vae.eval()
+    # reconstruction check on held-out scenes
+    from .gold import gold_score
+
+    caps, held = scene_pool(heldout_captions(), 2, seed_offset=50_000)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(held.float() / 127.5 - 1).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte()
+    ok = np.mean([gold_score(r, c)["correct"] for r, c in zip(rec.float() / 255, caps)])
+    log(f"vae: {step} steps; held-out reconstructions gold-correct {ok:.3f}")
+    d = work / "vae"
+    vae.save_pretrained(d)
+    (d / "train_info.json").write_text(json.dumps({"steps": step, "seed": seed, "recon_gold": ok}))
+    return vae
+
+
+# ------------------------------------------------------------------ UNet
+
+
+def build_pipe(vae, text_encoder, tokenizer, unet):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SCHED_CFG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipe(pipe, path: Path, info: dict):
+    """save_pretrained with fp16 weights (the folder stays small); loads fine in float32."""
+    import copy
+
+    if path.exists():
+        shutil.rmtree(path)
+    p16 = copy.deepcopy(pipe)
+    p16.to(torch.float16)
+    p16.save_pretrained(path, safe_serialization=True)
+    # Loaders read these back as float32 unless told otherwise (see tests).
+    for sub in ("text_encoder",):
+        cfgp = path / sub / "config.json"
+        cfg = json.loads(cfgp.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = "float32"
+        cfgp.write_text(json.dumps(cfg, indent=2))
+    tj = path / "tokenizer" / "tokenizer.json"  # written indented; compact is half the size
+    if tj.exists():
+        tj.write_text(json.dumps(json.loads(tj.read_text()), separators=(",", ":"), ensure_ascii=False))
+    (path / "train_info.json").write_text(json.dumps(info, indent=2))
+
+
+@torch.no_grad()
+def sample(pipe, captions, seeds, steps=20, cfg=4.0, batch=64):
+    images = []
+    for i in range(0, len(captions), batch):
+        cs, ss = captions[i : i + batch], seeds[i : i + batch]
+        gens = [torch.Generator().manual_seed(int(s)) for s in ss]
+        out = pipe(
+            list(cs), num_inference_steps=steps, guidance_scale=cfg, generator=gens,
+            height=SIZE, width=SIZE, output_type="pil",
+        )
+        images += out.images
+    return images
+
+
+def heldout_eval(pipe, seeds=(0,), steps=20, cfg=4.0):
+    from .evaluate import gold_report
+
+    caps = [c for s in seeds for c in heldout_captions()]
+    sd = [s for s in seeds for _ in heldout_captions()]
+    imgs = sample(pipe, caps, sd, steps=steps, cfg=cfg)
+    return gold_report(imgs, caps)
+
+
+def fmt_report(r: dict) -> str:
+    kinds = " ".join(f"{k}={v:.2f}" for k, v in r["per_kind"].items())
+    return f"acc={r['accuracy']:.3f} comp={r.get('compositional', float('nan')):.3f} n={r['n']} [{kinds}]"
+
+
+def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int | None = None,
+               eval_every: float = 5.0, batch: int = 64,
+               lr: float = 1e-3, init_from: Path | None = None, balance_kinds: bool = True):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    seed_all(seed)
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    tok_dir = work / "_tokenizer"
+    tokenizer = write_clip_tokenizer(tok_dir)
+
+    # pool of train scenes -> latents once
+    caps, pool = scene_pool(train_captions(), 96)
+    log(f"unet: encoding {len(caps)} train scenes")
+    mus, sds = [], []
+    with torch.no_grad():
+        for i in range(0, len(pool), 512):
+            d = vae.encode(pool[i : i + 512].float() / 127.5 - 1).latent_dist
+            mus.append(d.mean)
+            sds.append(d.std)
+    mu, sd = torch.cat(mus), torch.cat(sds)
+    g = torch.Generator().manual_seed(seed)
+    # Kind-balanced sampling: the grammar has far more two-object captions than single /
+    # count ones; uniform sampling gives a model that draws two objects for "a red circle".
+    kinds = [caption_kind(c) for c in caps]
+    n_kind = {k: kinds.count(k) for k in set(kinds)}
+    weights = torch.tensor([KIND_SHARE[k] / n_kind[k] if balance_kinds else 1.0 for k in kinds],
+                           dtype=torch.float64)
+    scale = 1.0 / (mu + sd * torch.randn(mu.shape, generator=g)).std().item()
+    vae.register_to_config(scaling_factor=scale)
+    log(f"unet: latents {tuple(mu.shape)}, scaling_factor {scale:.4f}")
+    ids = {c: tokenizer(c, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
+           for c in set(caps) | {""}}
+    cap_ids = torch.stack([ids[c] for c in caps])
+    empty = ids[""]
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CFG))
+    unet = UNet2DConditionModel(**UNET_CFG)
+    if init_from is not None:  # continue from a saved pipeline (e.g. a <work> checkpoint)
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(init_from / "text_encoder").float().state_dict())
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from / "unet").float().state_dict())
+        log(f"unet: initialised from {init_from}")
+    n_params = sum(p.numel() for p in unet.parameters()) / 1e6
+    log(f"unet: {n_params:.2f}M params; text encoder "
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHED_CFG.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    acp = noise_sched.alphas_cumprod
+
+    def swap_ema():
+        for p, e in zip(params, ema):
+            tmp = p.detach().clone()
+            p.data.copy_(e)
+            e.copy_(tmp)
+
+    history = []
+
+    def evaluate_and_save(step):
+        swap_ema()
+        unet.eval(), text_encoder.eval()
+        pipe = build_pipe(vae, text_encoder, tokenizer, unet)
+        pipe.set_progress_bar_config(disable=True)
+        t = time.time()
+        r = heldout_eval(pipe)
+        log(f"eval step {step}: held-out {fmt_report(r)} ({time.time() - t:.0f}s)")
+        history.append({"step": step, "minutes": (time.time() - t0) / 60, **{k: r[k] for k in ("accuracy", "per_kind", "compositional")}})
+        save_pipe(pipe, work / f"sd_toy_step_{step:06d}", {"step": step, "heldout": r["per_kind"]})
+        swap_ema()
+        unet.train(), text_encoder.train()
+
+    t0, step, last_eval = time.time(), 0, time.time()
+    losses = []
+    while time.time() - t0 < minutes * 60 and (max_steps is None or step < max_steps):
+        idx = torch.multinomial(weights, batch, replacement=True, generator=g)
+        x0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * scale
+        tok = cap_ids[idx].clone()
+        drop = torch.rand(batch, generator=g) < 0.1
+        tok[drop] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        enc = text_encoder(tok)[0]
+        pred = unet(xt, t, enc).sample
+        loss = F.mse_loss(pred, noise)
+        for pg in opt.param_groups:
+            pg["lr"] = lr * min(1.0, (step + 1) / 200)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log(f"unet step {step} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / step:.2f}s/step)")
+        if time.time() - last_eval > eval_every * 60:
+            evaluate_and_save(step)
+            last_eval = time.time()
+    # final: EMA weights
+    swap_ema()
+    unet.eval(), text_encoder.eval()
+    pipe = build_pipe(vae, text_encoder, tokenizer, unet)
+    pipe.set_progress_bar_config(disable=True)
+    info = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "minutes": (time.time() - t0) / 60,
+            "init_from": str(init_from) if init_from else None, "balance_kinds": balance_kinds,
+            "history": history}
+    save_pipe(pipe, out / "sd_toy", info)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    log(f"unet: saved {out / 'sd_toy'} after {step} steps")
+    return pipe
+
+
+# ------------------------------------------------------------------ proxy (open_clip)
+
+
+def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = None):
+    from .proxy import train_proxy as _train
+
+    return _train(out, minutes, seed, max_steps)
+
+
+# ------------------------------------------------------------------ report
+
+
+def final_report(out: Path, seeds=(0, 1, 2, 3), steps=20, cfg=4.0):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd_toy")
+    pipe.set_progress_bar_config(disable=True)
+    r = heldout_eval(pipe, seeds=seeds, steps=steps, cfg=cfg)
+    log(f"final held-out gold ({len(seeds)} seeds x {len(heldout_captions())} captions, "
+        f"{steps} DDIM steps, cfg {cfg}): {fmt_report(r)}")
+    log("per constraint: " + " ".join(f"{k}={v:.2f}" for k, v in r["per_constraint"].items()))
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["vae", "unet", "proxy", "all", "report"])
+    ap.add_argument("--out", type=Path, default=HERE / "assets")
+    ap.add_argument("--minutes", type=float, default=30.0, help="UNet training time box")
+    ap.add_argument("--vae-minutes", type=float, default=5.0)
+    ap.add_argument("--proxy-minutes", type=float, default=8.0)
+    ap.add_argument("--unet-steps", type=int, default=None)
+    ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--proxy-steps", type=int, default=None)
+    ap.add_argument("--eval-every", type=float, default=5.0, help="minutes between UNet evals/checkpoints")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mmalign_toy_work"),
+                    help="intermediate outputs: the VAE stage, UNet checkpoints")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue UNet training from a saved pipeline folder")
+    ap.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder learning rate")
+    ap.add_argument("--no-balance-kinds", action="store_true",
+                    help="sample train scenes uniformly instead of by KIND_SHARE")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    if args.stage in ("vae", "all"):
+        train_vae(args.work, args.vae_minutes, args.seed, args.vae_steps)
+    if args.stage in ("unet", "all"):
+        train_unet(args.out, args.work, args.minutes, args.seed, args.unet_steps, args.eval_every,
+                   lr=args.lr, init_from=args.init_from, balance_kinds=not args.no_balance_kinds)
+    if args.stage in ("unet", "all", "report"):
+        final_report(args.out)
+    if args.stage in ("proxy", "all"):
+        train_proxy(args.out, args.proxy_minutes, args.seed, args.proxy_steps)
+    log(f"done in {(time.time() - t) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
