@@ -39,6 +39,9 @@ def run_one(config: Path, seed: int, overrides: list[str], out_root: Path) -> di
 
         n = len(load_prompts(cfg.data.prompts))
         samples = min(n, cfg.data.max_samples or n) * cfg.data.candidates
+    elif cfg.data.kind == "prompts":  # online: every round samples prompts_per_round x samples_per_prompt
+        rs = cfg.method.args.rollout
+        samples = -(-cfg.train.steps // rs.steps_per_round) * rs.prompts_per_round * rs.samples_per_prompt
     return {"method": cfg.method.name, "config": str(config.relative_to(ROOT)), "reward": cfg.reward.name if cfg.reward
             else None, "seed": seed, "steps": cfg.train.steps, "pairs": data[-1]["data/pairs"] if data else None,
             "proxy_before": b.get("reward"), "proxy_after": a.get("reward"),
