@@ -308,7 +308,7 @@ class Trainer:
                     if not torch.isfinite(loss):
                         last = ckpt.latest_checkpoint(self.ckpt_root)
                         raise TrainingError(
-                            f"non-finite loss ({float(loss)}) at step {self.step + 1}, prompts "
+                            f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}, prompts "
                             f"{batch['prompts'][:3]}; metrics {metrics}. Nothing was written for this step; "
                             f"last checkpoint: {last or 'none'}")
                     self.acc.backward(loss)
