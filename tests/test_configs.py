@@ -8,10 +8,8 @@ from mmalign.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "accelerate"), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses(path, tmp_path):
-    if path.parent.name == "accelerate":
-        pytest.skip("accelerate launch config")
     import yaml
 
     raw = yaml.safe_load(path.read_text())
