@@ -4,6 +4,8 @@
     python benchmarks/toy_alignment.py --configs configs/toy/diffusion_dpo.yaml --seeds 0 1 2
     python benchmarks/toy_alignment.py --set train.steps=100  # overrides for every run
 
+Rows cover the UNet methods (generator `sd`, toy:sd_toy) and the flow-matching ones (generator
+`flow`, toy:sd3_toy: flow_grpo.yaml, flow_dpo.yaml, diffusion_nft.yaml).
 Columns: held-out proxy reward and gold accuracy before -> after, compositional gold
 accuracy, diversity (mean pairwise pixel distance across seeds of a caption: a collapse
 shows here), wall time and the number of generated samples the method consumed.
@@ -42,7 +44,8 @@ def run_one(config: Path, seed: int, overrides: list[str], out_root: Path) -> di
     elif cfg.data.kind == "prompts":  # online: every round samples prompts_per_round x samples_per_prompt
         rs = cfg.method.args.rollout
         samples = -(-cfg.train.steps // rs.steps_per_round) * rs.prompts_per_round * rs.samples_per_prompt
-    return {"method": cfg.method.name, "config": str(config.relative_to(ROOT)), "reward": cfg.reward.name if cfg.reward
+    return {"method": cfg.method.name, "generator": cfg.generator.name, "config": str(config.relative_to(ROOT)),
+            "reward": cfg.reward.name if cfg.reward
             else None, "seed": seed, "steps": cfg.train.steps, "pairs": data[-1]["data/pairs"] if data else None,
             "proxy_before": b.get("reward"), "proxy_after": a.get("reward"),
             "gold_before": b.get("gold_accuracy"), "gold_after": a.get("gold_accuracy"),
@@ -61,11 +64,11 @@ def main() -> None:
     args = ap.parse_args()
     rows = [run_one(c.resolve(), s, args.set, args.out_root) for c in args.configs for s in args.seeds]
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    print("\n| method | reward | seed | steps | pairs | proxy before→after | gold before→after | "
+    print("\n| method | generator | reward | seed | steps | pairs | proxy before→after | gold before→after | "
           "compositional before→after | diversity before→after | wall s | samples |")
-    print("|---" * 11 + "|")
+    print("|---" * 12 + "|")
     for r in rows:
-        print(f"| {r['method']} | {r['reward']} | {r['seed']} | {r['steps']} | {fmt(r['pairs'])} | "
+        print(f"| {r['method']} | {r['generator']} | {r['reward']} | {r['seed']} | {r['steps']} | {fmt(r['pairs'])} | "
               f"{fmt(r['proxy_before'])}→{fmt(r['proxy_after'])} | {fmt(r['gold_before'])}→{fmt(r['gold_after'])} | "
               f"{fmt(r['comp_before'])}→{fmt(r['comp_after'])} | {fmt(r['div_before'])}→{fmt(r['div_after'])} | "
               f"{r['wall_s']:.0f} | {r['samples_generated']} |")

@@ -33,7 +33,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
-    if args.prompts:
+    if args.prompts and args.prompts.startswith("toy:"):  # toy:heldout | toy:train | toy:all
+        from mmalign.data.generated import load_prompts
+
+        try:
+            prompts += load_prompts(args.prompts)
+        except ValueError as e:
+            raise SystemExit(f"error: --prompts: {e}") from None
+    elif args.prompts:
         p = Path(args.prompts)
         if not p.is_file():
             raise SystemExit(f"error: {p}: prompts file not found")
@@ -44,50 +51,31 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from mmalign import registry
     from mmalign.config import _parse_dataclass, load_config
-    from mmalign.media import image_grid, tensor_to_pil
+    from mmalign.guidance.cli import run_sample, validate_sample_args
 
+    prompts = _read_prompts(args)  # bad input fails before any model loads
+    validate_sample_args(args)
     if args.config:
         cfg = load_config(args.config)
         gen_cfg = cfg.generator.args
         name = cfg.generator.name
     else:
         if not args.pretrained:
-            raise SystemExit("error: give --pretrained MODEL or --config RUN_CONFIG")
+            raise SystemExit("error: give --model MODEL (or --pretrained MODEL) or --config RUN_CONFIG")
         name = args.generator
         gen_cfg = _parse_dataclass(registry.lookup("generator", name).config,
                                    {"pretrained": args.pretrained, "finetune": "none"}, "generator")
     gen = registry.lookup("generator", name).build(gen_cfg)
     if args.weights:
-        gen.load_trained(args.weights)
+        w = Path(args.weights)
+        gen.load_trained(w.parent if w.is_file() else w)  # a LoRA file or its directory
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen.to(device)
-    prompts = _read_prompts(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, all_images = [], []
-    for i in range(0, len(prompts) * args.n, args.batch_size):
-        chunk = [(j // args.n, j % args.n) for j in range(i, min(i + args.batch_size, len(prompts) * args.n))]
-        ps = [prompts[p] for p, _ in chunk]
-        seeds = [args.seed + p * 1000 + k for p, k in chunk]
-        ro = gen.rollout(ps, num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seeds=seeds,
-                         need_log_probs=False)
-        for (p, k), img, s in zip(chunk, ro.samples.images, seeds):
-            path = out / f"{p:04d}_{k:02d}.png"
-            tensor_to_pil(img).save(path)
-            rows.append({"path": str(path), "prompt": prompts[p], "seed": s})
-        all_images.append(ro.samples.images)
-    image_grid(torch.cat(all_images), nrow=args.n if args.n > 1 else 8).save(out / "grid.png")
-    with open(out / "samples.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(rows)} images, grid.png and samples.jsonl to {out}")
-    return 0
+    return run_sample(args, gen, prompts, device)  # mmalign/guidance/cli.py
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,21 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="toy world: print base vs aligned gold accuracy")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sample", help="generate images from prompts (optionally with trained weights)")
-    p.add_argument("--pretrained", help="hub id or local diffusers directory")
+    p = sub.add_parser("sample", help="generate images from prompts (optionally with trained weights)",
+                       description="Generate images; --guidance cfg | dynamic-cfg | reward | best-of-n | beam "
+                                   "(rewards by --reward NAME[:WEIGHT]). Writes PNGs, grid.png, samples.jsonl.")
+    p.add_argument("--model", "--pretrained", dest="pretrained", help="hub id or local diffusers directory")
     p.add_argument("--config", help="take the generator from a run config instead")
     p.add_argument("--generator", default="sd", help="generator registry name (default: sd)")
-    p.add_argument("--weights", help="trained weights: a run's final/ directory (LoRA or UNet)")
+    p.add_argument("--lora", "--weights", dest="weights",
+                   help="trained weights: a run's final/ directory (LoRA or UNet) or its LoRA .safetensors")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="a text file, one prompt per line")
+    p.add_argument("--prompts", help="a text file, one prompt per line (or toy:heldout / toy:train)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", default=None, metavar="{cfg,dynamic-cfg,reward,best-of-n,beam}",
+                   help="guidance method (default cfg); a number N is short for `cfg --cfg-scale N`")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device")
     p.add_argument("--out", default="samples", help="output directory")
+    from mmalign.guidance.cli import add_sample_args
+
+    add_sample_args(p)
     p.set_defaults(fn=cmd_sample)
 
     try:

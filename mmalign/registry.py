@@ -27,6 +27,7 @@ KINDS = {"generator": GENERATORS, "reward": REWARDS, "method": METHODS}
 # Modules that register built-in components. New files add themselves here.
 BUILTIN_MODULES = [
     "mmalign.pipelines.sd",
+    "mmalign.pipelines.flow",
     "mmalign.rewards.clip",
     "mmalign.rewards.clip_hf",
     "mmalign.rewards.hps",
@@ -41,11 +42,13 @@ BUILTIN_MODULES = [
     "mmalign.methods.diffusion_dpo",
     "mmalign.methods.online_dpo",
     "mmalign.methods.grpo",
+    "mmalign.methods.diffusion_nft",
     "mmalign.methods.raft",
     "mmalign.methods.d3po",
     "mmalign.methods.diffusion_dro",
     "mmalign.pipelines.vlm",
     "mmalign.methods.vlm_dpo",
+    "mmalign.methods.rg_lcd",
 ]
 
 

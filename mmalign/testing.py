@@ -232,3 +232,64 @@ def make_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------- tiny flow transformers
+# (appended for the flow adapter, pipelines/flow.py; the builders above are unchanged)
+
+
+def tiny_sd3_transformer(**kw):
+    from diffusers import SD3Transformer2DModel
+
+    args = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+                pos_embed_max_size=8)
+    args.update(kw)
+    return SD3Transformer2DModel(**args)
+
+
+def make_tiny_sd3(out_dir: str | Path, seed: int = 0, shift: float = 3.0) -> Path:
+    """A random-weight SD3-layout pipeline without T5 (32x32 images, 8x8x4 latents): two tiny
+    CLIPTextModelWithProjection encoders (hidden 16 each -> joint dim 32, pooled 16+16)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1)  # SD3 VAEs shift and scale their latents
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae, text_encoder=tiny_text_encoder(16, projection=True, projection_dim=16), tokenizer=tok,
+        text_encoder_2=tiny_text_encoder(16, projection=True, projection_dim=16), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+
+def make_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight FLUX-layout pipeline (CLIP pooled + tiny T5 sequence, packed 2x2 latents,
+    resolution-dependent shift). The T5 slot reuses the offline CLIP tokenizer (same vocab)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
+    t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 pad_token_id=49407, eos_token_id=49407, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 4, 8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=32, layers_per_block=1, shift_factor=0.1, scaling_factor=0.5)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                            base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=tiny_text_encoder(32),
+                        tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -10,7 +10,8 @@ Run directory layout:
     config.yaml            the resolved config
     metrics.jsonl          one JSON object per logged step / evaluation
     samples/step_*.png     evaluation grids (fixed prompts and seeds)
-    checkpoints/step_*/    trainable weights, optimizer, scheduler, EMA, RNG, step
+    checkpoints/step_*/    trainable weights, optimizer, scheduler, EMA, RNG, step (and method.pt:
+                           the state of models a method owns, e.g. RG-LCD's target network)
     final/                 the trained weights (LoRA in diffusers format, or the UNet)
     summary.json           timings and final evaluation
 """
@@ -54,6 +55,12 @@ class Trainer:
         if self.reward is not None and hasattr(self.reward, "to"):
             self.reward.to(self.acc.device)
         self.method = build("method", cfg.method)
+        # Optional method hooks, for methods that own models besides the generator (RG-LCD: a
+        # frozen teacher, an EMA target network, a latent reward model): setup(generator, reward)
+        # once here; after_step(generator) -> metrics after each optimizer step; state_dict() /
+        # load_state_dict() saved with every checkpoint as method.pt.
+        if hasattr(self.method, "setup"):
+            self.method.setup(self.generator, self.reward)
         if t.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
         self.resume = resume
@@ -191,6 +198,8 @@ class Trainer:
             torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
+            if hasattr(self.method, "state_dict"):
+                torch.save(self.method.state_dict(), tmp / "method.pt")
             ckpt.commit(tmp, final, {"step": self.step, "num_processes": self.acc.num_processes})
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_last)
         self.acc.wait_for_everyone()
@@ -214,6 +223,10 @@ class Trainer:
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        if hasattr(self.method, "load_state_dict"):
+            if not (path / "method.pt").is_file():
+                raise TrainingError(f"{path}: no method.pt (the state of method {self.cfg.method.name!r})")
+            self.method.load_state_dict(torch.load(path / "method.pt", map_location="cpu", weights_only=True))
         ckpt.load_rng(path, self.acc.process_index)
         buf = path / f"buffer_{self.acc.process_index}"
         if buf.is_dir():
@@ -323,6 +336,8 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum
             if self.ema is not None:
                 self.ema.step(params)
+            if hasattr(self.method, "after_step"):
+                sums.update(self.method.after_step(self.generator) or {})
             self.step += 1
             steps_timed += 1
             if self.acc.num_processes > 1:

@@ -15,7 +15,6 @@ LoRA (peft) or fully, and implements the Generator interface:
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from contextlib import contextmanager
@@ -26,23 +25,9 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedModule
 from mmalign.registry import register_generator
 from mmalign.types import Rollout, Samples, per_sample_randn
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    init: Literal["gaussian", "default"] = "gaussian"  # B starts at zero either way
-
-    def validate(self) -> None:
-        if self.rank <= 0:
-            raise ValueError("rank: must be positive")
 
 
 @dataclass
@@ -114,32 +99,11 @@ class LatentDiffusionGenerator:
         self.num_train_timesteps = self.train_scheduler.config.num_train_timesteps
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = cfg.resolution or self.unet.config.sample_size * self.vae_scale
-        self._ref_unet: nn.Module | None = None
-        self._use_ref = False
-        self._forward_unet: nn.Module = self.unet  # replaced by the trainer's wrapped (DDP) module
-
-        if cfg.finetune == "lora":
-            from peft import LoraConfig
-
-            self.unet.requires_grad_(False)
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=cfg.lora.rank,
-                    lora_alpha=cfg.lora.alpha,
-                    lora_dropout=cfg.lora.dropout,
-                    target_modules=cfg.lora.target_modules,
-                    init_lora_weights="gaussian" if cfg.lora.init == "gaussian" else True,
-                )
-            )
-            for p in self.unet.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()  # LoRA weights train in float32
-        elif cfg.finetune == "none":
-            self.unet.requires_grad_(False).eval()
-        else:
-            self.unet.to(torch.float32).requires_grad_(True)
-            self._ref_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-            self._ref_unet.to(DTYPES[cfg.dtype])
+        # LoRA / full / none and the frozen reference (shared with the flow adapter)
+        self._trained = TrainedModule(self.unet, cfg.finetune, cfg.lora, DTYPES[cfg.dtype])
+        # A latent consistency model (e.g. an RG-LCD student saved with its LCMScheduler) samples
+        # with LCM multistep sampling in `rollout` (see `lcm_rollout`).
+        self.lcm_scheduler = self.pipe.scheduler if type(self.pipe.scheduler).__name__ == "LCMScheduler" else None
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -148,8 +112,7 @@ class LatentDiffusionGenerator:
 
     def to(self, device: Any) -> "LatentDiffusionGenerator":
         self.pipe.to(device)
-        if self._ref_unet is not None:
-            self._ref_unet.to(device)
+        self._trained.to(device)
         return self
 
     def trainable(self) -> nn.Module:
@@ -157,31 +120,17 @@ class LatentDiffusionGenerator:
 
     def set_forward_module(self, module: nn.Module) -> None:
         """Route training forwards through the trainer's wrapper (e.g. DDP) of `trainable()`."""
-        self._forward_unet = module
+        self._trained.forward_module = module
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.unet.named_parameters() if p.requires_grad}
+        return self._trained.trainable_state_dict()
 
-    @contextmanager
     def reference(self):
         """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
-        if self.cfg.finetune == "none":
-            yield
-        elif self._ref_unet is not None:
-            self._use_ref = True
-            try:
-                yield
-            finally:
-                self._use_ref = False
-        else:
-            self.unet.disable_adapters()
-            try:
-                yield
-            finally:
-                self.unet.enable_adapters()
+        return self._trained.reference()
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -227,21 +176,34 @@ class LatentDiffusionGenerator:
         return Samples(images=((x + 1) / 2).clamp(0, 1))
 
     # ------------------------------------------------------------------ model calls
-    def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
-        unet = self._ref_unet if self._use_ref else self._forward_unet
-        dtype = next(unet.parameters()).dtype if self._use_ref else latents.dtype
+    def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Any], timestep_cond: Tensor | None = None
+                     ) -> Tensor:
+        unet = self._trained.current()
+        dtype = next(unet.parameters()).dtype if self._trained.use_ref else latents.dtype
         enc = cond["encoder_hidden_states"].to(dtype)
         kw = {}
         if "added_cond_kwargs" in cond:
             kw["added_cond_kwargs"] = {k: v.to(dtype) for k, v in cond["added_cond_kwargs"].items()}
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
+        if timestep_cond is not None:  # an LCM UNet's guidance-scale embedding (time_cond_proj_dim)
+            kw["timestep_cond"] = timestep_cond.to(dtype)
         return unet(latents.to(dtype), t, encoder_hidden_states=enc, **kw).sample.float()
 
-    def denoise_error(self, x0: Tensor, cond: dict[str, Any], t: Tensor, noise: Tensor) -> Tensor:
-        """Per-sample mean squared error of the denoiser at timesteps t (shape [B])."""
+    def denoise_error(self, x0: Tensor, cond: dict[str, Any], t: Tensor, noise: Tensor,
+                      uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0) -> Tensor:
+        """Per-sample mean squared error of the denoiser at timesteps t (shape [B]).
+
+        With `uncond` and `guidance_scale` != 1 the error is that of the classifier-free
+        guided prediction u + s (c - u) -- the model that actually samples at scale s -- with
+        gradients through both branches (see `train_guidance_scale` of RAFT / Diffusion-DPO).
+        """
         x_t = self.train_scheduler.add_noise(x0, noise, t)
-        pred = self.model_output(x_t, t, cond)
+        if uncond is not None and guidance_scale != 1.0:
+            u, c = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), self.cat_cond(uncond, cond)).chunk(2)
+            pred = u + guidance_scale * (c - u)
+        else:
+            pred = self.model_output(x_t, t, cond)
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":
@@ -249,6 +211,17 @@ class LatentDiffusionGenerator:
         else:
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
         return (pred - target.float()).pow(2).flatten(1).mean(1)
+
+    def predict_x0(self, x0: Tensor, cond: dict[str, Any], t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(x0_hat, x_t): noise x0 to timesteps t and estimate it back from the model's prediction."""
+        x_t = self.train_scheduler.add_noise(x0.float(), noise.float(), t)
+        out = self.model_output(x_t, t, cond)
+        a = self.train_scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, *([1] * (x0.ndim - 1)))
+        if self.prediction_type == "epsilon":
+            return (x_t - (1 - a).sqrt() * out) / a.sqrt(), x_t
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * x_t - (1 - a).sqrt() * out, x_t
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
     def guided_eps(self, x: Tensor, t: Tensor, cond: dict, uncond: dict | None, scale: float) -> Tensor:
         """Classifier-free guided epsilon at one (scalar) timestep; v-prediction converted to epsilon."""
@@ -300,8 +273,13 @@ class LatentDiffusionGenerator:
         """Sample with DDIM; keep x_T..x_0 and log-probs of each stochastic step.
 
         Noise is drawn per sample from `seeds` (default 0..B-1), so a sample does not depend
-        on the batch it is in.
+        on the batch it is in. A latent consistency model samples with `lcm_rollout` instead
+        (eta is then unused; LCM steps have no log-probabilities).
         """
+        if self.lcm_scheduler is not None and not self._trained.use_ref:
+            if need_log_probs:
+                raise ValueError("rollout: LCM sampling has no step log-probabilities; use need_log_probs=False")
+            return self.lcm_rollout(prompts, num_steps, guidance_scale, seeds, latents, decode)
         if need_log_probs and eta <= 0:
             raise ValueError("rollout: eta=0 is deterministic DDIM and has no step log-probabilities; use eta>0 "
                              "or need_log_probs=False")
@@ -346,6 +324,64 @@ class LatentDiffusionGenerator:
         h = self.resolution // self.vae_scale
         return (self.unet.config.in_channels, h, h)
 
+    # ------------------------------------------------------------------ guidance hooks (mmalign.guidance)
+    # The inference-time samplers (dynamic CFG, reward guidance, beam search) need only these
+    # and encode_prompt / decode; they walk exactly the steps `rollout` walks, so with the
+    # same settings they reproduce it bit for bit.
+    def sampling_timesteps(self, num_steps: int) -> list[tuple[int, int]]:
+        """(t, t_prev) of each DDIM step of `rollout(num_steps=...)`; t_prev < 0 at the last."""
+        if getattr(self, "lcm_scheduler", None) is not None:
+            raise ValueError("guided sampling walks DDIM steps with CFG; a latent consistency model (LCMScheduler) "
+                             "samples with `lcm_rollout` instead")
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        stride = self.num_train_timesteps // num_steps
+        return [(t, t - stride) for t in self.scheduler.timesteps.tolist()]
+
+    def initial_latents(self, seeds: Sequence[int]) -> Tensor:
+        """x_T of each sample, drawn from its seed as `rollout` draws it."""
+        return per_sample_randn(seeds, self.latent_shape, self.device) * self.scheduler.init_noise_sigma
+
+    def step_noise(self, seeds: Sequence[int], step: int) -> Tensor:
+        """The noise `rollout` adds at step `step` (eta > 0)."""
+        return per_sample_randn([s * 7919 + step + 1 for s in seeds], self.latent_shape, self.device)
+
+    def cfg_outputs(self, x: Tensor, t: int, cond: dict, uncond: dict | None) -> tuple[Tensor | None, Tensor]:
+        """(unconditional, conditional) model outputs in the model's own parameterisation
+        (`prediction_type`) from one batched pass; (None, cond) when `uncond` is None.
+        Any CFG scale s is then u + s (c - u), at no further model cost."""
+        tt = torch.tensor(t, device=self.device)
+        if uncond is None:
+            return None, self.model_output(x, tt, cond)
+        u, c = self.model_output(torch.cat([x, x]), tt, self.cat_cond(uncond, cond)).chunk(2)
+        return u, c
+
+    def alpha_sigma(self, t: int) -> tuple[float, float]:
+        """x_t = alpha x_0 + sigma eps at timestep t: (sqrt(abar_t), sqrt(1 - abar_t))."""
+        a = float(self.scheduler.alphas_cumprod[int(t)])
+        return math.sqrt(a), math.sqrt(1 - a)
+
+    def to_eps(self, pred: Tensor, x: Tensor, t: int) -> Tensor:
+        """A model output (epsilon or v) as epsilon, exactly as `guided_eps` converts it."""
+        if self.prediction_type == "v_prediction":
+            a = float(self.scheduler.alphas_cumprod[int(t)])
+            return math.sqrt(a) * pred + math.sqrt(1 - a) * x
+        return pred
+
+    def predicted_x0(self, pred: Tensor, x: Tensor, t: int) -> Tensor:
+        """x̂_0 = (x_t - sigma eps) / alpha from a model output (differentiable)."""
+        alpha, sigma = self.alpha_sigma(t)
+        return (x - sigma * self.to_eps(pred, x, t)) / alpha
+
+    def sampler_step(self, pred: Tensor, x: Tensor, t: int, prev_t: int, eta: float = 0.0,
+                     noise: Tensor | None = None) -> Tensor:
+        """One DDIM step from a (guided) model output: x_{t_prev}; `noise` is needed when eta > 0."""
+        mean, std = self.ddim_step(self.to_eps(pred, x, t), x, t, prev_t, eta)
+        if std > 0:
+            if noise is None:
+                raise ValueError("sampler_step: eta > 0 needs `noise`")
+            return mean + std * noise
+        return mean
+
     def condition(self, rollout: Rollout) -> Rollout:
         """(Re)compute a rollout's text conditioning from its prompts (e.g. after loading it)."""
         rollout.extras["cond"] = self.encode_prompt(rollout.prompts)
@@ -370,11 +406,72 @@ class LatentDiffusionGenerator:
         logp = self.gaussian_log_prob(x_next, mean, std)
         return (logp, mean, std) if return_mean else logp
 
+    # ------------------------------------------------------------------ latent consistency models
+    def install_unet(self, unet: nn.Module, lcm_scheduler: Any = None) -> None:
+        """Train `unet` in place of the loaded one (e.g. a consistency-distillation student
+        built from it with a guidance embedding); `reference()` stays the loaded UNet. With an
+        `lcm_scheduler`, `rollout` samples with it and `save_trained` writes a whole pipeline."""
+        if self.cfg.finetune != "full":
+            raise ValueError(f"install_unet: needs generator.finetune=full (got {self.cfg.finetune!r})")
+        self.unet = self.pipe.unet = unet
+        self._trained.module = self._trained.forward_module = unet
+        self.lcm_scheduler = lcm_scheduler
+
+    @torch.no_grad()
+    def lcm_rollout(self, prompts: Sequence[str], num_steps: int = 4, guidance_scale: float = 8.0,
+                    seeds: Sequence[int] | None = None, latents: Tensor | None = None,
+                    decode: bool = True) -> Rollout:
+        """LCM multistep sampling (Luo et al., "Latent Consistency Models", Alg. 3) with the
+        LCMScheduler: each step maps x_t to the consistency function's x0 estimate and
+        re-noises it to the next timestep. One conditional pass per step; the CFG scale enters
+        as the guidance embedding of (guidance_scale - 1) when the UNet has `time_cond_proj_dim`,
+        as in diffusers' LatentConsistencyModelPipeline, which this reproduces given the same
+        x_T and per-sample generators `torch.Generator().manual_seed(seed * 7919 + 1)`."""
+        prompts = list(prompts)
+        B = len(prompts)
+        seeds = list(seeds) if seeds is not None else list(range(B))
+        dev, sched = self.device, self.lcm_scheduler
+        sched.set_timesteps(num_steps, device="cpu")
+        timesteps = sched.timesteps.clone()
+        cond = self.encode_prompt(prompts)
+        x = per_sample_randn(seeds, self.latent_shape, dev) if latents is None else latents.to(dev).float()
+        x = x * sched.init_noise_sigma
+        dim = self.unet.config.time_cond_proj_dim
+        w_emb = guidance_scale_embedding(torch.full((B,), guidance_scale - 1.0), dim).to(dev) if dim else None
+        gens = [torch.Generator().manual_seed(int(s) * 7919 + 1) for s in seeds]
+        traj = [x]
+        for t in timesteps.tolist():
+            out = self.model_output(x, torch.tensor(t, device=dev), cond, timestep_cond=w_emb)
+            x, denoised = sched.step(out, t, x, generator=gens, return_dict=False)
+            traj.append(x)
+        traj[-1] = denoised  # (equal to the last step's output: no noise is added at the end)
+        return Rollout(
+            samples=self.decode(denoised) if decode else Samples(),
+            latents=torch.stack(traj, 1),
+            timesteps=timesteps,
+            log_probs=None,
+            prompts=prompts,
+            extras={"cond": cond, "uncond": None, "guidance_scale": guidance_scale, "sampler": "lcm"},
+        )
+
+    def _save_lcm_pipeline(self, out: Path) -> Path:
+        """The whole pipeline with the trained UNet and the LCMScheduler (loadable by
+        StableDiffusionPipeline / LatentConsistencyModelPipeline.from_pretrained and by `sd`)."""
+        comps = {**self.pipe.components, "unet": self.unet, "scheduler": self.lcm_scheduler}
+        kw = {"requires_safety_checker": False} if "requires_safety_checker" in self.pipe.config else {}
+        type(self.pipe)(**comps, **kw).save_pretrained(out, safe_serialization=True)
+        (out / "mmalign_generator.json").write_text(json.dumps({"pretrained": self.cfg.pretrained,
+                                                                "finetune": self.cfg.finetune, "lcm": True}))
+        return out
+
     # ------------------------------------------------------------------ saving
     def save_trained(self, out_dir: str | Path) -> Path:
-        """Save what was trained: a diffusers-format LoRA, or the full UNet."""
+        """Save what was trained: a diffusers-format LoRA, or the full UNet (a latent
+        consistency model: the whole pipeline with its LCMScheduler)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if self.lcm_scheduler is not None and self.cfg.finetune == "full":
+            return self._save_lcm_pipeline(out)
         if self.cfg.finetune == "lora":
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
@@ -412,6 +509,17 @@ class LatentDiffusionGenerator:
                 raise ValueError(f"{path}: UNet weights do not match: {missing.unexpected_keys[:5]}")
         else:
             raise FileNotFoundError(f"{path}: neither pytorch_lora_weights.safetensors nor unet/ found")
+
+
+def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of guidance scales w [B] -> [B, dim] (VDM's, as LCM and diffusers'
+    pipelines compute it: frequencies 10000^(-i/(dim/2-1)) of 1000 w; sin then cos)."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)  # float32 throughout, bit-identical to diffusers
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    ang = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def _index_cond(cond: dict[str, Any], index: Tensor | slice) -> dict[str, Any]:

@@ -55,6 +55,10 @@ class DiffusionDPOConfig:
     label_smoothing: float = 0.0  # eps of cdpo / robust_dpo
     sft_weight: float = 0.0  # optional extra loss on the winner's denoising error
     max_timestep: int | None = None  # sample t in [0, max_timestep); default all training steps
+    # Scale s of the guided prediction u + s (c - u) whose errors are compared (policy and
+    # reference alike). 1 is the paper (conditional model only); the pairs' sampling CFG
+    # scale makes the loss score the policy that produced them (see RAFTConfig).
+    train_guidance_scale: float = 1.0
 
     def validate(self) -> None:
         if self.beta <= 0:
@@ -79,11 +83,16 @@ class DiffusionDPO:
         t = per_sample_randint(seeds, 0, self.cfg.max_timestep or generator.num_train_timesteps, x_w.device)
         cond = generator.encode_prompt(prompts)
         cond2 = generator.cat_cond(cond, cond)
+        s = self.cfg.train_guidance_scale
+        guided = {}
+        if s != 1.0:
+            uncond = generator.encode_prompt(prompts, negative=True)
+            guided = {"uncond": generator.cat_cond(uncond, uncond), "guidance_scale": s}
         x, noise2, t2 = torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([t, t])
 
-        err_w, err_l = generator.denoise_error(x, cond2, t2, noise2).chunk(2)
+        err_w, err_l = generator.denoise_error(x, cond2, t2, noise2, **guided).chunk(2)
         with torch.no_grad(), generator.reference():
-            ref_w, ref_l = generator.denoise_error(x, cond2, t2, noise2).chunk(2)
+            ref_w, ref_l = generator.denoise_error(x, cond2, t2, noise2, **guided).chunk(2)
 
         losses, m = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.beta, self.cfg.loss_type,
                                        self.cfg.label_smoothing)

@@ -27,6 +27,7 @@ class OnlineDPOConfig:
     loss_type: str = "dpo"
     label_smoothing: float = 0.0
     tie_threshold: float = 0.0
+    train_guidance_scale: float = 1.0  # see DiffusionDPOConfig
 
     def validate(self) -> None:
         DiffusionDPOConfig(self.beta, self.loss_type, self.label_smoothing).validate()
@@ -39,7 +40,8 @@ class OnlineDPO:
 
     def __init__(self, cfg: OnlineDPOConfig):
         self.cfg, self.rollout = cfg, cfg.rollout
-        self.dpo = DiffusionDPO(DiffusionDPOConfig(cfg.beta, cfg.loss_type, cfg.label_smoothing))
+        self.dpo = DiffusionDPO(DiffusionDPOConfig(cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                                                   train_guidance_scale=cfg.train_guidance_scale))
 
     def collect(self, generator, reward, prompts, seeds):
         ro = collect(generator, reward, prompts, seeds, self.rollout, need_log_probs=False)

@@ -33,6 +33,11 @@ class RAFTConfig:
     top_k: int = 1  # raft: samples kept per prompt
     temperature: float = 0.1  # rwr: softmax temperature on rewards within a group
     min_reward: float | None = None  # raft: also require reward >= this
+    # Scale s of the guided prediction u + s (c - u) the loss is taken on. 1 trains the
+    # conditional model alone; samples drawn at CFG s > 1 are then learned by the conditional
+    # branch and CFG is applied on top again at sampling time (effectively s^2): set it to the
+    # rollout's guidance_scale to train the policy that actually sampled.
+    train_guidance_scale: float = 1.0
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -83,7 +88,10 @@ class RAFT:
         seeds = batch["seeds"]
         noise = per_sample_randn(seeds, x0.shape[1:], x0.device)
         t = per_sample_randint(seeds, 0, generator.num_train_timesteps, x0.device)
-        err = generator.denoise_error(x0, generator.encode_prompt(batch["prompts"]), t, noise)
+        s = self.cfg.train_guidance_scale
+        uncond = generator.encode_prompt(batch["prompts"], negative=True) if s != 1.0 else None
+        err = generator.denoise_error(x0, generator.encode_prompt(batch["prompts"]), t, noise, uncond=uncond,
+                                      guidance_scale=s)
         w = batch["weights"].to(err.device)
         return (w * err).mean(), {"mse": float(err.detach().mean()), "weight_max": float(w.max())}
 

@@ -7,6 +7,9 @@ Stages (the UNet stage reads the VAE stage from --work):
   unet   UNet2DConditionModel + tiny CLIPTextModel on cached latents -> <out>/sd_toy/
          (StableDiffusionPipeline layout, fp16 weights)
   proxy  tiny open_clip model, contrastive with hard negatives       -> <out>/proxy_clip/
+  flow   SD3Transformer2DModel (rectified flow) + 2x CLIPTextModelWithProjection on cached
+         latents of the shipped sd_toy VAE                             -> <out>/sd3_toy/
+         (StableDiffusion3Pipeline layout without T5, fp16 weights; --device cuda recommended)
 
 Training is time-boxed (--minutes for the UNet, --vae-minutes, --proxy-minutes) and
 step-capped (--unet-steps ...): runs are seeded, and the number of steps done is written
@@ -190,16 +193,19 @@ def save_pipe(pipe, path: Path, info: dict):
     p16.to(torch.float16)
     p16.save_pretrained(path, safe_serialization=True)
     # Loaders read these back as float32 unless told otherwise (see tests).
-    for sub in ("text_encoder",):
+    for sub in ("text_encoder", "text_encoder_2"):
         cfgp = path / sub / "config.json"
+        if not cfgp.is_file():
+            continue
         cfg = json.loads(cfgp.read_text())
         for key in ("torch_dtype", "dtype"):
             if key in cfg:
                 cfg[key] = "float32"
         cfgp.write_text(json.dumps(cfg, indent=2))
-    tj = path / "tokenizer" / "tokenizer.json"  # written indented; compact is half the size
-    if tj.exists():
-        tj.write_text(json.dumps(json.loads(tj.read_text()), separators=(",", ":"), ensure_ascii=False))
+    for tok in ("tokenizer", "tokenizer_2"):  # written indented; compact is half the size
+        tj = path / tok / "tokenizer.json"
+        if tj.exists():
+            tj.write_text(json.dumps(json.loads(tj.read_text()), separators=(",", ":"), ensure_ascii=False))
     (path / "train_info.json").write_text(json.dumps(info, indent=2))
 
 
@@ -349,6 +355,195 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     return pipe
 
 
+# ------------------------------------------------------------------ flow (SD3 layout)
+
+FLOW_TEXT_LEN = 16  # CLIP tokens (the longest toy caption is 12); the tokenizer's model_max_length
+FLOW_T5_LEN = 0  # no T5: the pipeline's zero "T5 tokens"; pass max_sequence_length=0 when sampling
+FLOW_CFG = dict(
+    sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+    pos_embed_max_size=8,
+)
+
+
+def build_sd3_pipe(vae, text_encoder, tokenizer, transformer):
+    """StableDiffusion3Pipeline with one CLIP text encoder in both CLIP slots and no T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+@torch.no_grad()
+def sample_sd3(pipe, captions, seeds, steps=20, cfg=4.0, batch=64):
+    images = []
+    for i in range(0, len(captions), batch):
+        cs, ss = captions[i : i + batch], seeds[i : i + batch]
+        gens = [torch.Generator().manual_seed(int(s)) for s in ss]
+        out = pipe(list(cs), num_inference_steps=steps, guidance_scale=cfg, generator=gens, height=SIZE,
+                   width=SIZE, max_sequence_length=FLOW_T5_LEN, output_type="pil")
+        images += out.images
+    return images
+
+
+def heldout_eval_sd3(pipe, seeds=(0,), steps=20, cfg=4.0, batch=64):
+    from .evaluate import gold_report
+
+    caps = [c for s in seeds for c in heldout_captions()]
+    sd = [s for s in seeds for _ in heldout_captions()]
+    return gold_report(sample_sd3(pipe, caps, sd, steps=steps, cfg=cfg, batch=batch), caps)
+
+
+def train_flow(out: Path, work: Path, minutes: float, seed: int, max_steps: int | None = None,
+               eval_every: int = 500, batch: int = 64, lr: float = 1e-3, device: str = "cpu",
+               stop_accuracy: float | None = None, pool_per_caption: int = 96):
+    """Rectified flow (x_s = (1 - s) x0 + s eps, target eps - x0, logit-normal s) on cached latents.
+
+    The VAE is the shipped sd_toy one (frozen); the CLIP text encoder starts from sd_toy's and
+    trains jointly (10% caption dropout for CFG). Evaluates held-out gold accuracy every
+    `eval_every` steps with EMA weights and, with `stop_accuracy`, stops at the first
+    evaluation at or above it (the toy model must stay imperfect).
+    """
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    seed_all(seed)
+    dev = torch.device(device)
+    sd_toy = HERE / "assets" / "sd_toy"
+    vae = AutoencoderKL.from_pretrained(sd_toy / "vae", torch_dtype=torch.float32).to(dev).eval()
+    vae.register_to_config(shift_factor=0.0)  # the SD3 pipeline decodes z / scale + shift
+    scale = vae.config.scaling_factor
+    tok_dir = work / "_tokenizer_flow"
+    tokenizer = write_clip_tokenizer(tok_dir)
+    tokenizer.model_max_length = FLOW_TEXT_LEN
+
+    caps, pool = scene_pool(train_captions(), pool_per_caption)
+    log(f"flow: encoding {len(caps)} train scenes on {dev}")
+    mus, sds = [], []
+    with torch.no_grad():
+        for i in range(0, len(pool), 1024):
+            d = vae.encode((pool[i : i + 1024].float() / 127.5 - 1).to(dev)).latent_dist
+            mus.append(d.mean)
+            sds.append(d.std)
+    mu, sd = torch.cat(mus), torch.cat(sds)
+    kinds = [caption_kind(c) for c in caps]
+    n_kind = {k: kinds.count(k) for k in set(kinds)}
+    weights = torch.tensor([KIND_SHARE[k] / n_kind[k] for k in kinds], dtype=torch.float64)
+    ids = {c: tokenizer(c, padding="max_length", max_length=FLOW_TEXT_LEN, truncation=True,
+                        return_tensors="pt").input_ids[0] for c in set(caps) | {""}}
+    cap_ids = torch.stack([ids[c] for c in caps]).to(dev)
+    empty = ids[""].to(dev)
+
+    # text encoder: sd_toy's trained CLIPTextModel (positions cut to FLOW_TEXT_LEN) + a projection
+    tcfg = CLIPTextConfig(**{**TEXT_CFG, "max_position_embeddings": FLOW_TEXT_LEN, "projection_dim": 32})
+    text_encoder = CLIPTextModelWithProjection(tcfg)
+    src = CLIPTextModel.from_pretrained(sd_toy / "text_encoder", torch_dtype=torch.float32).state_dict()
+    src = {"text_model." + k.removeprefix("text_model."): v for k, v in src.items() if "position_ids" not in k}
+    pos = "text_model.embeddings.position_embedding.weight"
+    src[pos] = src[pos][:FLOW_TEXT_LEN]
+    missing = text_encoder.load_state_dict(src, strict=False)
+    assert set(missing.missing_keys) <= {"text_projection.weight", "text_model.embeddings.position_ids"}, missing
+    transformer = SD3Transformer2DModel(**FLOW_CFG)
+    text_encoder.to(dev).train()
+    transformer.to(dev).train()
+    log(f"flow: transformer {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M params")
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(seed)
+
+    def encode(tok):
+        out = text_encoder(tok, output_hidden_states=True)
+        h = out.hidden_states[-2]  # the pipeline's clip_skip=None layer
+        return torch.cat([h, h], -1), torch.cat([out.text_embeds, out.text_embeds], -1)
+
+    def swap_ema():
+        for p, e in zip(params, ema):
+            tmp = p.detach().clone()
+            p.data.copy_(e)
+            e.copy_(tmp)
+
+    def snapshot(step):
+        swap_ema()
+        transformer.eval(), text_encoder.eval()
+        pipe = build_sd3_pipe(vae, text_encoder, tokenizer, transformer)
+        pipe.set_progress_bar_config(disable=True)
+        r = heldout_eval_sd3(pipe, batch=256 if dev.type == "cuda" else 64)
+        return pipe, r
+
+    def restore():
+        swap_ema()
+        transformer.train(), text_encoder.train()
+
+    history, t0, step, losses = [], time.time(), 0, []
+    pipe, stopped = None, False
+    while time.time() - t0 < minutes * 60 and (max_steps is None or step < max_steps):
+        idx = torch.multinomial(weights, batch, replacement=True, generator=g)
+        x0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g).to(dev)) * scale
+        tok = cap_ids[idx].clone()
+        tok[(torch.rand(batch, generator=g) < 0.1).to(dev)] = empty
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        s = torch.sigmoid(torch.randn(batch, generator=g)).to(dev).view(-1, 1, 1, 1)  # logit-normal(0, 1)
+        xt = (1 - s) * x0 + s * noise
+        emb, pooled = encode(tok)
+        v = transformer(hidden_states=xt, timestep=s.flatten() * 1000, encoder_hidden_states=emb,
+                        pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(v, noise - x0)
+        for pg in opt.param_groups:
+            pg["lr"] = lr * min(1.0, (step + 1) / 200)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log(f"flow step {step} loss {np.mean(losses[-100:]):.4f} ({(time.time() - t0) / step:.3f}s/step)")
+        if eval_every and step % eval_every == 0:
+            pipe, r = snapshot(step)
+            log(f"eval step {step}: held-out {fmt_report(r)}")
+            history.append({"step": step, "minutes": (time.time() - t0) / 60,
+                            **{k: r[k] for k in ("accuracy", "per_kind", "compositional")}})
+            if stop_accuracy is not None and r["accuracy"] >= stop_accuracy:
+                stopped = True
+                break
+            restore()
+    if not stopped:
+        pipe, r = snapshot(step)
+        log(f"final step {step}: held-out {fmt_report(r)}")
+        history.append({"step": step, "minutes": (time.time() - t0) / 60,
+                        **{k: r[k] for k in ("accuracy", "per_kind", "compositional")}})
+    pipe.to("cpu")
+    info = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "device": str(dev),
+            "minutes": (time.time() - t0) / 60, "stop_accuracy": stop_accuracy, "eval_every": eval_every,
+            "max_sequence_length": FLOW_T5_LEN, "history": history,
+            "load": "StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None); "
+                    "sample with max_sequence_length=0"}
+    save_pipe(pipe, out / "sd3_toy", info)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    log(f"flow: saved {out / 'sd3_toy'} after {step} steps")
+    return pipe
+
+
+def final_report_flow(out: Path, seeds=(0, 1), steps=20, cfg=4.0, device: str = "cpu"):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(out / "sd3_toy", text_encoder_3=None, tokenizer_3=None,
+                                                    torch_dtype=torch.float32).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    r = heldout_eval_sd3(pipe, seeds=seeds, steps=steps, cfg=cfg)
+    log(f"final sd3_toy held-out gold ({len(seeds)} seeds x {len(heldout_captions())} captions, "
+        f"{steps} Euler steps, cfg {cfg}): {fmt_report(r)}")
+    return r
+
+
 # ------------------------------------------------------------------ proxy (open_clip)
 
 
@@ -375,7 +570,7 @@ def final_report(out: Path, seeds=(0, 1, 2, 3), steps=20, cfg=4.0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["vae", "unet", "proxy", "all", "report"])
+    ap.add_argument("stage", choices=["vae", "unet", "proxy", "all", "report", "flow"])
     ap.add_argument("--out", type=Path, default=HERE / "assets")
     ap.add_argument("--minutes", type=float, default=30.0, help="UNet training time box")
     ap.add_argument("--vae-minutes", type=float, default=5.0)
@@ -391,6 +586,13 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder learning rate")
     ap.add_argument("--no-balance-kinds", action="store_true",
                     help="sample train scenes uniformly instead of by KIND_SHARE")
+    ap.add_argument("--device", default="cpu", help="flow stage: cpu | cuda")
+    ap.add_argument("--flow-steps", type=int, default=None, help="flow stage: step cap")
+    ap.add_argument("--flow-batch", type=int, default=64)
+    ap.add_argument("--flow-eval-every", type=int, default=500, help="flow stage: steps between held-out evals")
+    ap.add_argument("--stop-accuracy", type=float, default=None,
+                    help="flow stage: stop at the first eval with held-out gold accuracy >= this")
+    ap.add_argument("--pool-per-caption", type=int, default=96, help="flow stage: rendered scenes per caption")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -407,6 +609,11 @@ def main(argv=None):
         final_report(args.out)
     if args.stage in ("proxy", "all"):
         train_proxy(args.out, args.proxy_minutes, args.seed, args.proxy_steps)
+    if args.stage == "flow":
+        train_flow(args.out, args.work, args.minutes, args.seed, args.flow_steps, args.flow_eval_every,
+                   batch=args.flow_batch, lr=args.lr, device=args.device, stop_accuracy=args.stop_accuracy,
+                   pool_per_caption=args.pool_per_caption)
+        final_report_flow(args.out, device=args.device)
     log(f"done in {(time.time() - t) / 60:.1f} min")
 
 

@@ -1,0 +1,220 @@
+"""`mmalign sample`: images from prompts, with plain or reward-aware guidance.
+
+    mmalign sample --model PATH_OR_ID [--lora CKPT] --prompts FILE --out DIR
+                   [--guidance {cfg,dynamic-cfg,reward,best-of-n,beam} | --guidance SCALE]
+                   [--reward NAME[:WEIGHT] ...] [--reward-args [NAME.]KEY=VALUE ...]
+
+Writes DIR/NNNN_KK.png, DIR/grid.png and DIR/samples.jsonl with one row per image: prompt,
+seed, path, guidance, cfg_scale, rewards {name: score} of the final image, and for
+dynamic-cfg the chosen CFG schedule (one scale per step), for best-of-n the candidates'
+scores, for reward guidance the per-step guidance norms.
+
+--reward NAME[:WEIGHT]: a registered reward (`mmalign score --list`); WEIGHT is a number or
+START..END (linear from the first step to the last; dynamic-cfg and reward guidance use
+it). `--reward-args KEY=VALUE` configures the reward (values parsed as YAML; with several
+rewards, prefix the reward's name: clip.model=toy:proxy_clip). `--guidance 7.5` (a number)
+is the older spelling of `--guidance cfg --cfg-scale 7.5`; `--pretrained` / `--weights` are
+aliases of `--model` / `--lora`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+MODES = ("cfg", "dynamic-cfg", "reward", "best-of-n", "beam")
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    """The guidance flags of `mmalign sample` (the model / prompt / output flags live in cli.py)."""
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="CFG scale for cfg / reward / best-of-n / beam (default 5.0)")
+    p.add_argument("--reward", action="append", default=None, metavar="NAME[:WEIGHT]",
+                   help="a reward to guide with and/or score the outputs with (repeatable); WEIGHT: number or A..B")
+    p.add_argument("--reward-args", action="append", default=None, metavar="[NAME.]KEY=VALUE",
+                   help="reward configuration, e.g. model=toy:proxy_clip (repeatable)")
+    p.add_argument("--cfg-candidates", default="5,2,3.5,7.5",
+                   help="dynamic-cfg: candidate scales, comma-separated; the first wins ties (default 5,2,3.5,7.5)")
+    p.add_argument("--normalize", choices=("zscore", "none"), default="zscore",
+                   help="dynamic-cfg: standardise each evaluator over the candidates before weighting")
+    p.add_argument("--best-of", type=int, default=4, help="best-of-n: samples drawn per image (default 4)")
+    p.add_argument("--beam-width", type=int, default=1, help="beam: particles kept per prompt (default 1)")
+    p.add_argument("--beam-candidates", type=int, default=4, help="beam: children per particle and step (default 4)")
+    p.add_argument("--no-grad-through-model", action="store_true",
+                   help="reward: hold the denoiser output fixed when differentiating (cheaper)")
+    p.add_argument("--max-grad-norm", type=float, help="reward: clip each sample's guidance gradient")
+
+
+def parse_guidance(value: str | None, cfg_scale: float | None) -> tuple[str, float]:
+    """'dynamic-cfg' -> (mode, scale); a number (the older `--guidance 7.5`) -> ('cfg', number)."""
+    from mmalign.config import ConfigError
+
+    default = 5.0 if cfg_scale is None else cfg_scale
+    if value is None:
+        return "cfg", default
+    try:
+        scale = float(value)
+    except ValueError:
+        if value not in MODES:
+            raise ConfigError(f"--guidance: expected one of {', '.join(MODES)} or a CFG scale, got {value!r}") from None
+        return value, default
+    if cfg_scale is not None and cfg_scale != scale:
+        raise ConfigError(f"--guidance {value} and --cfg-scale {cfg_scale} disagree; give one")
+    return "cfg", scale
+
+
+def parse_reward_specs(rewards: list[str] | None, reward_args: list[str] | None) -> list[tuple[dict, Any]]:
+    """--reward NAME[:WEIGHT] ... + --reward-args [NAME.]K=V ... -> [(spec, weight)], validated."""
+    from mmalign import registry
+    from mmalign.config import ConfigError
+    from mmalign.guidance.common import parse_weight
+    from mmalign.scoring import parse_reward_args, validate_reward_spec
+
+    specs: list[tuple[dict, Any]] = []
+    for item in rewards or []:
+        name, _, w = item.partition(":")
+        if not name:
+            raise ConfigError(f"--reward {item!r}: expected NAME or NAME:WEIGHT")
+        try:
+            weight = parse_weight(w, f"--reward {item}") if w else 1.0
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        specs.append(({"name": name}, weight))
+    names = [s["name"] for s, _ in specs]
+    for key, value in parse_reward_args(reward_args).items():
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix in names:
+            targets, key = [s for s, _ in specs if s["name"] == prefix], rest
+        elif len(specs) == 1:
+            targets = [specs[0][0]]
+        elif not specs:
+            raise ConfigError(f"--reward-args {key}: give --reward NAME first")
+        else:
+            raise ConfigError(f"--reward-args {key}: several rewards given ({', '.join(names)}); "
+                              f"prefix the key with the reward's name, e.g. {names[0]}.{key}")
+        for t in targets:
+            t[key] = value
+    for spec, _ in specs:
+        try:
+            registry.lookup("reward", spec["name"])
+        except KeyError as e:
+            raise ConfigError(f"--reward {spec['name']}: {e.args[0]}") from None
+        validate_reward_spec(spec, f"--reward {spec['name']}")  # bad or missing key -> ConfigError naming it
+    return specs
+
+
+def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> list:
+    """Build each reward; refuse one whose modality is not the generator's, naming both."""
+    from mmalign import registry
+    from mmalign.config import ConfigError
+    from mmalign.guidance.common import Evaluator, as_evaluators
+    from mmalign.rewards._common import build_reward
+
+    out = []
+    for spec, weight in specs:
+        name = spec["name"]
+        declared = getattr(registry.lookup("reward", name).build, "modality", None)
+        if declared is not None and declared != modality:
+            raise ConfigError(f"--reward {name}: scores {declared} samples, but this generator makes {modality} "
+                              "samples")
+        reward = build_reward(spec, f"--reward {name}")
+        if getattr(reward, "modality", modality) != modality:
+            raise ConfigError(f"--reward {name}: scores {reward.modality} samples, but this generator makes "
+                              f"{modality} samples")
+        if hasattr(reward, "to"):
+            reward.to(device)
+        out.append(Evaluator(reward, weight, name=name))
+    return as_evaluators(out)  # unique names
+
+
+def validate_sample_args(args: argparse.Namespace) -> tuple[str, float, list[tuple[dict, Any]], list[float]]:
+    """Check the guidance flags without loading anything: (mode, cfg scale, reward specs, candidates)."""
+    from mmalign.config import ConfigError
+
+    mode, scale = parse_guidance(args.guidance, args.cfg_scale)
+    specs = parse_reward_specs(args.reward, args.reward_args)
+    if mode != "cfg" and not specs:
+        raise ConfigError(f"--guidance {mode} needs at least one --reward NAME")
+    try:
+        cands = [float(s) for s in args.cfg_candidates.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--cfg-candidates: expected comma-separated numbers, got {args.cfg_candidates!r}") from None
+    if mode == "dynamic-cfg" and not cands:
+        raise ConfigError("--cfg-candidates: give at least one scale")
+    for name, v in (("--n", args.n), ("--steps", args.steps), ("--batch-size", args.batch_size),
+                    ("--best-of", args.best_of), ("--beam-width", args.beam_width),
+                    ("--beam-candidates", args.beam_candidates)):
+        if v < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {v}")
+    return mode, scale, specs, cands
+
+
+def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: str) -> int:
+    """Sample every prompt x --n seeds with the chosen guidance; write images, grid and JSONL."""
+    import torch
+
+    from mmalign.config import ConfigError
+    from mmalign.guidance import beam_search_sample, best_of_n_sample, dynamic_cfg_sample, reward_guided_sample
+    from mmalign.media import image_grid, tensor_to_pil
+
+    mode, scale, specs, cands = validate_sample_args(args)
+    modality = getattr(gen, "modality", "image")
+    evaluators = build_rewards(specs, modality, device)
+    if mode == "reward":
+        for e in evaluators:
+            if not getattr(e.fn, "differentiable", False):
+                raise ConfigError(f"--reward {e.name}: not differentiable; --guidance reward needs a differentiable "
+                                  "reward (e.g. clip)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, all_images = [], []
+    total = len(prompts) * args.n
+    for i in range(0, total, args.batch_size):
+        chunk = [(j // args.n, j % args.n) for j in range(i, min(i + args.batch_size, total))]
+        ps = [prompts[p] for p, _ in chunk]
+        seeds = [args.seed + p * 1000 + k for p, k in chunk]
+        kw = dict(num_steps=args.steps, seeds=seeds, eta=args.eta)
+        extra_rows: list[dict] = [{} for _ in chunk]
+        if mode == "cfg":
+            ro = gen.rollout(ps, guidance_scale=scale, need_log_probs=False, **kw)
+        elif mode == "dynamic-cfg":
+            ro = dynamic_cfg_sample(gen, ps, evaluators, candidates=cands, normalize=args.normalize, **kw)
+            for r, sched in zip(extra_rows, ro.extras["cfg_schedule"].tolist()):
+                r["cfg_schedule"] = sched
+        elif mode == "reward":
+            ro = reward_guided_sample(gen, ps, evaluators, guidance_scale=scale,
+                                      through_model=not args.no_grad_through_model, max_grad_norm=args.max_grad_norm,
+                                      **kw)
+            for r, g in zip(extra_rows, ro.extras["guidance_norm"].tolist()):
+                r["guidance_norm"] = [round(v, 6) for v in g]
+        elif mode == "best-of-n":
+            ro = best_of_n_sample(gen, ps, evaluators, n=args.best_of, guidance_scale=scale, **kw)
+            for r, s, c in zip(extra_rows, ro.extras["seeds"].tolist(), ro.extras["candidate_scores"].tolist()):
+                r.update(chosen_seed=s, candidate_scores=c)
+        else:  # beam
+            ro = beam_search_sample(gen, ps, evaluators, beam_width=args.beam_width,
+                                    num_candidates=args.beam_candidates, guidance_scale=scale,
+                                    **{**kw, "eta": args.eta if args.eta > 0 else 1.0})
+        images = ro.samples.images
+        scores = {}
+        with torch.no_grad():
+            for e in evaluators:
+                scores[e.name] = e.fn(ro.samples, ps).float().cpu().tolist()
+        for j, ((p, k), img, s) in enumerate(zip(chunk, images, seeds)):
+            path = out / f"{p:04d}_{k:02d}.png"
+            tensor_to_pil(img).save(path)
+            row = {"path": str(path), "prompt": prompts[p], "seed": s, "guidance": mode}
+            row["cfg_scale"] = None if mode == "dynamic-cfg" else scale
+            row["rewards"] = {name: v[j] for name, v in scores.items()}
+            row.update(extra_rows[j])
+            rows.append(row)
+        all_images.append(images.float().cpu())
+    image_grid(torch.cat(all_images), nrow=args.n if args.n > 1 else 8).save(out / "grid.png")
+    with open(out / "samples.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    means = {name: sum(r["rewards"][name] for r in rows) / len(rows) for name in rows[0]["rewards"]} if rows else {}
+    print(f"wrote {len(rows)} images, grid.png and samples.jsonl to {out} (guidance {mode}"
+          + "".join(f", mean {k} {v:.4f}" for k, v in means.items()) + ")")
+    return 0

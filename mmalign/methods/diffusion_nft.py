@@ -1,0 +1,205 @@
+"""DiffusionNFT (Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward
+Process", 2025): online RL on the *forward* process, with clean samples only.
+
+Each round samples G images per prompt from the "old" policy v_old (any sampler: here the
+generator's ODE/SDE sampler, no log-probs), scores them, and turns group-normalised
+advantages into an optimality probability
+
+    r = 1/2 + 1/2 * clip(A, -A_max, A_max) / A_max            in [0, 1].
+
+With the current model v_theta and fixed beta, the implicit positive and negative policies
+
+    v+ = (1 - beta) v_old + beta v_theta,     v- = (1 + beta) v_old - beta v_theta
+
+are trained by flow matching on the clean samples x0 (fresh noise, fresh t):
+
+    L(theta) = E [ r ||v+(x_t, c, t) - v||^2 + (1 - r) ||v-(x_t, c, t) - v||^2 ]   (paper eq. 5)
+
+In the paper's practical form (and its code) both terms are written on the x0 estimate
+x0_hat = x_t - t v (affine in v, so v+ / v- map to the same combinations of x0_hat), each
+term is divided by its own adaptive weight sg(mean |x0_hat - x0|) (self-normalised, per
+sample), and the loss is scaled by A_max / beta:
+
+    L = A_max / beta * E [ r ||x0+ - x0||^2 / w+ + (1 - r) ||x0- - x0||^2 / w- ]
+
+Minimising it moves v_theta towards the positive samples and away from the negative ones
+(the implicit direction is (v+ - v-) / 2 = beta (v_theta - v_old)). Written on x0_hat the
+objective needs only `generator.predict_x0`, so it runs on UNet (epsilon / v-prediction)
+and flow generators alike. The old policy is an EMA of the trained parameters, updated once
+per round before sampling: theta_old <- eta_k theta_old + (1 - eta_k) theta with
+eta_k = min(old_decay_rate * k, old_decay_max) (eta_0 = 0: the first round samples the
+initial model). Optionally a KL-style penalty kl_coef * ||x0_theta - x0_ref||^2 (mean over
+dimensions) keeps the policy near the reference (the paper's code puts the same penalty on
+velocities: for a flow model that is this one divided by t^2).
+
+Limitation: the old-policy EMA lives in the method, not in the trainer's checkpoint, so a
+resumed run re-initialises it from the resumed weights.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mmalign.methods.online import RolloutSettings, collect, group_advantages
+from mmalign.registry import register_method
+from mmalign.types import per_sample_randint, per_sample_randn
+
+
+def optimality_probability(advantages: Tensor, adv_clip: float) -> Tensor:
+    """r = 1/2 + 1/2 * clip(A / A_max, -1, 1)."""
+    return 0.5 + 0.5 * (advantages / adv_clip).clamp(-1, 1)
+
+
+def nft_loss(x0_hat: Tensor, x0_hat_old: Tensor, x0: Tensor, r: Tensor, beta: float
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-sample DiffusionNFT losses (before the A_max scale) from x0 estimates.
+
+    x0_hat: the current model's estimate (with gradients); x0_hat_old: the old policy's
+    (no gradients); x0: the clean sample; r: optimality probability per sample.
+    """
+    dims = tuple(range(1, x0.ndim))
+    x0_hat_old = x0_hat_old.detach()
+    pos = beta * x0_hat + (1 - beta) * x0_hat_old
+    neg = (1 + beta) * x0_hat_old - beta * x0_hat
+    w_pos = (pos.detach() - x0).abs().mean(dims, keepdim=True).clamp_min(1e-5)
+    w_neg = (neg.detach() - x0).abs().mean(dims, keepdim=True).clamp_min(1e-5)
+    l_pos = ((pos - x0) ** 2 / w_pos).mean(dims)
+    l_neg = ((neg - x0) ** 2 / w_neg).mean(dims)
+    losses = (r * l_pos + (1 - r) * l_neg) / beta
+    return losses, {"loss_pos": l_pos.detach(), "loss_neg": l_neg.detach(),
+                    "old_deviation": (x0_hat.detach() - x0_hat_old).pow(2).mean(dims)}
+
+
+@contextmanager
+def swapped(params: list[Tensor], values: list[Tensor]):
+    """Temporarily give `params` the data `values` (no copies: the storages are exchanged)."""
+    saved = [p.data for p in params]
+    for p, v in zip(params, values):
+        p.data = v
+    try:
+        yield
+    finally:
+        for p, s in zip(params, saved):
+            p.data = s
+
+
+def _nft_rollout() -> RolloutSettings:
+    return RolloutSettings(eta=0.0)  # any sampler: the deterministic ODE / DDIM by default
+
+
+@dataclass
+class DiffusionNFTConfig:
+    rollout: RolloutSettings = field(default_factory=_nft_rollout)
+    beta: float = 1.0  # the implicit policies' step (v+ = (1 - beta) v_old + beta v_theta)
+    adv_clip: float = 5.0  # A_max: advantages clipped to [-A_max, A_max], r = 1/2 + A / (2 A_max)
+    timesteps_per_sample: int = 2  # (t, noise) draws per clean sample per micro-batch
+    old_decay_rate: float = 0.1  # eta_k = min(rate * k, max) for round k
+    old_decay_max: float = 0.5
+    kl_coef: float = 0.0
+    group_std: bool = True
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ValueError("beta: must be positive")
+        if self.adv_clip <= 0:
+            raise ValueError("adv_clip: must be positive")
+        if self.timesteps_per_sample < 1:
+            raise ValueError("timesteps_per_sample: must be >= 1")
+        if not 0 <= self.old_decay_max < 1 or self.old_decay_rate < 0:
+            raise ValueError("old_decay_rate must be >= 0 and old_decay_max in [0, 1)")
+
+
+class DiffusionNFT:
+    online = True
+
+    def __init__(self, cfg: DiffusionNFTConfig):
+        self.cfg, self.rollout = cfg, cfg.rollout
+        self._old: list[Tensor] | None = None
+        self._round = 0
+
+    @staticmethod
+    def _params(generator) -> list[Tensor]:
+        return [p for p in generator.trainable().parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _update_old(self, generator) -> float:
+        """theta_old <- eta theta_old + (1 - eta) theta (theta_old = theta on the first round)."""
+        params = self._params(generator)
+        if self._old is None:
+            self._old = [p.detach().float().clone() for p in params]
+            return 0.0
+        eta = min(self.cfg.old_decay_rate * self._round, self.cfg.old_decay_max)
+        for o, p in zip(self._old, params):
+            o.mul_(eta).add_(p.detach().float(), alpha=1 - eta)
+        return eta
+
+    def old_policy(self, generator):
+        """Context in which the generator's trainable parameters are the old policy's."""
+        return swapped(self._params(generator), self._old)
+
+    def collect(self, generator, reward, prompts, seeds):
+        eta = self._update_old(generator)
+        self._round += 1
+        with self.old_policy(generator):
+            ro = collect(generator, reward, prompts, seeds, self.rollout, need_log_probs=False)
+        r, grp = ro.extras["rewards"], ro.extras["group"]
+        adv = group_advantages(r, grp, std=self.cfg.group_std).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
+        ro.extras["advantages"] = adv
+        ro.extras["optimality"] = optimality_probability(adv, self.cfg.adv_clip)
+        ro.extras["old_decay"] = eta
+        ro.latents = ro.latents[:, -1:]  # clean samples only: the trajectory is not needed
+        ro.log_probs = None
+        return ro
+
+    def round_metrics(self, ro) -> dict[str, float]:
+        r = ro.extras["rewards"]
+        return {"reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
+                "old_decay": float(ro.extras["old_decay"])}
+
+    def num_items(self, ro) -> int:
+        return len(ro)
+
+    def batch(self, ro, idx, seeds) -> dict:
+        return {"rollout": ro.select(torch.as_tensor(idx)), "seeds": torch.as_tensor(seeds)}
+
+    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+        ro = batch["rollout"]
+        if self._old is None:  # e.g. resumed mid-round: start the old policy from the weights
+            self._update_old(generator)
+        dev = generator.device
+        x0 = ro.latents[:, -1].to(dev).float()
+        r = ro.extras["optimality"].to(dev).float()
+        cond = generator.encode_prompt(ro.prompts)
+        K = self.cfg.timesteps_per_sample
+        total, sums = 0.0, {"loss_pos": 0.0, "loss_neg": 0.0, "old_deviation": 0.0, "kl": 0.0}
+        for j in range(K):
+            seeds = [int(s) * K + j for s in batch["seeds"]]
+            noise = per_sample_randn(seeds, x0.shape[1:], dev)
+            t = per_sample_randint(seeds, 0, generator.num_train_timesteps, dev)
+            with torch.no_grad(), self.old_policy(generator):
+                x0_old, _ = generator.predict_x0(x0, cond, t, noise)
+            x0_theta, _ = generator.predict_x0(x0, cond, t, noise)
+            losses, m = nft_loss(x0_theta, x0_old, x0, r, self.cfg.beta)
+            loss_j = self.cfg.adv_clip * losses.mean()
+            if self.cfg.kl_coef:
+                with torch.no_grad(), generator.reference():
+                    x0_ref, _ = generator.predict_x0(x0, cond, t, noise)
+                kl = (x0_theta - x0_ref).pow(2).flatten(1).mean(1)
+                loss_j = loss_j + self.cfg.kl_coef * kl.mean()
+                sums["kl"] += float(kl.detach().mean()) / K
+            total = total + loss_j / K
+            for k in ("loss_pos", "loss_neg", "old_deviation"):
+                sums[k] += float(m[k].mean()) / K
+        metrics = {**sums, "optimality_mean": float(r.mean())}
+        if not self.cfg.kl_coef:
+            metrics.pop("kl")
+        return total, metrics
+
+
+@register_method("diffusion_nft", DiffusionNFTConfig)
+def build_diffusion_nft(cfg: DiffusionNFTConfig) -> DiffusionNFT:
+    """DiffusionNFT: forward-process online RL with implicit positive/negative policies."""
+    return DiffusionNFT(cfg)

@@ -1,0 +1,90 @@
+"""Plumbing every diffusers generator adapter shares (the UNet one in sd.py, the flow
+transformer one in flow.py): which module trains (LoRA through peft, full, or nothing), the
+frozen reference policy, and the module training forwards go through (the trainer's DDP
+wrapper). One algorithm per file stays true: nothing here knows about samplers or losses.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: Literal["gaussian", "default"] = "gaussian"  # B starts at zero either way
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise ValueError("rank: must be positive")
+
+
+class TrainedModule:
+    """The denoiser a generator fine-tunes, and its frozen reference.
+
+    finetune="lora": peft adapters (float32) on `module`; the reference is the same module
+    with adapters disabled (no second copy). "full": `module` trains in float32 and a frozen
+    copy in `ref_dtype` is the reference. "none": frozen, inference only.
+    """
+
+    def __init__(self, module: nn.Module, finetune: str, lora: LoraSettings, ref_dtype: torch.dtype):
+        self.module, self.finetune = module, finetune
+        self.ref: nn.Module | None = None
+        self.use_ref = False
+        self.forward_module: nn.Module = module  # replaced by the trainer's wrapped (DDP) module
+        if finetune == "lora":
+            from peft import LoraConfig
+
+            module.requires_grad_(False)
+            module.add_adapter(LoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+            ))
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # LoRA weights train in float32
+        elif finetune == "none":
+            module.requires_grad_(False).eval()
+        else:
+            module.to(torch.float32).requires_grad_(True)
+            self.ref = copy.deepcopy(module).requires_grad_(False).eval()
+            self.ref.to(ref_dtype)
+
+    def current(self) -> nn.Module:
+        """The module a forward pass should call now (the frozen copy inside `reference()`)."""
+        return self.ref if self.use_ref else self.forward_module
+
+    def to(self, device: Any) -> None:
+        if self.ref is not None:
+            self.ref.to(device)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def reference(self):
+        """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
+        if self.finetune == "none":
+            yield
+        elif self.ref is not None:
+            self.use_ref = True
+            try:
+                yield
+            finally:
+                self.use_ref = False
+        else:
+            self.module.disable_adapters()
+            try:
+                yield
+            finally:
+                self.module.enable_adapters()

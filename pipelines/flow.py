@@ -1,0 +1,451 @@
+"""Generator adapter for rectified-flow transformers: Stable Diffusion 3 / 3.5 and FLUX.
+
+Loads a diffusers pipeline (StableDiffusion3Pipeline or FluxPipeline) from a hub id or a
+local directory, fine-tunes the transformer with LoRA (peft) or fully, and implements the
+Generator interface with the flow-matching conventions (sigma in [0, 1], sigma = 1 noise):
+
+    x_sigma = (1 - sigma) x0 + sigma * noise,     velocity target v = noise - x0.
+
+- `denoise_error(x0, cond, t, noise)`: per-sample *mean* over latent dimensions of
+  ||v - v_theta(x_sigma, sigma, c)||^2 -- the same convention as the UNet adapter, so the
+  preference layer's beta means the same thing (Flow-DPO is Diffusion-DPO on these errors).
+  `t` is an integer in [0, num_train_timesteps) like the UNet's; it is mapped to sigma by
+  the quantile function of the model's training-time density (logit-normal by default, as
+  SD3 trains; `timestep_sampling: uniform` for plain U(0, 1)) followed by the scheduler's
+  shift, so methods that draw t uniformly sample sigma the way the model was trained.
+- `rollout(prompts, eta=a)`: Flow-GRPO's SDE sampler (Liu et al., "Flow-GRPO: Training Flow
+  Matching Models via Online RL", 2025, eq. 9-10). With sigma_t = a sqrt(sigma / (1 - sigma))
+  (sigma = 1 replaced by the next grid value in the denominator, as the paper's code does)
+  and dt = sigma_next - sigma < 0,
+
+      mean = x + dt [v + sigma_t^2 / (2 sigma) (x + (1 - sigma) v)],   std = sigma_t sqrt(-dt)
+
+  and x_next ~ N(mean, std^2 I). Log-probs are full Gaussian log-densities *summed* over
+  latent dimensions, in float32 (as in sd.py). a = 0 is exactly diffusers'
+  FlowMatchEulerDiscreteScheduler Euler step x + dt v. `eta` is the name the online methods
+  already use for the sampler's noise level, so a GRPO config runs unchanged here.
+- `reference()`: LoRA adapters disabled (or a frozen copy with full fine-tuning).
+- `predict_x0(...)`: the model's clean-sample estimate x0_hat = x_sigma - sigma v_theta
+  (what DiffusionNFT's losses are written in).
+
+Classifier-free guidance is the pipelines' (uncond, cond batch; applied when scale > 1).
+FLUX.1-dev style models with a guidance embedding get the scale through the embedding and
+no CFG batch. Latents are kept unpacked (B, C, h, w) for both families; FLUX packing into
+2x2 patches happens inside `model_output`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedModule
+from mmalign.registry import register_generator
+from mmalign.types import Rollout, Samples, per_sample_randn
+
+# Attention projections of the MMDiT blocks (image and text streams); FLUX's single blocks
+# share the to_q/to_k/to_v names. peft matches by suffix, so absent names are simply skipped.
+FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def _flow_lora() -> LoraSettings:
+    return LoraSettings(target_modules=list(FLOW_LORA_TARGETS))
+
+
+@dataclass
+class FlowGeneratorConfig:
+    pretrained: str  # hub id or local directory in diffusers layout (SD3 / SD3.5 / FLUX)
+    revision: str | None = None
+    variant: str | None = None
+    finetune: Literal["lora", "full", "none"] = "lora"
+    lora: LoraSettings = field(default_factory=_flow_lora)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights
+    resolution: int | None = None  # pixels; default: the transformer's sample_size x VAE factor
+    negative_prompt: str = ""
+    drop_t5: bool = False  # SD3: load without text_encoder_3 (T5); its tokens become zeros
+    # T5 tokens (zeros when there is no T5). None: the model folder's train_info.json
+    # "max_sequence_length" if it has one (mmalign's toy models), else the pipelines' 256.
+    max_sequence_length: int | None = None
+    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # training-time sigma density
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def validate(self) -> None:
+        from mmalign.paths import resolve
+
+        p = self.pretrained = resolve(self.pretrained)
+        looks_local = p.startswith(("/", ".", "~")) or p.count("/") > 1
+        if looks_local and not Path(p).expanduser().is_dir():
+            raise ValueError(f"pretrained: directory {p} not found")
+        if Path(p).is_dir() and not (Path(p) / "model_index.json").is_file():
+            raise ValueError(f"pretrained: {p} has no model_index.json (not a diffusers pipeline directory)")
+        if self.max_sequence_length is not None and self.max_sequence_length < 0:
+            raise ValueError("max_sequence_length: must be >= 0")
+        if self.logit_std <= 0:
+            raise ValueError("logit_std: must be positive")
+
+
+def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: float, noise_level: float
+             ) -> tuple[Tensor, float]:
+    """Mean and std of Flow-GRPO's SDE step from sigma to sigma_next (float32 in, float32 out).
+
+    `sigma_max` replaces sigma in the 1 - sigma denominator at sigma = 1 (the first step),
+    where sqrt(sigma / (1 - sigma)) is infinite. noise_level = 0 is the Euler ODE step.
+    """
+    dt = sigma_next - sigma
+    if noise_level == 0:
+        return x + dt * v, 0.0
+    denom = 1 - (sigma_max if sigma >= 1 else sigma)
+    std_t = noise_level * math.sqrt(sigma / denom)
+    mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_t * math.sqrt(-dt)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
+    """Per-sample log N(x; mean, std^2 I), summed over all non-batch dimensions (float32)."""
+    d = x[0].numel()
+    sq = (x.float() - mean.float()).pow(2).flatten(1).sum(1)
+    return -sq / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
+
+
+class FlowMatchingGenerator:
+    """SD3 / SD3.5 / FLUX through diffusers; the transformer is what trains."""
+
+    modality = "image"
+
+    def __init__(self, cfg: FlowGeneratorConfig, pipe: Any = None):
+        from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+        self.cfg = cfg
+        if pipe is None:
+            from mmalign.paths import resolve
+
+            cfg.pretrained = resolve(cfg.pretrained)
+            local = Path(cfg.pretrained).expanduser()
+            src = str(local) if local.is_dir() else cfg.pretrained
+            index = DiffusionPipeline.load_config(src, revision=cfg.revision)
+            kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, dtype=DTYPES[cfg.dtype])
+            if "Flux" in index.get("_class_name", ""):
+                from diffusers import FluxPipeline
+
+                pipe = FluxPipeline.from_pretrained(src, **kw)
+            elif "StableDiffusion3" in index.get("_class_name", ""):
+                from diffusers import StableDiffusion3Pipeline
+
+                if cfg.drop_t5:
+                    kw.update(text_encoder_3=None, tokenizer_3=None)
+                # folders saved without T5 (or IP-adapter parts) list them as [null, null] or not at all
+                kw.update({c: None for c in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+                           if index.get(c, [None])[0] is None})
+                pipe = StableDiffusion3Pipeline.from_pretrained(src, **kw)
+            else:
+                raise ValueError(f"pretrained: {src} is a {index.get('_class_name')}; the flow generator loads "
+                                 "StableDiffusion3Pipeline or FluxPipeline layouts (use generator `sd` for UNets)")
+        self.pipe = pipe
+        self.is_flux = type(pipe).__name__.startswith("Flux")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.transformer: nn.Module = pipe.transformer
+        self.vae = pipe.vae.requires_grad_(False).eval()
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            enc = getattr(pipe, name, None)
+            if enc is not None:
+                enc.requires_grad_(False).eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        tcfg = self.transformer.config
+        self.latent_channels = tcfg.in_channels // 4 if self.is_flux else tcfg.in_channels
+        sample = getattr(pipe, "default_sample_size", None) or tcfg.sample_size
+        self.resolution = cfg.resolution or sample * self.vae_scale
+        self.distilled_guidance = bool(getattr(tcfg, "guidance_embeds", False))
+        self.compute_dtype = DTYPES[cfg.dtype]
+        self.max_sequence_length = cfg.max_sequence_length
+        if self.max_sequence_length is None:
+            info = Path(cfg.pretrained).expanduser() / "train_info.json"
+            hint = json.loads(info.read_text()).get("max_sequence_length") if info.is_file() else None
+            self.max_sequence_length = 256 if hint is None else int(hint)
+        self._trained = TrainedModule(self.transformer, cfg.finetune, cfg.lora, DTYPES[cfg.dtype])
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device: Any) -> "FlowMatchingGenerator":
+        self.pipe.to(device)
+        self._trained.to(device)
+        return self
+
+    def trainable(self) -> nn.Module:
+        return self.transformer
+
+    def set_forward_module(self, module: nn.Module) -> None:
+        """Route training forwards through the trainer's wrapper (e.g. DDP) of `trainable()`."""
+        self._trained.forward_module = module
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return self._trained.trainable_state_dict()
+
+    def reference(self):
+        """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
+        return self._trained.reference()
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        h = self.resolution // self.vae_scale
+        return (self.latent_channels, h, h)
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], negative: bool = False) -> dict[str, Tensor]:
+        """Text conditioning of `prompts` (or of the negative prompt repeated, when `negative`)."""
+        texts = [self.cfg.negative_prompt] * len(prompts) if negative else list(prompts)
+        dev, m = self.device, self.max_sequence_length
+        if self.is_flux:
+            emb, pooled, _ = self.pipe.encode_prompt(texts, None, device=dev, max_sequence_length=m)
+        else:
+            emb, _, pooled, _ = self.pipe.encode_prompt(texts, None, None, device=dev,
+                                                        do_classifier_free_guidance=False, max_sequence_length=m)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    @staticmethod
+    def cat_cond(*conds: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    # ------------------------------------------------------------------ VAE
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """B,3,H,W in [0,1] -> scaled latents (the posterior mean: deterministic, cacheable)."""
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        z = self.vae.encode(x).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).float()
+
+    def decode(self, latents: Tensor) -> Samples:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        x = self.vae.decode(z).sample.float()
+        return Samples(images=((x + 1) / 2).clamp(0, 1))
+
+    # ------------------------------------------------------------------ model calls
+    def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float | None = None
+                     ) -> Tensor:
+        """Velocity v_theta(x, t, c) in float32; t in scheduler units (sigma * num_train_timesteps)."""
+        model = self._trained.current()
+        dtype = next(model.parameters()).dtype if self._trained.use_ref else self.compute_dtype
+        B = latents.shape[0]
+        t = t.to(latents.device, torch.float32)
+        if t.ndim == 0:
+            t = t.expand(B)
+        emb = cond["encoder_hidden_states"].to(dtype)
+        pooled = cond["pooled_projections"].to(dtype)
+        if not self.is_flux:
+            return model(hidden_states=latents.to(dtype), timestep=t, encoder_hidden_states=emb,
+                         pooled_projections=pooled, return_dict=False)[0].float()
+        from diffusers import FluxPipeline
+
+        C, h, w = latents.shape[1:]
+        packed = FluxPipeline._pack_latents(latents.to(dtype), B, C, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, latents.device, dtype)
+        txt_ids = torch.zeros(emb.shape[1], 3, device=latents.device, dtype=dtype)
+        g = None
+        if self.distilled_guidance:
+            g = torch.full((B,), 1.0 if guidance is None else guidance, device=latents.device, dtype=torch.float32)
+        out = model(hidden_states=packed, timestep=t / self.num_train_timesteps, guidance=g,
+                    pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
+                    return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * self.vae_scale, w * self.vae_scale, self.vae_scale).float()
+
+    def guided_velocity(self, x: Tensor, t: Tensor, cond: dict, uncond: dict | None, scale: float) -> Tensor:
+        """Classifier-free guided velocity at one (scalar) timestep, as the diffusers pipelines combine it."""
+        if self.distilled_guidance:
+            return self.model_output(x, t, cond, guidance=scale)
+        if uncond is None or scale <= 1.0:
+            return self.model_output(x, t, cond)
+        both = self.model_output(torch.cat([x, x]), t, self.cat_cond(uncond, cond))
+        u, c = both.chunk(2)
+        return u + scale * (c - u)
+
+    # ------------------------------------------------------------------ training objective
+    def _mu(self) -> float:
+        """FLUX-style resolution-dependent shift (scheduler use_dynamic_shifting)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        h = self.resolution // self.vae_scale
+        seq = (h // 2) ** 2 if self.is_flux else (h // self.transformer.config.patch_size) ** 2
+        c = self.scheduler.config
+        return calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+    def train_sigmas(self, t: Tensor) -> Tensor:
+        """Integer training timesteps t in [0, N) -> sigma in (0, 1), increasing in t.
+
+        u = (t + 1/2) / N is pushed through the quantile function of the training density
+        (logit-normal: sigmoid(m + s * Phi^-1(u))) and then the scheduler's shift, so t drawn
+        uniformly gives sigma distributed as the model was trained.
+        """
+        u = (t.double() + 0.5) / self.num_train_timesteps
+        if self.cfg.timestep_sampling == "logit_normal":
+            z = math.sqrt(2) * torch.erfinv(2 * u - 1)
+            u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * z)
+        c = self.scheduler.config
+        if c.get("use_dynamic_shifting", False):
+            mu = self._mu()
+            u = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        elif c.get("shift", 1.0) != 1.0:
+            s = c.shift
+            u = s * u / (1 + (s - 1) * u)
+        return u.float()
+
+    def noisy(self, x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_sigma, sigma[B,1,1,1]) for integer training timesteps t."""
+        sigma = self.train_sigmas(t).to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
+        return (1 - sigma) * x0.float() + sigma * noise.float(), sigma
+
+    def denoise_error(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample mean over latent dimensions of ||(noise - x0) - v_theta(x_sigma)||^2."""
+        x_t, sigma = self.noisy(x0, t, noise)
+        v = self.model_output(x_t, sigma.flatten() * self.num_train_timesteps, cond)
+        return (v - (noise.float() - x0.float())).pow(2).flatten(1).mean(1)
+
+    def predict_x0(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(x0_hat, x_t): noise x0 to training timestep t and estimate it back, x0_hat = x_t - sigma v."""
+        x_t, sigma = self.noisy(x0, t, noise)
+        v = self.model_output(x_t, sigma.flatten() * self.num_train_timesteps, cond)
+        return x_t - sigma * v, x_t
+
+    # ------------------------------------------------------------------ SDE sampling with log-probs
+    def sampling_schedule(self, num_steps: int) -> tuple[Tensor, list[float]]:
+        """(timesteps [T] in scheduler units, sigmas [T+1] ending at 0) exactly as the pipeline sets them."""
+        kw: dict[str, Any] = {}
+        if self.scheduler.config.get("use_dynamic_shifting", False):
+            kw["mu"] = self._mu()
+        if self.is_flux:  # FluxPipeline's default grid
+            kw["sigmas"] = list(torch.linspace(1.0, 1 / num_steps, num_steps).double().numpy())
+        self.scheduler.set_timesteps(num_steps, device="cpu", **kw)
+        return self.scheduler.timesteps.clone(), self.scheduler.sigmas.tolist()
+
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        num_steps: int = 20,
+        guidance_scale: float = 4.5,
+        eta: float = 0.7,
+        seeds: Sequence[int] | None = None,
+        latents: Tensor | None = None,
+        need_log_probs: bool = True,
+        decode: bool = True,
+    ) -> Rollout:
+        """Sample with Flow-GRPO's SDE (noise level `eta` = a); keep x_1..x_0 and each step's log-prob.
+
+        eta = 0 is the deterministic Euler sampler of diffusers' pipelines. Noise is drawn per
+        sample from `seeds` (default 0..B-1), so a sample does not depend on its batch.
+        """
+        if need_log_probs and eta <= 0:
+            raise ValueError("rollout: eta=0 is the deterministic ODE sampler and has no step log-probabilities; "
+                             "use eta>0 or need_log_probs=False")
+        prompts = list(prompts)
+        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+        dev, shape = self.device, self.latent_shape
+        cond = self.encode_prompt(prompts)
+        cfg_on = guidance_scale > 1.0 and not self.distilled_guidance
+        uncond = self.encode_prompt(prompts, negative=True) if cfg_on else None
+        timesteps, sigmas = self.sampling_schedule(num_steps)
+        x = per_sample_randn(seeds, shape, dev) if latents is None else latents.to(dev).float()
+        traj, logps = [x], []
+        with torch.no_grad():
+            for k, t in enumerate(timesteps):
+                v = self.guided_velocity(x, t, cond, uncond, guidance_scale)
+                mean, std = sde_step(v, x, sigmas[k], sigmas[k + 1], sigmas[1], eta)
+                if std > 0:
+                    x = mean + std * per_sample_randn([s * 7919 + k + 1 for s in seeds], shape, dev)
+                    if need_log_probs:
+                        logps.append(gaussian_log_prob(x, mean, std))
+                else:
+                    x = mean
+                traj.append(x)
+            samples = self.decode(x) if decode else Samples()
+        return Rollout(
+            samples=samples, latents=torch.stack(traj, 1), timesteps=timesteps,
+            log_probs=torch.stack(logps, 1) if logps else None, prompts=prompts,
+            extras={"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "eta": eta,
+                    "num_steps": num_steps},
+        )
+
+    def condition(self, rollout: Rollout) -> Rollout:
+        """(Re)compute a rollout's text conditioning from its prompts (e.g. after loading it)."""
+        rollout.extras["cond"] = self.encode_prompt(rollout.prompts)
+        g = rollout.extras.get("guidance_scale", 1.0)
+        cfg_on = g > 1.0 and not self.distilled_guidance
+        rollout.extras["uncond"] = self.encode_prompt(rollout.prompts, negative=True) if cfg_on else None
+        return rollout
+
+    def step_log_prob(self, rollout: Rollout, step: int, index: Tensor | slice = slice(None),
+                      return_mean: bool = False):
+        """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model.
+
+        With `return_mean`, also the step's Gaussian mean and std (for KL penalties).
+        """
+        ex = rollout.extras
+        x = rollout.latents[index, step].to(self.device).float()
+        x_next = rollout.latents[index, step + 1].to(self.device).float()
+        _, sigmas = self.sampling_schedule(int(ex["num_steps"]))
+        sub = lambda d: None if d is None else {k: v[index] for k, v in d.items()}
+        v = self.guided_velocity(x, rollout.timesteps[step], sub(ex["cond"]), sub(ex["uncond"]), ex["guidance_scale"])
+        mean, std = sde_step(v, x, sigmas[step], sigmas[step + 1], sigmas[1], ex["eta"])
+        logp = gaussian_log_prob(x_next, mean, std)
+        return (logp, mean, std) if return_mean else logp
+
+    # ------------------------------------------------------------------ saving
+    def save_trained(self, out_dir: str | Path) -> Path:
+        """Save what was trained: a diffusers-format transformer LoRA (pipe.load_lora_weights reads it),
+        or the full transformer."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.finetune == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            layers = get_peft_model_state_dict(self.transformer)
+            type(self.pipe).save_lora_weights(out, transformer_lora_layers=layers, safe_serialization=True)
+        else:
+            self.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+        (out / "mmalign_generator.json").write_text(json.dumps({"pretrained": self.cfg.pretrained,
+                                                                "finetune": self.cfg.finetune}))
+        return out
+
+    def load_trained(self, path: str | Path) -> None:
+        """Load weights written by `save_trained` (a LoRA directory or a full transformer)."""
+        path = Path(path)
+        if (path / "pytorch_lora_weights.safetensors").is_file():
+            if self.cfg.finetune != "lora":
+                self.pipe.load_lora_weights(path)
+                return
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            sd = load_file(path / "pytorch_lora_weights.safetensors")
+            sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+            res = set_peft_model_state_dict(self.transformer, sd)
+            if getattr(res, "unexpected_keys", None):
+                raise ValueError(f"{path}: LoRA keys do not match this transformer: {res.unexpected_keys[:5]}")
+        elif (path / "transformer" / "config.json").is_file():
+            loaded = type(self.transformer).from_pretrained(path / "transformer")
+            res = self.transformer.load_state_dict(loaded.state_dict(), strict=False)
+            if res.unexpected_keys:
+                raise ValueError(f"{path}: transformer weights do not match: {res.unexpected_keys[:5]}")
+        else:
+            raise FileNotFoundError(f"{path}: neither pytorch_lora_weights.safetensors nor transformer/ found")
+
+
+@register_generator("flow", FlowGeneratorConfig)
+def build_flow(cfg: FlowGeneratorConfig) -> FlowMatchingGenerator:
+    """Rectified-flow transformers (SD3 / SD3.5, FLUX) through diffusers, with Flow-GRPO's SDE sampler."""
+    return FlowMatchingGenerator(cfg)
