@@ -58,6 +58,7 @@ class DataConfig:
     sample_guidance: float = 5.0
     sample_eta: float = 1.0
     min_gap: float = 0.0  # drop pairs whose reward gap is below this
+    reencode: bool = True  # pair latents = VAE(decoded sample), not the sampler's raw x_0 (see online.RolloutSettings)
 
     def validate(self) -> None:
         if self.kind in ("manifest", "pickapic", "vlm") and not self.path:

@@ -8,7 +8,8 @@ TOY_ASSETS = Path(__file__).resolve().parent / "toy" / "assets"
 
 
 def resolve(path: str) -> str:
-    """`toy:sd_toy` -> the installed asset directory; anything else is returned unchanged."""
+    """`toy:sd_toy` (or `toy:sd3_toy`, `toy:proxy_clip`) -> the installed asset directory;
+    anything else is returned unchanged."""
     if path.startswith("toy:"):
         return str(TOY_ASSETS / path[len("toy:"):])
     return path

@@ -310,10 +310,20 @@ class FlowMatchingGenerator:
         sigma = self.train_sigmas(t).to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
         return (1 - sigma) * x0.float() + sigma * noise.float(), sigma
 
-    def denoise_error(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor) -> Tensor:
-        """Per-sample mean over latent dimensions of ||(noise - x0) - v_theta(x_sigma)||^2."""
+    def denoise_error(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor, uncond: dict | None = None,
+                      guidance_scale: float = 1.0) -> Tensor:
+        """Per-sample mean over latent dimensions of ||(noise - x0) - v_theta(x_sigma)||^2.
+
+        With `uncond` and `guidance_scale` != 1, the error of the guided velocity u + s (c - u)
+        (gradients through both branches), as the UNet adapter offers it.
+        """
         x_t, sigma = self.noisy(x0, t, noise)
-        v = self.model_output(x_t, sigma.flatten() * self.num_train_timesteps, cond)
+        ts = sigma.flatten() * self.num_train_timesteps
+        if uncond is not None and guidance_scale != 1.0:
+            u, c = self.model_output(torch.cat([x_t, x_t]), torch.cat([ts, ts]), self.cat_cond(uncond, cond)).chunk(2)
+            v = u + guidance_scale * (c - u)
+        else:
+            v = self.model_output(x_t, ts, cond)
         return (v - (noise.float() - x0.float())).pow(2).flatten(1).mean(1)
 
     def predict_x0(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:

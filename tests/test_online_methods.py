@@ -143,3 +143,27 @@ def test_online_resume_mid_round_is_exact(tmp_path, tiny_sd, tiny_clip, pairs_ma
     b = load_file(str(ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints") / "trainable.safetensors"))
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+def test_raft_trains_on_reencoded_samples_above_min_timestep(tiny_sd, tiny_clip):
+    """RAFT's targets are VAE(decode(x_0)) of the kept samples, and t never falls below min_timestep."""
+    from mmalign.methods.raft import RAFT, RAFTConfig
+    from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
+    from mmalign.rewards.clip import ClipRewardConfig, ClipScore
+    from mmalign.types import per_sample_randint
+
+    gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd)))
+    reward = ClipScore(ClipRewardConfig(model=f"local-dir:{tiny_clip}"))
+    m = RAFT(RAFTConfig(rollout=RolloutSettings(samples_per_prompt=3, num_steps=3, eta=0.0), min_timestep=600))
+    buf = m.collect(gen, reward, ["a red circle", "a blue square"], [0, 1])
+    torch.testing.assert_close(buf.extras["x0"], gen.encode_images(buf.samples.images))
+    assert not torch.allclose(buf.extras["x0"], buf.latents[:, -1])  # the round trip changes the latents
+    keep = buf.extras["keep"]
+    batch = m.batch(buf, [0, 1], [7, 8])
+    torch.testing.assert_close(batch["latents"], buf.extras["x0"][keep[:2]])
+    t = per_sample_randint(torch.arange(1000), 600, 1000)
+    assert int(t.min()) >= 600
+    no_rt = RAFT(RAFTConfig(rollout=RolloutSettings(samples_per_prompt=3, num_steps=3, eta=0.0, reencode=False)))
+    buf2 = no_rt.collect(gen, reward, ["a red circle"], [0])
+    assert "x0" not in buf2.extras
+    torch.testing.assert_close(no_rt.batch(buf2, [0], [1])["latents"], buf2.latents[buf2.extras["keep"][:1], -1])

@@ -137,3 +137,21 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"generator\.pretrained: directory .*nope not found"):
         config_from_dict({"generator": {"name": "sd", "pretrained": str(tmp_path / "nope")},
                           "method": {"name": "diffusion_dpo"}})
+
+
+def test_guided_denoise_error_is_the_cfg_combination(gen):
+    """denoise_error(..., uncond, s) scores u + s (c - u) with gradients through both branches."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, *gen.latent_shape, generator=g)
+    noise = torch.randn(2, *gen.latent_shape, generator=g)
+    t = torch.tensor([100, 700])
+    cond, uncond = gen.encode_prompt(["a red circle", "two blue squares"]), gen.encode_prompt(["", ""], negative=True)
+    with torch.no_grad():
+        x_t = gen.train_scheduler.add_noise(x0, noise, t)
+        c, u = gen.model_output(x_t, t, cond), gen.model_output(x_t, t, uncond)
+        want = (u.double() + 3.0 * (c.double() - u.double()) - noise.double()).pow(2).flatten(1).mean(1)
+        got = gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=3.0)
+        plain = gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=1.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain.double(), (c.double() - noise.double()).pow(2).flatten(1).mean(1),
+                               rtol=1e-4, atol=1e-6)

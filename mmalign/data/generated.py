@@ -2,7 +2,8 @@
 
 For each prompt, `candidates` samples are drawn (per-sample seeds, so the set is the same
 whatever the number of processes); the reward's best and worst form a (chosen, rejected)
-pair of *latents* (no VAE round trip). This is how the toy world's Diffusion-DPO run gets
+pair of latents -- by default re-encoded from the decoded images (`data.reencode`), because
+the sampler's raw x_0 carries fine structure the denoiser does not predict. This is how the toy world's Diffusion-DPO run gets
 its data, and it works for any generator/reward pair (RLAIF-style self-generated data).
 Prompts are split over processes and the pairs gathered, so nobody samples twice; the
 pairs are saved in the run directory and reused on resume.
@@ -56,7 +57,8 @@ def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] =
     if d.max_samples and d.max_samples < len(prompts):
         prompts = sorted(random.Random(seed).sample(prompts, d.max_samples), key=prompts.index)
     key = json.dumps({"prompts": prompts, "k": d.candidates, "steps": d.sample_steps, "cfg": d.sample_guidance,
-                      "eta": d.sample_eta, "seed": seed, "gap": d.min_gap, "model": generator.cfg.pretrained})
+                      "eta": d.sample_eta, "seed": seed, "gap": d.min_gap, "model": generator.cfg.pretrained,
+                      "reencode": d.reencode})
     if cache is not None and cache.with_suffix(".json").is_file() and cache.with_suffix(".json").read_text() == key:
         t = load_file(str(cache))
         kept = json.loads(cache.with_suffix(".prompts.json").read_text())
@@ -79,7 +81,8 @@ def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] =
         ro = generator.rollout(rep, num_steps=d.sample_steps, guidance_scale=d.sample_guidance, eta=d.sample_eta,
                                seeds=seeds, need_log_probs=False)
         scores = reward(ro.samples, rep).float().view(len(idx), k).cpu()
-        x0 = ro.latents[:, -1].view(len(idx), k, *ro.latents.shape[2:]).cpu()
+        x0 = generator.encode_images(ro.samples.images) if d.reencode else ro.latents[:, -1]
+        x0 = x0.view(len(idx), k, *ro.latents.shape[2:]).cpu()
         for row, i in enumerate(idx):
             b, w = int(scores[row].argmax()), int(scores[row].argmin())
             gap = float(scores[row, b] - scores[row, w])

@@ -54,7 +54,8 @@ class DiffusionDPOConfig:
     loss_type: str = "dpo"  # dpo | cdpo | robust_dpo | ipo | hinge (mmalign/methods/preference.py)
     label_smoothing: float = 0.0  # eps of cdpo / robust_dpo
     sft_weight: float = 0.0  # optional extra loss on the winner's denoising error
-    max_timestep: int | None = None  # sample t in [0, max_timestep); default all training steps
+    max_timestep: int | None = None  # sample t in [min_timestep, max_timestep); default all training steps
+    min_timestep: int = 0
     # Scale s of the guided prediction u + s (c - u) whose errors are compared (policy and
     # reference alike). 1 is the paper (conditional model only); the pairs' sampling CFG
     # scale makes the loss score the policy that produced them (see RAFTConfig).
@@ -63,6 +64,8 @@ class DiffusionDPOConfig:
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError("beta: must be positive")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.min_timestep >= self.max_timestep):
+            raise ValueError("min_timestep: must be >= 0 and below max_timestep")
         if self.loss_type not in LOSSES:
             raise ValueError(f"loss_type: unknown {self.loss_type!r}; choose from {sorted(LOSSES)}")
 
@@ -80,7 +83,8 @@ class DiffusionDPO:
         x_w, x_l = x_w.to(generator.device).float(), x_l.to(generator.device).float()
         seeds = batch["seeds"]
         noise = per_sample_randn(seeds, x_w.shape[1:], x_w.device)
-        t = per_sample_randint(seeds, 0, self.cfg.max_timestep or generator.num_train_timesteps, x_w.device)
+        t = per_sample_randint(seeds, self.cfg.min_timestep, self.cfg.max_timestep or generator.num_train_timesteps,
+                               x_w.device)
         cond = generator.encode_prompt(prompts)
         cond2 = generator.cat_cond(cond, cond)
         s = self.cfg.train_guidance_scale

@@ -150,7 +150,10 @@ class DiffusionNFT:
         ro.extras["advantages"] = adv
         ro.extras["optimality"] = optimality_probability(adv, self.cfg.adv_clip)
         ro.extras["old_decay"] = eta
-        ro.latents = ro.latents[:, -1:]  # clean samples only: the trajectory is not needed
+        # clean samples only (the trajectory is not needed): the decoded images re-encoded when
+        # the rollout settings ask for it (rollout.reencode, see online.py), else the sampler's x0
+        x0 = ro.extras.pop("x0", None)
+        ro.latents = x0[:, None] if x0 is not None else ro.latents[:, -1:]
         ro.log_probs = None
         return ro
 

@@ -66,8 +66,9 @@ class OnlineDPO:
 
     def batch(self, ro, idx, seeds) -> dict:
         p = ro.extras["pairs"][torch.as_tensor(idx, device=ro.extras["pairs"].device)]
-        return {"prompts": [ro.prompts[i] for i in p[:, 0].tolist()], "latents_w": ro.latents[p[:, 0], -1],
-                "latents_l": ro.latents[p[:, 1], -1], "seeds": torch.as_tensor(seeds)}
+        x0 = ro.extras["x0"] if "x0" in ro.extras else ro.latents[:, -1]
+        return {"prompts": [ro.prompts[i] for i in p[:, 0].tolist()], "latents_w": x0[p[:, 0]],
+                "latents_l": x0[p[:, 1]], "seeds": torch.as_tensor(seeds)}
 
     def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
         return self.dpo.loss(batch, generator)

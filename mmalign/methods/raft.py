@@ -38,10 +38,13 @@ class RAFTConfig:
     # branch and CFG is applied on top again at sampling time (effectively s^2): set it to the
     # rollout's guidance_scale to train the policy that actually sampled.
     train_guidance_scale: float = 1.0
+    min_timestep: int = 0  # train on t in [min_timestep, T): composition is set at high noise
 
     def validate(self) -> None:
         if self.top_k < 1:
             raise ValueError("top_k: must be >= 1")
+        if not 0 <= self.min_timestep < 1000:
+            raise ValueError("min_timestep: must be in [0, 1000)")
         if self.top_k >= self.rollout.samples_per_prompt and self.mode == "raft":
             raise ValueError("top_k: must be smaller than rollout.samples_per_prompt (else nothing is filtered)")
 
@@ -80,14 +83,15 @@ class RAFT:
 
     def batch(self, ro, idx, seeds) -> dict:
         sel = ro.extras["keep"][torch.as_tensor(idx, device=ro.extras["keep"].device)]
-        return {"prompts": [ro.prompts[i] for i in sel.tolist()], "latents": ro.latents[sel, -1],
+        x0 = ro.extras["x0"] if "x0" in ro.extras else ro.latents[:, -1]
+        return {"prompts": [ro.prompts[i] for i in sel.tolist()], "latents": x0[sel],
                 "weights": ro.extras["weights"][sel], "seeds": torch.as_tensor(seeds)}
 
     def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
         x0 = batch["latents"].to(generator.device).float()
         seeds = batch["seeds"]
         noise = per_sample_randn(seeds, x0.shape[1:], x0.device)
-        t = per_sample_randint(seeds, 0, generator.num_train_timesteps, x0.device)
+        t = per_sample_randint(seeds, self.cfg.min_timestep, generator.num_train_timesteps, x0.device)
         s = self.cfg.train_guidance_scale
         uncond = generator.encode_prompt(batch["prompts"], negative=True) if s != 1.0 else None
         err = generator.denoise_error(x0, generator.encode_prompt(batch["prompts"]), t, noise, uncond=uncond,
