@@ -9,7 +9,8 @@ with the toy proxy CLIP as the steering reward and the exact gold evaluator as t
 A method stopped by a time limit resumes from its finished batches on the next run.
 
 Columns, over held-out captions x seeds (deterministic DDIM, eta=0, except beam):
-  gold acc      strict gold accuracy (mmalign.toy.evaluate.gold_report)
+  gold acc      strict gold accuracy (mmalign.toy.evaluate.gold_report); Δ vs best: its difference
+                from the best static scale on the same captions and seeds, with the paired standard error
   gold frac     mean fraction of a caption's constraints satisfied (rewards.rules toy_gold "fraction")
   proxy         mean toy proxy CLIP reward (the reward the guided methods steer by: over-optimisation
                 shows as proxy up, gold flat)
@@ -121,6 +122,14 @@ def win_rate(a: list[float], b: list[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
 
 
+def paired_diff(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Mean of a - b over paired samples and its standard error."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1)
+    return m, (var / len(d)) ** 0.5
+
+
 def table(res: dict) -> str:
     rows = res["rows"]
     cfg_rows = [r for r in rows.values() if r["kind"] == "cfg"]
@@ -132,12 +141,14 @@ def table(res: dict) -> str:
     lines = [f"{res['config']['n_samples']} samples = {res['config']['n_captions']} held-out captions x "
              f"{res['config']['seeds']} seeds, {res['config']['steps']} DDIM steps; best static scale: "
              f"{best['method']}; cost relative to {ref['method']}",
-             f"{'method':38s}{'gold acc':>9s}{'gold frac':>10s}{'proxy':>8s}{'win vs best':>12s}{'cpu s':>8s}{'cost':>9s}"]
+             f"{'method':38s}{'gold acc':>9s}{'Δ vs best (s.e.)':>18s}{'gold frac':>10s}{'proxy':>8s}"
+             f"{'win vs best':>12s}{'cpu s':>8s}{'cost':>9s}"]
     for r in rows.values():
         win = "-" if r is best else f"{win_rate(r['gold_frac'], best['gold_frac']):.3f}"
+        delta = "-" if r is best else "{:+.3f} ({:.3f})".format(*paired_diff(r["gold_correct"], best["gold_correct"]))
         cost = (r["seconds"] / ref["seconds"] - 1) * 100
-        lines.append(f"{r['method']:38s}{r['gold_acc']:9.3f}{mean(r['gold_frac']):10.3f}{mean(r['proxy']):8.3f}"
-                     f"{win:>12s}{r['seconds']:8.1f}{cost:+8.0f}%")
+        lines.append(f"{r['method']:38s}{r['gold_acc']:9.3f}{delta:>18s}{mean(r['gold_frac']):10.3f}"
+                     f"{mean(r['proxy']):8.3f}{win:>12s}{r['seconds']:8.1f}{cost:+8.0f}%")
     dyn = [r for r in rows.values() if r["kind"] == "dynamic-cfg"]
     for r in dyn:
         import collections
@@ -192,6 +203,11 @@ def main() -> None:
         if old.get("config") != config:
             raise SystemExit(f"{a.out}: holds results for {old.get('config')}, not {config}; use --fresh or --out")
         res = old
+    partial = a.out.parent / (a.out.stem + ".partial")
+    if a.fresh and partial.is_dir():
+        import shutil
+
+        shutil.rmtree(partial)  # --fresh: no resuming from earlier batches either
     gcfg = SDGeneratorConfig(pretrained="toy:sd_toy", finetune="none")
     gcfg.validate()
     gen = LatentDiffusionGenerator(gcfg)
