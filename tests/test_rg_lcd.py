@@ -200,13 +200,13 @@ def test_reward_term_gradient_ascends_the_reward_and_flips_with_its_sign(tiny_sd
 
     g_r = grad_of(reward_now)
     torch.testing.assert_close(r_plus, -beta * g_r, rtol=1e-3, atol=1e-6)  # the term is -beta * R
-    before = float(reward_now())
+    before = float(reward_now().detach())
     with torch.no_grad():  # a small descent step on the reward term raises the reward
         off = 0
         for p in params:
             p.sub_(1e-2 / float(r_plus.norm()) * r_plus[off:off + p.numel()].view_as(p))
             off += p.numel()
-    assert float(reward_now()) > before
+    assert float(reward_now().detach()) > before
 
 
 def test_saved_student_is_an_lcm_pipeline_that_samples_in_1_2_4_steps(tiny_sd, tmp_path):
