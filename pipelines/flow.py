@@ -390,6 +390,68 @@ class FlowMatchingGenerator:
                     "num_steps": num_steps},
         )
 
+    # ------------------------------------------------------------------ hooks of the guided samplers
+    # (mmalign/guidance/common.py). A step is named by its timestep t = sigma * N in scheduler
+    # units; the sigmas themselves come from the schedule `sampling_timesteps` set, so the
+    # guided samplers walk exactly `rollout`'s grid.
+    prediction_type = "flow"
+
+    def sampling_timesteps(self, num_steps: int) -> list[tuple[float, float]]:
+        """(t, t_next) of each step of `rollout(num_steps=...)`; t_next = 0 at the last."""
+        if self.distilled_guidance:
+            raise ValueError("guided sampling combines u + s (c - u) per step; a guidance-distilled FLUX model takes "
+                             "its scale through an embedding and has no unconditional branch")
+        timesteps, sigmas = self.sampling_schedule(num_steps)
+        ts = [float(t) for t in timesteps] + [0.0]
+        self._guided_sigmas = {ts[k]: (sigmas[k], sigmas[k + 1]) for k in range(num_steps)}
+        self._guided_sigma_max = sigmas[1] if num_steps > 1 else sigmas[0]
+        return [(ts[k], ts[k + 1]) for k in range(num_steps)]
+
+    def _step_sigmas(self, t: float) -> tuple[float, float]:
+        try:
+            return self._guided_sigmas[float(t)]
+        except (AttributeError, KeyError):
+            raise ValueError(f"timestep {t}: not on the grid of the last sampling_timesteps() call") from None
+
+    def _sigma(self, t: float) -> float:
+        return self._step_sigmas(t)[0]
+
+    def initial_latents(self, seeds: Sequence[int]) -> Tensor:
+        """x_1 of each sample, drawn from its seed as `rollout` draws it."""
+        return per_sample_randn(seeds, self.latent_shape, self.device)
+
+    def step_noise(self, seeds: Sequence[int], step: int) -> Tensor:
+        """The noise `rollout` adds at step `step` (eta > 0)."""
+        return per_sample_randn([s * 7919 + step + 1 for s in seeds], self.latent_shape, self.device)
+
+    def cfg_outputs(self, x: Tensor, t: float, cond: dict, uncond: dict | None) -> tuple[Tensor | None, Tensor]:
+        """(unconditional, conditional) velocities from one batched pass; (None, cond) without `uncond`."""
+        tt = torch.tensor(float(t), device=self.device)
+        if uncond is None:
+            return None, self.model_output(x, tt, cond)
+        u, c = self.model_output(torch.cat([x, x]), tt, self.cat_cond(uncond, cond)).chunk(2)
+        return u, c
+
+    def alpha_sigma(self, t: float) -> tuple[float, float]:
+        """x_t = (1 - sigma) x_0 + sigma noise."""
+        s = self._sigma(t)
+        return 1.0 - s, s
+
+    def predicted_x0(self, pred: Tensor, x: Tensor, t: float) -> Tensor:
+        """x̂_0 = x_t - sigma v (differentiable)."""
+        return x - self._sigma(t) * pred
+
+    def sampler_step(self, pred: Tensor, x: Tensor, t: float, t_next: float, eta: float = 0.0,
+                     noise: Tensor | None = None) -> Tensor:
+        """One step of `rollout`'s sampler from a (guided) velocity: Euler at eta = 0, Flow-GRPO's SDE above."""
+        sigma, sigma_next = self._step_sigmas(t)
+        mean, std = sde_step(pred, x, sigma, sigma_next, self._guided_sigma_max, eta)
+        if std > 0:
+            if noise is None:
+                raise ValueError("sampler_step: eta > 0 needs `noise`")
+            return mean + std * noise
+        return mean
+
     def condition(self, rollout: Rollout) -> Rollout:
         """(Re)compute a rollout's text conditioning from its prompts (e.g. after loading it)."""
         rollout.extras["cond"] = self.encode_prompt(rollout.prompts)

@@ -417,3 +417,74 @@ def test_shipped_sd3_toy_is_imperfect_on_purpose():
     print(json.dumps({k: v for k, v in out.items() if k != "gold_per_constraint"}, indent=1))
     assert 0.30 <= out["gold_accuracy"] <= 0.60, out
     assert out["diversity"] > 0.1
+
+
+# ---------------------------------------------------------------- inference-time guidance on flow models
+
+
+def _mean_red(images, prompts):
+    return (images[:, 0] - images[:, 2]).flatten(1).mean(1)
+
+
+class _MeanRed:
+    """A differentiable image 'reward': red minus blue."""
+    modality, differentiable, name = "image", True, "mean_red"
+
+    def __call__(self, samples, prompts):
+        return _mean_red(samples.images, prompts)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_guided_samplers_with_nothing_to_do_are_the_rollout_sampler(gen, eta):
+    from mmalign.guidance import dynamic_cfg_sample, reward_guided_sample
+
+    ref = gen.rollout(PROMPTS, num_steps=4, guidance_scale=3.0, eta=eta, seeds=[3, 4], need_log_probs=False)
+    dyn = dynamic_cfg_sample(gen, PROMPTS, _MeanRed(), candidates=[3.0], num_steps=4, seeds=[3, 4], eta=eta)
+    rg = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), 0.0)], guidance_scale=3.0, num_steps=4, seeds=[3, 4],
+                              eta=eta)
+    for out in (dyn, rg):
+        assert torch.equal(out.latents, ref.latents)
+        assert torch.equal(out.samples.images, ref.samples.images)
+
+
+def test_flow_hooks_are_the_rectified_flow_parameterisation(gen):
+    steps = gen.sampling_timesteps(3)
+    _, sigmas = gen.sampling_schedule(3)
+    assert [round(t / gen.num_train_timesteps, 5) for t, _ in steps] == [round(s, 5) for s in sigmas[:3]]
+    assert steps[-1][1] == 0.0
+    t = steps[1][0]
+    a, s = gen.alpha_sigma(t)
+    assert a == pytest.approx(1 - sigmas[1]) and s == pytest.approx(sigmas[1])
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x_t = a * x0 + s * eps
+    torch.testing.assert_close(gen.predicted_x0(eps - x0, x_t, t), x0)  # the true velocity recovers x0
+    with pytest.raises(ValueError, match="not on the grid"):
+        gen.alpha_sigma(123.456)
+
+
+def test_reward_guidance_on_a_flow_model_raises_its_reward(gen):
+    from mmalign.guidance import reward_guided_sample
+
+    kw = dict(guidance_scale=3.0, num_steps=6, seeds=[0, 1])
+    base = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), 0.0)], **kw)
+    guided = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), 500.0)], **kw)
+    r0, r1 = _mean_red(base.samples.images, PROMPTS), _mean_red(guided.samples.images, PROMPTS)
+    assert (r1 > r0 + 0.002).all(), (r0.tolist(), r1.tolist())  # measured: -0.064 -> -0.059 (tiny random VAE)
+    assert guided.extras["guidance_norm"][:, 0].eq(0).all()  # sigma = 1: unguided
+    anti = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), -500.0)], **kw)  # the sign matters
+    assert (_mean_red(anti.samples.images, PROMPTS) < r0 - 0.002).all()
+
+
+def test_guidance_refuses_a_guidance_distilled_flux(flux):
+    from mmalign.guidance import reward_guided_sample
+
+    if not flux.distilled_guidance:
+        flux.distilled_guidance, restore = True, True
+    else:
+        restore = False
+    try:
+        with pytest.raises(ValueError, match="guidance-distilled"):
+            reward_guided_sample(flux, PROMPTS, [(_MeanRed(), 1.0)], num_steps=2)
+    finally:
+        if restore:
+            flux.distilled_guidance = False

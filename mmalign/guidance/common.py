@@ -13,9 +13,9 @@ A generator is guidable when it has, besides `encode_prompt(prompts, negative=Fa
     alpha_sigma(t) -> (alpha, sigma)                       x_t = alpha x_0 + sigma noise
     prediction_type: "epsilon" | "v_prediction" | "flow"
 
-`pipelines/sd.py` implements them for UNet latent diffusion (DDIM). A flow-matching adapter
-implements the same with velocity outputs, x̂_0 = x_t - sigma v, an Euler step and
-alpha = 1 - sigma. Every guided output is linear in (u, c): u + s (c - u) for any
+`pipelines/sd.py` implements them for UNet latent diffusion (DDIM), `pipelines/flow.py` for
+rectified-flow transformers (velocity outputs, x̂_0 = x_t - sigma v, alpha = 1 - sigma, the
+Euler step or Flow-GRPO's SDE step at eta > 0). Every guided output is linear in (u, c): u + s (c - u) for any
 parameterisation, so candidates of CFG scale cost no extra model pass.
 """
 from __future__ import annotations

@@ -17,8 +17,8 @@ parameterisation:
     flow (rectified):   v' = v − (σ/α) g, α = 1 − σ  (x_t = (1−σ) x_0 + σ ε, v = ε − x_0)
     sample (x_0-pred):  x̂_0' = x̂_0 + (σ²/α) g
 
-For flow generators (`prediction_type == "flow"`) the same sampler applies the flow form
-once a flow adapter provides the hooks of mmalign/guidance/common.py. (Flow-NRG proper
+For flow generators (`prediction_type == "flow"`, pipelines/flow.py) the same sampler applies
+the flow form; the first step (sigma = 1, alpha = 0) is unguided. (Flow-NRG proper
 scores the noisy latent x_t with a reward model trained on noisy latents; here the reward
 always sees x̂_0(x_t), as universal guidance does.)
 
@@ -88,7 +88,10 @@ def reward_guided_sample(
     ptype = generator.prediction_type
     for k, (t, t_prev) in enumerate(steps):
         progress = progress_of(k, len(steps))
-        weighted = [e for e in evals if weight_at(e.weight, progress) != 0]
+        alpha, sigma = generator.alpha_sigma(t)
+        # alpha = 0 (a flow sampler's first step, sigma = 1): the shift sigma/alpha g is infinite
+        # and x̂_0 says nothing yet, so that step is left unguided.
+        weighted = [e for e in evals if weight_at(e.weight, progress) != 0] if alpha > 0 else []
         if not weighted:
             with torch.no_grad():
                 pred = cfg_combine(*generator.cfg_outputs(x, t, cond, uncond), guidance_scale)
@@ -109,7 +112,6 @@ def reward_guided_sample(
             if max_grad_norm is not None:
                 n = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
                 grad = grad * (max_grad_norm / n).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1))
-            alpha, sigma = generator.alpha_sigma(t)
             norms[:, k] = (sigma * grad).flatten(1).norm(dim=1).cpu()
             pred = guide_prediction(pred, grad, ptype, alpha, sigma)
         with torch.no_grad():
