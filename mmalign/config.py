@@ -63,7 +63,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.kind in ("manifest", "pickapic", "vlm") and not self.path:
             raise ValueError(f"path: required for data.kind={self.kind}")
-        if self.path and self.kind in ("manifest", "pickapic", "vlm") and not Path(self.path).exists():
+        toy = self.kind == "vlm" and bool(self.path) and self.path.startswith("toy:")  # toy:vlm_pairs (built on use)
+        if self.path and self.kind in ("manifest", "pickapic", "vlm") and not toy and not Path(self.path).exists():
             raise ValueError(f"path: {self.path} not found")
         if self.kind in ("generated", "prompts") and not self.prompts:
             raise ValueError(f"prompts: required for data.kind={self.kind} (a .txt file or 'toy:train')")

@@ -72,7 +72,9 @@ class VLMGeneratorConfig:
     top_p: float = 1.0
 
     def validate(self) -> None:
-        p = self.pretrained
+        from mmalign.paths import resolve
+
+        p = self.pretrained = resolve(self.pretrained)  # toy:vlm_toy -> the shipped asset
         looks_local = p.startswith(("/", ".", "~")) or p.count("/") > 1
         if looks_local and not Path(p).expanduser().is_dir():
             raise ValueError(f"pretrained: directory {p} not found")
@@ -97,7 +99,10 @@ class VLMGenerator:
     def __init__(self, cfg: VLMGeneratorConfig, model: nn.Module | None = None, processor: Any = None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from mmalign.paths import resolve
+
         self.cfg = cfg
+        cfg.pretrained = resolve(cfg.pretrained)
         src = str(Path(cfg.pretrained).expanduser()) if Path(cfg.pretrained).expanduser().is_dir() else cfg.pretrained
         pkw: dict[str, Any] = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels))
                                if v is not None}

@@ -120,7 +120,12 @@ def normalize_row(raw: dict, where: str, base: Path | None = None) -> VLMRow | N
 
 
 def read_rows(path: str | Path, max_samples: int | None = None) -> VLMRowSet:
-    """Read preference rows from a .jsonl/.json file, a .parquet file or a directory of parquet."""
+    """Read preference rows from a .jsonl/.json file, a .parquet file or a directory of parquet
+    (or `toy:vlm_pairs`: pairs from the toy VLM world, materialised on first use)."""
+    if str(path).startswith("toy:"):
+        from mmalign.toy.vlm_pairs import materialize
+
+        path = materialize(str(path))
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: data file not found")

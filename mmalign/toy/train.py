@@ -10,6 +10,8 @@ Stages (the UNet stage reads the VAE stage from --work):
   flow   SD3Transformer2DModel (rectified flow) + 2x CLIPTextModelWithProjection on cached
          latents of the shipped sd_toy VAE                             -> <out>/sd3_toy/
          (StableDiffusion3Pipeline layout without T5, fp16 weights; --device cuda recommended)
+  vlm    tiny LLaVA (CLIP vision tower + Llama LM) answering questions about
+         rendered scenes, stopped early on purpose (mmalign/toy/vlm_train.py) -> <out>/vlm_toy/
 
 Training is time-boxed (--minutes for the UNet, --vae-minutes, --proxy-minutes) and
 step-capped (--unet-steps ...): runs are seeded, and the number of steps done is written
@@ -570,7 +572,7 @@ def final_report(out: Path, seeds=(0, 1, 2, 3), steps=20, cfg=4.0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["vae", "unet", "proxy", "all", "report", "flow"])
+    ap.add_argument("stage", choices=["vae", "unet", "proxy", "all", "report", "flow", "vlm"])
     ap.add_argument("--out", type=Path, default=HERE / "assets")
     ap.add_argument("--minutes", type=float, default=30.0, help="UNet training time box")
     ap.add_argument("--vae-minutes", type=float, default=5.0)
@@ -593,6 +595,9 @@ def main(argv=None):
     ap.add_argument("--stop-accuracy", type=float, default=None,
                     help="flow stage: stop at the first eval with held-out gold accuracy >= this")
     ap.add_argument("--pool-per-caption", type=int, default=96, help="flow stage: rendered scenes per caption")
+    ap.add_argument("--vlm-steps", type=int, default=None, help="vlm stage: step cap")
+    ap.add_argument("--vlm-stop", type=float, default=0.35,
+                    help="vlm stage: stop at the first held-out eval with overall hallucination <= this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -614,6 +619,10 @@ def main(argv=None):
                    batch=args.flow_batch, lr=args.lr, device=args.device, stop_accuracy=args.stop_accuracy,
                    pool_per_caption=args.pool_per_caption)
         final_report_flow(args.out, device=args.device)
+    if args.stage == "vlm":
+        from .vlm_train import pretrain_vlm
+
+        pretrain_vlm(args.out, args.minutes, args.seed, args.vlm_steps, args.vlm_stop, log=log)
     log(f"done in {(time.time() - t) / 60:.1f} min")
 
 
