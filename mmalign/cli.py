@@ -1,4 +1,4 @@
-"""mmalign command line: train, sample, score, eval."""
+"""mmalign command line: train, sample, score, eval, pairs."""
 from __future__ import annotations
 
 import argparse
@@ -128,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=scoring.run_eval_judge)
     except ImportError:
         pass
+    from mmalign.data import vlm_feedback
+
+    p = sub.add_parser("pairs", help="VLM preference pairs from AI feedback: sample K responses, rank with a judge",
+                       description="For each item (image, prompt) sample K responses from --model, score them with "
+                                   "the image judge --judge, write OUT/pairs.jsonl (chosen = best, rejected = worst, "
+                                   "margin = score difference; ties dropped).")
+    vlm_feedback.add_pairs_args(p)
+    p.set_defaults(fn=vlm_feedback.run_pairs)
     try:
         from mmalign import evaluation
 
