@@ -322,3 +322,36 @@ def make_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
+
+
+def make_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny `LlavaNextForConditionalGeneration` (any-resolution tiling: a 32x32 base view plus
+    grid crops chosen from `image_grid_pinpoints`, with image-newline tokens) with a
+    LlavaNextProcessor, saved with save_pretrained."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=255),
+        image_token_index=250, vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_grid_pinpoints=pinpoints,
+    )
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 255
+    tok = make_char_tokenizer("<image>")
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 image_grid_pinpoints=pinpoints)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=_vlm_chat_template("<image>"))
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out

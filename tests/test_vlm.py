@@ -13,7 +13,7 @@ from mmalign.data.vlm import TooLong, VLMPreferenceDataset, build_sequences, rea
 from mmalign.media import MediaError
 from mmalign.methods.vlm_dpo import VLMDPO, VLMDPOConfig
 from mmalign.pipelines.vlm import VLMGenerator, VLMGeneratorConfig, VLMLoraSettings
-from mmalign.testing import make_tiny_llava, make_tiny_qwen2vl, make_tiny_qwen25vl
+from mmalign.testing import make_tiny_llava, make_tiny_llava_next, make_tiny_qwen2vl, make_tiny_qwen25vl
 
 IMAGE_TOKEN = 250
 
@@ -22,7 +22,7 @@ IMAGE_TOKEN = 250
 def tiny_vlms(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm_models")
     return {"llava": make_tiny_llava(root / "llava"), "qwen2vl": make_tiny_qwen2vl(root / "qwen2vl"),
-            "qwen25vl": make_tiny_qwen25vl(root / "qwen25vl")}
+            "qwen25vl": make_tiny_qwen25vl(root / "qwen25vl"), "llava_next": make_tiny_llava_next(root / "llava_next")}
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +55,9 @@ def _dataset(method, gen, path, tmp_path, skip_bad=False):
 
 def _n_image_features(kind, gen, vision):
     m = gen.base.model
-    if kind == "llava":
-        feats = m.get_image_features(pixel_values=vision["pixel_values"])
+    if kind in ("llava", "llava_next"):  # LLaVA-NeXT: tiles packed per image, image-newline tokens included
+        kw = {"image_sizes": vision["image_sizes"]} if kind == "llava_next" else {}
+        feats = m.get_image_features(pixel_values=vision["pixel_values"], **kw)
         feats = feats if isinstance(feats, (torch.Tensor, list, tuple)) else feats.pooler_output
         return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in (feats if isinstance(feats, (list, tuple)) else [feats]))
     merge = gen.processor.image_processor.merge_size
@@ -66,7 +67,7 @@ def _n_image_features(kind, gen, vision):
 # --------------------------------------------------------------------------- collator
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2vl", "qwen25vl"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collated_pairs_image_tokens_masking_shared_image(kind, side, tiny_vlms, vlm_rows, tmp_path):
     gen = _gen(tiny_vlms[kind], padding_side=side)
@@ -104,7 +105,7 @@ def test_collated_pairs_image_tokens_masking_shared_image(kind, side, tiny_vlms,
     assert torch.isfinite(lp).all() and lp.shape == mask.shape
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2vl", "qwen25vl"])
 def test_left_and_right_padding_give_the_same_scores(kind, tiny_vlms, vlm_rows, tmp_path):
     scores = {}
     for side in ("right", "left"):
@@ -177,7 +178,7 @@ def test_rlaif_v_and_vlfeedback_column_shapes(tmp_path, vlm_rows):
 # --------------------------------------------------------------------------- method
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2vl", "qwen25vl"])
 def test_cached_reference_equals_live(kind, tiny_vlms, vlm_rows, tmp_path):
     gen = _gen(tiny_vlms[kind])
     with torch.no_grad():  # make the policy differ from the reference
@@ -216,7 +217,7 @@ def _train(gen, method, batch, steps=4, lr=5e-3):
     return hist
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2vl", "qwen25vl"])
 def test_trainable_parameters_change_frozen_ones_do_not(kind, tiny_vlms, vlm_rows, tmp_path):
     gen = _gen(tiny_vlms[kind], train_projector=True)
     names = {n for n, p in gen.model.named_parameters() if p.requires_grad}
@@ -328,7 +329,7 @@ def test_shipped_vlm_configs_parse():
         assert cfg.generator.name == "vlm" and cfg.method.name == "vlm_dpo"
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2vl", "qwen25vl"])
 def test_scores_equal_the_models_own_label_loss(kind, tiny_vlms, vlm_rows, tmp_path):
     """Summed / averaged response log-prob == -(transformers' label cross-entropy) x tokens, with
     labels = input ids on the response only: pins the score's sign, shift and masking."""
