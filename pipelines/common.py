@@ -88,3 +88,34 @@ class TrainedModule:
                 yield
             finally:
                 self.module.enable_adapters()
+
+
+class TrainedAdapterMixin:
+    """The plumbing the diffusers adapters share: their trained network is `self._trained.module`
+    (a TrainedModule) inside `self.pipe`."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._trained.module.parameters()).device
+
+    def to(self, device: Any):
+        self.pipe.to(device)
+        self._trained.to(device)
+        return self
+
+    def trainable(self) -> nn.Module:
+        return self._trained.module
+
+    def set_forward_module(self, module: nn.Module) -> None:
+        """Route training forwards through the trainer's wrapper (e.g. DDP) of `trainable()`."""
+        self._trained.forward_module = module
+
+    def enable_gradient_checkpointing(self) -> None:
+        self._trained.module.enable_gradient_checkpointing()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return self._trained.trainable_state_dict()
+
+    def reference(self):
+        """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
+        return self._trained.reference()

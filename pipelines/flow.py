@@ -44,7 +44,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedModule
+from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
 from mmalign.types import Rollout, Samples, per_sample_randn
 
@@ -113,7 +113,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
     return -sq / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
 
 
-class FlowMatchingGenerator:
+class FlowMatchingGenerator(TrainedAdapterMixin):
     """SD3 / SD3.5 / FLUX through diffusers; the transformer is what trains."""
 
     modality = "image"
@@ -172,31 +172,8 @@ class FlowMatchingGenerator:
         self._trained = TrainedModule(self.transformer, cfg.finetune, cfg.lora, DTYPES[cfg.dtype])
 
     # ------------------------------------------------------------------ plumbing
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device: Any) -> "FlowMatchingGenerator":
-        self.pipe.to(device)
-        self._trained.to(device)
-        return self
-
-    def trainable(self) -> nn.Module:
-        return self.transformer
-
-    def set_forward_module(self, module: nn.Module) -> None:
-        """Route training forwards through the trainer's wrapper (e.g. DDP) of `trainable()`."""
-        self._trained.forward_module = module
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        return self._trained.trainable_state_dict()
-
-    def reference(self):
-        """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
-        return self._trained.reference()
+    # device, to, trainable, set_forward_module, enable_gradient_checkpointing,
+    # trainable_state_dict, reference: TrainedAdapterMixin (pipelines/common.py)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

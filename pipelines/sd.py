@@ -25,7 +25,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedModule
+from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
 from mmalign.types import Rollout, Samples, per_sample_randn
 
@@ -56,7 +56,7 @@ def _is_local(p: str) -> bool:
     return Path(p).expanduser().is_dir()
 
 
-class LatentDiffusionGenerator:
+class LatentDiffusionGenerator(TrainedAdapterMixin):
     """SD 1.x/2.x and SDXL through diffusers; the UNet is what trains."""
 
     modality = "image"
@@ -106,31 +106,8 @@ class LatentDiffusionGenerator:
         self.lcm_scheduler = self.pipe.scheduler if type(self.pipe.scheduler).__name__ == "LCMScheduler" else None
 
     # ------------------------------------------------------------------ plumbing
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def to(self, device: Any) -> "LatentDiffusionGenerator":
-        self.pipe.to(device)
-        self._trained.to(device)
-        return self
-
-    def trainable(self) -> nn.Module:
-        return self.unet
-
-    def set_forward_module(self, module: nn.Module) -> None:
-        """Route training forwards through the trainer's wrapper (e.g. DDP) of `trainable()`."""
-        self._trained.forward_module = module
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.unet.enable_gradient_checkpointing()
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        return self._trained.trainable_state_dict()
-
-    def reference(self):
-        """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
-        return self._trained.reference()
+    # device, to, trainable, set_forward_module, enable_gradient_checkpointing,
+    # trainable_state_dict, reference: TrainedAdapterMixin (pipelines/common.py)
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
