@@ -33,6 +33,7 @@ BUILTIN_MODULES = [
     "mmalign.rewards.hps",
     "mmalign.rewards.pickscore",
     "mmalign.rewards.aesthetic",
+    "mmalign.rewards.image_reward",
     "mmalign.rewards.rules",
     "mmalign.rewards.mix",
     "mmalign.rewards.vlm_judge",

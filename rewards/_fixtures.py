@@ -142,6 +142,129 @@ def make_aesthetic(directory: str | Path, seed: int = 0, embed_dim: int = 16) ->
     return {"clip_model": args["model"], "head": str(path)}
 
 
+# --------------------------------------------------------------------------- ImageReward
+
+# The tiny ImageReward used by the tests and by scripts/make_image_reward_reference.py (which
+# builds the ORIGINAL ImageReward class at these sizes): ViT 32 px / patch 8 / width 32 / depth
+# 2 / 2 heads, BERT width 32 / 2 layers / 2 heads / FFN 64, cross-attention to the ViT tokens.
+TINY_IMAGE_REWARD = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+                         text_width=32, text_layers=2, text_heads=2, text_intermediate=64, max_position_embeddings=40)
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def bert_vocab() -> list[str]:
+    """A small uncased WordPiece vocabulary: BERT's specials, the test words, a few '##' pieces."""
+    vocab = list(BERT_SPECIALS)
+    for w in [w.lower() for w in WORDS] + ["##s", "##ed", "##ing"]:
+        if w not in vocab:
+            vocab.append(w)
+    return vocab
+
+
+def write_bert_tokenizer(directory: str | Path) -> str:
+    """vocab.txt + tokenizer_config.json: loads as BertTokenizer in transformers 4 and 5 alike."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}))
+    return str(directory)
+
+
+def tiny_image_reward_blip_config():
+    """transformers BlipConfig of the tiny ImageReward (vocab = BERT vocab + [DEC] + [ENC], as BLIP's)."""
+    from transformers import BlipConfig
+
+    t = TINY_IMAGE_REWARD
+    return BlipConfig(
+        vision_config=dict(hidden_size=t["vision_width"], intermediate_size=4 * t["vision_width"],
+                           num_hidden_layers=t["vision_layers"], num_attention_heads=t["vision_heads"],
+                           image_size=t["image_size"], patch_size=t["patch_size"], layer_norm_eps=1e-6,
+                           hidden_act="gelu"),
+        text_config=dict(vocab_size=len(bert_vocab()) + 2, hidden_size=t["text_width"],
+                         encoder_hidden_size=t["vision_width"], intermediate_size=t["text_intermediate"],
+                         num_hidden_layers=t["text_layers"], num_attention_heads=t["text_heads"],
+                         max_position_embeddings=t["max_position_embeddings"], layer_norm_eps=1e-12,
+                         hidden_act="gelu", is_decoder=True, pad_token_id=0, sep_token_id=3, eos_token_id=3,
+                         bos_token_id=len(bert_vocab())),  # [DEC], added after the vocabulary as in BLIP
+    )
+
+
+def det_uniform(name: str, shape, seed: int = 0):
+    """Deterministic values in [-1, 1) for `name` (splitmix64 of the element index, float64).
+
+    Independent of torch's and numpy's random streams, so the same numbers come out in any
+    environment (the reference script runs the original ImageReward in another venv)."""
+    import zlib
+
+    import numpy as np
+
+    n = int(np.prod(shape)) if len(shape) else 1
+    base = (zlib.crc32(name.encode()) << 24) ^ (seed << 56)
+    x = np.arange(n, dtype=np.uint64) + np.uint64(base & (2**64 - 1)) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    u = (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return torch.from_numpy(2.0 * u - 1.0).reshape(tuple(shape))
+
+
+def det_state_dict(keys: list, seed: int = 0) -> dict:
+    """A well-scaled deterministic state dict for [(name, shape), ...] (any key layout):
+    LayerNorm weights 1 + 0.2u, biases 0.1u, matrices u * sqrt(3 / fan_in) (unit-variance
+    activations), embeddings / tokens 0.5u, `position_ids` buffers arange."""
+    sd = {}
+    for name, shape in keys:
+        shape = tuple(shape)
+        if name.endswith("position_ids"):
+            sd[name] = torch.arange(shape[-1]).expand(shape).clone()
+            continue
+        u = det_uniform(name, shape, seed)
+        leaf = name.rsplit(".", 1)[-1]
+        is_norm = "norm" in name.lower() and len(shape) == 1
+        if is_norm and leaf == "weight":
+            v = 1.0 + 0.2 * u
+        elif leaf == "bias":
+            v = 0.1 * u
+        elif len(shape) >= 2 and leaf == "weight" and "embedding" not in name:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            v = u * (3.0 / fan_in) ** 0.5
+        else:
+            v = 0.5 * u
+        sd[name] = v.to(torch.float32)
+    return sd
+
+
+def det_images(n: int, h: int, w: int, seed: int = 0):
+    """n deterministic uint8 images [n, 3, h, w] (smooth blobs plus noise, so resizing matters)."""
+    import torch.nn.functional as F
+
+    coarse = (det_uniform(f"img-coarse-{h}x{w}", (n, 3, 4, 4), seed) + 1) / 2
+    fine = det_uniform(f"img-fine-{h}x{w}", (n, 3, h, w), seed) * 0.15
+    x = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) + fine
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def make_image_reward(directory: str | Path, seed: int = 0) -> dict:
+    """A tiny ImageReward: BLIP config dir, BERT tokenizer dir, and `ImageReward.pt` holding
+    deterministic weights in the released checkpoint's key layout (blip.visual_encoder...,
+    blip.text_encoder..., blip.vision_proj/text_proj, mlp.layers...)."""
+    from mmalign.rewards.image_reward import ImageRewardModel, to_original_state_dict
+
+    directory = Path(directory)
+    cfg = tiny_image_reward_blip_config()
+    cfg.save_pretrained(directory / "blip")
+    tok = write_bert_tokenizer(directory / "tokenizer")
+    keys = [(k, tuple(v.shape)) for k, v in to_original_state_dict(ImageRewardModel(cfg).state_dict()).items()]
+    # what the original also saves but the score never uses (BLIP's ITC projections, a buffer)
+    keys += [("blip.vision_proj.weight", (16, cfg.vision_config.hidden_size)), ("blip.vision_proj.bias", (16,)),
+             ("blip.text_proj.weight", (16, cfg.text_config.hidden_size)), ("blip.text_proj.bias", (16,)),
+             ("blip.text_encoder.embeddings.position_ids", (1, cfg.text_config.max_position_embeddings))]
+    path = directory / "ImageReward.pt"
+    torch.save(det_state_dict(keys, seed), path)  # well-scaled weights: scores and gradients are not tiny
+    return {"checkpoint": str(path), "blip_config": str(directory / "blip"), "tokenizer": tok}
+
+
 # --------------------------------------------------------------------------- VLMs
 
 
@@ -240,6 +363,7 @@ _BUILDERS = {
     "clip_hf": make_clip_hf,
     "hps": make_hps_checkpoint,
     "aesthetic": make_aesthetic,
+    "image_reward": make_image_reward,
     "llava": make_llava,
     "qwen2vl": make_qwen2vl,
     "clap": make_clap,
