@@ -39,6 +39,7 @@ BUILTIN_MODULES = [
     "mmalign.rewards.vlm_judge",
     "mmalign.rewards.audio_judge",
     "mmalign.rewards.clap",
+    "mmalign.rewards.audiobox",
     "mmalign.rewards.video",
     "mmalign.methods.diffusion_dpo",
     "mmalign.methods.online_dpo",

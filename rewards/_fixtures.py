@@ -357,6 +357,45 @@ def make_qwen2audio(directory: str | Path, seed: int = 0) -> dict:
     return {"model": str(directory)}
 
 
+# Audiobox Aesthetics: a tiny WavLM in the original's WavLMConfig names (as in
+# scripts/make_audiobox_reference.py) and made-up target statistics.
+TINY_WAVLM = {
+    "encoder_layers": 2,
+    "encoder_embed_dim": 24,
+    "encoder_ffn_embed_dim": 32,
+    "encoder_attention_heads": 3,
+    "conv_feature_layers": "[(12,10,5)] + [(12,3,2)] * 4 + [(12,2,2)] * 2",
+    "conv_pos": 16,
+    "conv_pos_groups": 4,
+}
+AUDIOBOX_TARGETS = {"CE": {"mean": 5.6, "std": 1.3}, "CU": {"mean": 6.4, "std": 1.7},
+                    "PC": {"mean": 3.9, "std": 1.1}, "PQ": {"mean": 7.1, "std": 0.9}}
+
+
+def make_audiobox(directory: str | Path, seed: int = 0) -> dict:
+    """A tiny Audiobox Aesthetics model in the hub repo's layout: config.json (AesMultiOutput
+    fields + target_transform) and model.safetensors with the original key names."""
+    from safetensors.torch import save_file
+
+    from mmalign.rewards.audiobox import HEAD_DEFAULTS, AudioboxAestheticsModel, original_state_dict, wavlm_arch
+
+    seed_all(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = wavlm_arch(TINY_WAVLM)
+    model = AudioboxAestheticsModel(arch, dict(HEAD_DEFAULTS, nth_layer=arch["encoder_layers"] + 1))
+    with torch.no_grad():  # heads away from their trivial init (uniform layer weights, tiny outputs)
+        for name, p in model.named_parameters():
+            if name.startswith(("layer_weights", "proj_layer")):
+                p.add_(torch.randn_like(p))
+    sd = original_state_dict(model.state_dict())
+    sd["wavlm_model.mask_emb"] = torch.rand(arch["encoder_embed_dim"])
+    save_file({k: v.contiguous() for k, v in sd.items()}, directory / "model.safetensors")
+    cfg = {"nth_layer": arch["encoder_layers"] + 1, "target_transform": AUDIOBOX_TARGETS}
+    (directory / "config.json").write_text(json.dumps(cfg, indent=1))
+    return {"model": str(directory), "wavlm": dict(TINY_WAVLM)}
+
+
 # --------------------------------------------------------------------------- shared cache
 
 _BUILDERS = {
@@ -368,6 +407,7 @@ _BUILDERS = {
     "qwen2vl": make_qwen2vl,
     "clap": make_clap,
     "qwen2audio": make_qwen2audio,
+    "audiobox": make_audiobox,
 }
 _CACHE: dict[str, dict] = {}
 _ROOT: list = []
