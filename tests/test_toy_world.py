@@ -229,3 +229,15 @@ def test_shipped_proxy_prefers_true_caption():
 
 
 _HELDOUT_DIGEST = "a60f0d6f65b6"
+
+
+def test_caption_noise_scenes_are_wrong_for_their_caption():
+    """`train unet --caption-noise`: the noisy scenes show a hard negative, never the caption."""
+    from mmalign.toy.train import noisy_captions
+
+    caps = list(all_captions()[::5])
+    wrong = noisy_captions(caps, seed=0)
+    assert wrong == noisy_captions(caps, seed=0)  # seeded
+    changed = [(c, w) for c, w in zip(caps, wrong) if w != c]
+    assert len(changed) >= 0.9 * len(caps)
+    assert not any(gold_score(render(w, i), c)["correct"] for i, (c, w) in enumerate(changed))

@@ -16,7 +16,9 @@ Stages (the UNet stage reads the VAE stage from --work):
 Training is time-boxed (--minutes for the UNet, --vae-minutes, --proxy-minutes) and
 step-capped (--unet-steps ...): runs are seeded, and the number of steps done is written
 next to the weights (train_info.json), so `--unet-steps N` with a large --minutes repeats
-a run step for step. The UNet stage saves a checkpoint and prints held-out gold accuracy
+a run step for step. `--caption-noise P` (UNet stage) pairs a fraction P of the training
+captions with a scene of a hard negative instead (noisy alt-text, as in web data), so the
+model's errors include wrong-but-crisp modes that preference methods can move away from. The UNet stage saves a checkpoint and prints held-out gold accuracy
 per caption kind every --eval-every minutes, so a run can be stopped once the model is in
 the wanted accuracy band (see mmalign/toy/README section in ARCHITECTURE.md).
 """
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import SIZE, caption_kind, heldout_captions, render, train_captions
+from .world import SIZE, caption_kind, heldout_captions, perturb_caption, render, train_captions
 
 HERE = Path(__file__).parent
 TEXT_CFG = dict(
@@ -239,9 +241,33 @@ def fmt_report(r: dict) -> str:
     return f"acc={r['accuracy']:.3f} comp={r.get('compositional', float('nan')):.3f} n={r['n']} [{kinds}]"
 
 
+def noisy_captions(caps, seed: int) -> list[str]:
+    """A hard negative of each caption (wrong colour, shape, count, binding or relation:
+    `perturb_caption`), or the caption itself where no perturbation applies."""
+    rng = random.Random(seed)
+    return [perturb_caption(c, rng) or c for c in caps]
+
+
+def noisy_latents(vae, caps, seed: int):
+    """VAE posteriors of scenes drawn for `noisy_captions(caps)`, with `scene_pool`'s layout seeds."""
+    per, imgs = {}, []
+    for c, wrong in zip(caps, noisy_captions(caps, seed)):
+        k = per[c] = per.get(c, -1) + 1
+        imgs.append(render(wrong, k))
+    pool = torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2).contiguous()
+    mus, sds = [], []
+    with torch.no_grad():
+        for i in range(0, len(pool), 512):
+            d = vae.encode(pool[i : i + 512].float() / 127.5 - 1).latent_dist
+            mus.append(d.mean)
+            sds.append(d.std)
+    return torch.cat(mus), torch.cat(sds)
+
+
 def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int | None = None,
                eval_every: float = 5.0, batch: int = 64,
-               lr: float = 1e-3, init_from: Path | None = None, balance_kinds: bool = True):
+               lr: float = 1e-3, init_from: Path | None = None, balance_kinds: bool = True,
+               caption_noise: float = 0.0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -261,6 +287,9 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
             sds.append(d.std)
     mu, sd = torch.cat(mus), torch.cat(sds)
     g = torch.Generator().manual_seed(seed)
+    if caption_noise:  # noisy alt-text: the same captions paired with scenes of hard negatives
+        noisy_mu, noisy_sd = noisy_latents(vae, caps, seed)
+        log(f"unet: caption noise {caption_noise:.2f} (scenes of perturbed captions)")
     # Kind-balanced sampling: the grammar has far more two-object captions than single /
     # count ones; uniform sampling gives a model that draws two objects for "a red circle".
     kinds = [caption_kind(c) for c in caps]
@@ -268,6 +297,8 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     weights = torch.tensor([KIND_SHARE[k] / n_kind[k] if balance_kinds else 1.0 for k in kinds],
                            dtype=torch.float64)
     scale = 1.0 / (mu + sd * torch.randn(mu.shape, generator=g)).std().item()
+    if init_from is not None:  # keep the latent scale the continued model was trained with
+        scale = json.loads((init_from / "vae" / "config.json").read_text())["scaling_factor"]
     vae.register_to_config(scaling_factor=scale)
     log(f"unet: latents {tuple(mu.shape)}, scaling_factor {scale:.4f}")
     ids = {c: tokenizer(c, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
@@ -315,7 +346,11 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     losses = []
     while time.time() - t0 < minutes * 60 and (max_steps is None or step < max_steps):
         idx = torch.multinomial(weights, batch, replacement=True, generator=g)
-        x0 = (mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g)) * scale
+        m, v = mu[idx], sd[idx]
+        if caption_noise:
+            wrong = (torch.rand(batch, generator=g) < caption_noise).view(-1, 1, 1, 1)
+            m, v = torch.where(wrong, noisy_mu[idx], m), torch.where(wrong, noisy_sd[idx], v)
+        x0 = (m + v * torch.randn(m.shape, generator=g)) * scale
         tok = cap_ids[idx].clone()
         drop = torch.rand(batch, generator=g) < 0.1
         tok[drop] = empty
@@ -350,6 +385,7 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     pipe.set_progress_bar_config(disable=True)
     info = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "minutes": (time.time() - t0) / 60,
             "init_from": str(init_from) if init_from else None, "balance_kinds": balance_kinds,
+            "caption_noise": caption_noise,
             "history": history}
     save_pipe(pipe, out / "sd_toy", info)
     shutil.rmtree(tok_dir, ignore_errors=True)
@@ -586,6 +622,8 @@ def main(argv=None):
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue UNet training from a saved pipeline folder")
     ap.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder learning rate")
+    ap.add_argument("--caption-noise", type=float, default=0.0,
+                    help="UNet stage: fraction of examples whose scene shows a hard negative of the caption")
     ap.add_argument("--no-balance-kinds", action="store_true",
                     help="sample train scenes uniformly instead of by KIND_SHARE")
     ap.add_argument("--device", default="cpu", help="flow stage: cpu | cuda")
@@ -609,7 +647,8 @@ def main(argv=None):
         train_vae(args.work, args.vae_minutes, args.seed, args.vae_steps)
     if args.stage in ("unet", "all"):
         train_unet(args.out, args.work, args.minutes, args.seed, args.unet_steps, args.eval_every,
-                   lr=args.lr, init_from=args.init_from, balance_kinds=not args.no_balance_kinds)
+                   lr=args.lr, init_from=args.init_from, balance_kinds=not args.no_balance_kinds,
+                   caption_noise=args.caption_noise)
     if args.stage in ("unet", "all", "report"):
         final_report(args.out)
     if args.stage in ("proxy", "all"):
