@@ -254,14 +254,14 @@ def noisy_latents(vae, caps, seed: int):
     for c, wrong in zip(caps, noisy_captions(caps, seed)):
         k = per[c] = per.get(c, -1) + 1
         imgs.append(render(wrong, k))
-    pool = torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2).contiguous()
-    mus, sds = [], []
-    with torch.no_grad():
-        for i in range(0, len(pool), 512):
-            d = vae.encode(pool[i : i + 512].float() / 127.5 - 1).latent_dist
-            mus.append(d.mean)
-            sds.append(d.std)
-    return torch.cat(mus), torch.cat(sds)
+    return posteriors(vae, torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2))
+
+
+@torch.no_grad()
+def posteriors(vae, pool: torch.Tensor, chunk: int = 512):
+    """(mean, std) of the VAE posterior of each uint8 scene in `pool` (N,3,H,W)."""
+    parts = [vae.encode(pool[i : i + chunk].float() / 127.5 - 1).latent_dist for i in range(0, len(pool), chunk)]
+    return torch.cat([d.mean for d in parts]), torch.cat([d.std for d in parts])
 
 
 def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int | None = None,
@@ -279,13 +279,7 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     # pool of train scenes -> latents once
     caps, pool = scene_pool(train_captions(), 96)
     log(f"unet: encoding {len(caps)} train scenes")
-    mus, sds = [], []
-    with torch.no_grad():
-        for i in range(0, len(pool), 512):
-            d = vae.encode(pool[i : i + 512].float() / 127.5 - 1).latent_dist
-            mus.append(d.mean)
-            sds.append(d.std)
-    mu, sd = torch.cat(mus), torch.cat(sds)
+    mu, sd = posteriors(vae, pool)
     g = torch.Generator().manual_seed(seed)
     if caption_noise:  # noisy alt-text: the same captions paired with scenes of hard negatives
         noisy_mu, noisy_sd = noisy_latents(vae, caps, seed)
