@@ -18,9 +18,10 @@ step-capped (--unet-steps ...): runs are seeded, and the number of steps done is
 next to the weights (train_info.json), so `--unet-steps N` with a large --minutes repeats
 a run step for step. `--caption-noise P` (UNet stage) pairs a fraction P of the training
 captions with a scene of a hard negative instead (noisy alt-text, as in web data), so the
-model's errors include wrong-but-crisp modes that preference methods can move away from. The UNet stage saves a checkpoint and prints held-out gold accuracy
-per caption kind every --eval-every minutes, so a run can be stopped once the model is in
-the wanted accuracy band (see mmalign/toy/README section in ARCHITECTURE.md).
+model's errors include wrong-but-crisp modes that preference methods can move away from.
+The UNet stage saves a checkpoint and prints held-out gold accuracy per caption kind
+every --eval-every minutes, so a run can be stopped once the model is in the wanted accuracy
+band (see mmalign/toy/README section in ARCHITECTURE.md).
 """
 
 from __future__ import annotations
