@@ -17,6 +17,8 @@ Run directory layout:
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import time
@@ -251,6 +253,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights in place of the trained ones inside the block (a no-op without EMA)."""
+        ema = getattr(self, "ema", None)
+        if ema is None:
+            yield
+            return
+        params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            yield
+        finally:
+            ema.restore(params)
+
     def evaluate(self, tag: str) -> dict[str, Any]:
         """Sample the fixed eval prompts (deterministic DDIM, fixed seeds), score, save a grid."""
         from mmalign.evaluation import evaluate_generator, expand_prompts
@@ -261,7 +278,7 @@ class Trainer:
         if self.is_main and e.enabled:
             prompts = expand_prompts(e.prompts, e.prompts_from, e.max_prompts)
             self.generator.set_forward_module(self.unwrapped)  # no collective ops on one rank
-            with self.acc.autocast():
+            with self.acc.autocast(), self.ema_weights():  # evaluate what save_final writes
                 out, images = evaluate_generator(self.generator, self.reward, prompts, e.images_per_prompt,
                                                  e.seed, e.num_steps, e.guidance_scale, e.gold)
             self.generator.set_forward_module(self.model)
@@ -378,14 +395,9 @@ class Trainer:
         """The trained weights (EMA if enabled) in the generator's own format, atomically."""
         final = self.run_dir / "final"
         if self.is_main:
-            params = [p for p in self.unwrapped.parameters() if p.requires_grad]
-            if self.ema is not None:
-                self.ema.store(params)
-                self.ema.copy_to(params)
-            tmp = ckpt.begin(final)
-            self.generator.save_trained(tmp)
-            ckpt.commit(tmp, final, {"step": self.step})
-            if self.ema is not None:
-                self.ema.restore(params)
+            with self.ema_weights():
+                tmp = ckpt.begin(final)
+                self.generator.save_trained(tmp)
+                ckpt.commit(tmp, final, {"step": self.step})
         self.acc.wait_for_everyone()
         return final

@@ -47,6 +47,31 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
         assert torch.equal(fa[n], fb[n]), n
 
 
+
+def test_evaluation_uses_the_ema_weights(tmp_path, tiny_sd, tiny_clip, pairs_manifest, monkeypatch):
+    """With train.ema_decay, evals sample the EMA weights (what `final/` holds), then restore."""
+    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
+                     train={"steps": 3, "ema_decay": 0.5, "lr": 1e-2})
+    tr = Trainer(load_config(p), run_dir=tmp_path / "run")
+    tr.fit()
+    params = [q for q in tr.unwrapped.parameters() if q.requires_grad]
+    trained = [q.detach().clone() for q in params]
+    shadow = [q.detach().clone() for q in tr.ema.shadow_params]
+    assert any(not torch.equal(a, b) for a, b in zip(trained, shadow))  # EMA differs from the raw weights
+    seen = []
+
+    def fake_eval(generator, reward, prompts, *a, **k):
+        seen.append([q.detach().clone() for q in params])
+        return {}, torch.zeros(1, 3, 8, 8)
+
+    monkeypatch.setattr("mmalign.evaluation.evaluate_generator", fake_eval)
+    tr.cfg.eval.enabled = True
+    tr.evaluate("check")
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], shadow))
+    assert all(torch.equal(a, b) for a, b in zip(params, trained))  # restored afterwards
+    final = load_file(str(tmp_path / "run/final/pytorch_lora_weights.safetensors"))
+    assert len(final) == len(shadow)
+
 def test_checkpoint_is_atomic(tmp_path, tiny_sd, tiny_clip, pairs_manifest, monkeypatch):
     p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
                      train={"steps": 4, "checkpoint_every": 2})
