@@ -18,7 +18,6 @@ Run directory layout:
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import time
@@ -252,7 +251,6 @@ class Trainer:
         return p
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     @contextlib.contextmanager
     def ema_weights(self):
         """The EMA weights in place of the trained ones inside the block (a no-op without EMA)."""
@@ -268,6 +266,7 @@ class Trainer:
         finally:
             ema.restore(params)
 
+    @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, Any]:
         """Sample the fixed eval prompts (deterministic DDIM, fixed seeds), score, save a grid."""
         from mmalign.evaluation import evaluate_generator, expand_prompts
