@@ -18,16 +18,6 @@ from mmalign.types import Samples
 
 fx.register_test_rewards()
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster on a shared 2-core machine
-    (OpenMP threads otherwise spin against other jobs); restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = ["a red circle", "a blue square left of a green triangle", "a cat"]
 
 

@@ -23,14 +23,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "audiobox"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(**args):
     return build_reward({"name": "audiobox_aesthetics", **args}, "reward")
 

@@ -13,16 +13,6 @@ from mmalign.rewards._common import build_reward
 from mmalign.rewards._judge import expected_rating, first_probability, yes_probability
 from mmalign.types import Samples
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster on a shared 2-core machine
-    (OpenMP threads otherwise spin against other jobs); restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = ["a red circle left of a blue square", "a cat", "dog"]
 
 

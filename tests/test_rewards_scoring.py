@@ -16,14 +16,6 @@ from mmalign.types import Samples
 fx.register_test_rewards()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def score(*argv):
     p = argparse.ArgumentParser()
     scoring.add_score_args(p)

@@ -17,14 +17,6 @@ from mmalign.media import MediaError
 from mmalign.toy.vlm_world import QA, QTYPES, check_answer, question_type, questions_for, split_scenes, wrong_answer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """8 toy train scenes, one question each (every type), as an items JSONL + PNGs; and a
