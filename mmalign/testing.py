@@ -206,32 +206,40 @@ def make_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def make_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny `Qwen2VLForConditionalGeneration` (56x56 images -> 4 image tokens, M-RoPE) with a
-    Qwen2VLProcessor and a chat template, saved with save_pretrained."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+def _save_tiny_qwen_vl(out_dir: str | Path, seed: int, config_cls, model_cls, processor_cls, vision_config: dict) -> Path:
+    """A tiny Qwen-VL-family model (M-RoPE text tower, 56x56 images -> 4 image tokens) with its
+    processor and a chat template, saved with save_pretrained."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     out = Path(out_dir)
     torch.manual_seed(seed)
-    cfg = Qwen2VLConfig(
+    cfg = config_cls(
         text_config={"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
                      "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
                      "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 255},
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+        vision_config=vision_config,
         image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
     )
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 255
     tok = make_char_tokenizer("<|image_pad|>", video_token="<|video_pad|>")
     ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template=_vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    proc = processor_cls(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                         chat_template=_vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
+
+
+def make_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny `Qwen2VLForConditionalGeneration` (56x56 images -> 4 image tokens, M-RoPE) with a
+    Qwen2VLProcessor and a chat template, saved with save_pretrained."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    return _save_tiny_qwen_vl(out_dir, seed, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
+                              {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2})
 
 
 # --------------------------------------------------------------------------- tiny flow transformers
@@ -298,30 +306,12 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
 def make_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny `Qwen2_5_VLForConditionalGeneration` (windowed-attention vision tower, M-RoPE; 56x56
     images -> 4 image tokens) with a Qwen2_5_VLProcessor, saved with save_pretrained."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    out = Path(out_dir)
-    torch.manual_seed(seed)
-    cfg = Qwen2_5_VLConfig(
-        text_config={"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
-                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 255},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
-                       "window_size": 56, "fullatt_block_indexes": [1]},
-        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = 255
-    tok = make_char_tokenizer("<|image_pad|>", video_token="<|video_pad|>")
-    ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
-    proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                               chat_template=_vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
-    model.save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
+    return _save_tiny_qwen_vl(out_dir, seed, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor,
+                              {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                               "out_hidden_size": 32, "window_size": 56, "fullatt_block_indexes": [1]})
 
 
 def make_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
