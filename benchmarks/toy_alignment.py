@@ -44,7 +44,8 @@ def run_one(config: Path, seed: int, overrides: list[str], out_root: Path) -> di
     elif cfg.data.kind == "prompts":  # online: every round samples prompts_per_round x samples_per_prompt
         rs = cfg.method.args.rollout
         samples = -(-cfg.train.steps // rs.steps_per_round) * rs.prompts_per_round * rs.samples_per_prompt
-    return {"method": cfg.method.name, "generator": cfg.generator.name, "config": str(config.relative_to(ROOT)),
+    name = str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config)
+    return {"method": cfg.method.name, "generator": cfg.generator.name, "config": name,
             "reward": cfg.reward.name if cfg.reward
             else None, "seed": seed, "steps": cfg.train.steps, "pairs": data[-1]["data/pairs"] if data else None,
             "proxy_before": b.get("reward"), "proxy_after": a.get("reward"),
