@@ -11,7 +11,10 @@ regression (RWR) for diffusion models.
     L = sum_i w_i * ||eps - eps_theta(x_t^(i), t, c_i)||^2 / sum_i 1
 
 Both need no log-probs (any sampler; eta may be 0). Nothing keeps the policy near the
-reference but the step count and learning rate (no KL term).
+reference but the step count and learning rate (no KL term). The loss is positive-only: it
+also teaches whatever all of the policy's own samples share (sampler and VAE artifacts). On
+the toy world that outweighs the selection, even with the exact gold reward (README, toy-world
+results); group-centred methods (GRPO, online DPO) cancel it.
 """
 from __future__ import annotations
 
