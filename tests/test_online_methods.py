@@ -7,7 +7,7 @@ from mmalign import checkpoint as ckpt
 from mmalign.config import load_config
 from mmalign.methods.d3po import d3po_step_loss
 from mmalign.methods.grpo import GRPO, GRPOConfig, ppo_clip_loss
-from mmalign.methods.online import RolloutSettings, group_advantages
+from mmalign.methods.online import RolloutSettings, group_advantages, train_steps
 from mmalign.trainer import Trainer
 from tests.conftest import write_config
 
@@ -30,6 +30,18 @@ def test_ppo_clip_matches_float64_and_is_flat_outside_the_range():
     lp = torch.tensor([0.05], requires_grad=True)  # inside the range: gradient -A * rho
     ppo_clip_loss(lp, torch.zeros(1), torch.ones(1), c)[0].sum().backward()
     assert lp.grad.item() == pytest.approx(-math.exp(0.05))
+
+
+def test_train_steps_stay_in_the_window():
+    assert train_steps(10, 1.0, [0.0, 1.0], 0) == list(range(10))
+    assert train_steps(10, 0.5, [0.0, 0.8], 3) == sorted(set(train_steps(10, 0.5, [0.0, 0.8], 3)))
+    for seed in range(20):
+        steps = train_steps(10, 0.3, [0.2, 0.8], seed)
+        assert len(steps) == 3 and all(2 <= k < 8 for k in steps)
+    assert train_steps(10, 0.5, [0.0, 0.2], 0) == [0, 1]  # fewer steps in the window than asked: all of them
+    assert train_steps(3, 0.1, [0.9, 1.0], 0) == [2]  # never empty
+    with pytest.raises(ValueError, match="timestep_window"):
+        GRPOConfig(timestep_window=[0.8, 0.2]).validate()
 
 
 def test_group_advantages_hand_computed():

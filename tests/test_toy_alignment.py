@@ -6,14 +6,15 @@
   says, evaluates base and aligned models on the same held-out captions and seeds, and does
   not collapse diversity.
 
-- DDPO/GRPO with the exact gold reward (configs/toy/grpo_gold.yaml) raises held-out gold
-  accuracy: the policy-gradient machinery (rollout log-probs, group advantages, PPO-clip)
-  moves the toy world the right way; a sign error in any of them lowers it.
+- DDPO/GRPO with the exact gold reward (configs/toy/grpo_gold.yaml) keeps the policy's own
+  gold fraction above the same run with the reward negated: the policy-gradient machinery
+  (rollout log-probs, group advantages, PPO-clip) pushes the right way; a sign error in any
+  of them swaps the two runs.
 
-Not asserted here (see the issue notes): that each method raises held-out gold accuracy
-with the learned *proxy* reward. On this CPU budget none of them has yet shown a gain
-beyond the evaluation noise (about +-3 points on 202 samples); benchmarks/toy_alignment.py
-measures it.
+Not asserted here (see the issue notes): that a method raises held-out gold accuracy, with
+the learned *proxy* reward or even the gold one. On this CPU budget none of them has yet
+shown a gain beyond the evaluation noise (about +-3 points on 202 samples) across seeds;
+benchmarks/toy_alignment.py measures it.
 """
 import json
 from pathlib import Path
@@ -58,19 +59,32 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["steps"] == cfg.train.steps
 
 
-def test_gold_reward_grpo_raises_heldout_gold(tmp_path):
-    cfg = load_config(ROOT / "configs" / "toy" / "grpo_gold.yaml")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as measured; the stochastic rollouts amplify reduction-order differences
-    try:
-        Trainer(cfg, run_dir=tmp_path / "run").fit()
-    finally:
-        torch.set_num_threads(n)
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval"] for r in rows if "eval" in r]
-    before, after = evals[0], evals[-1]
-    print(f"gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, "
-          f"diversity {before['diversity']:.4f} -> {after['diversity']:.4f}")
-    # Measured (seed 0, 1 thread): 0.287 -> 0.351 (202 samples; one standard error ~0.03).
-    assert after["gold_accuracy"] >= before["gold_accuracy"] + 0.04
-    assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
+def test_gold_reward_grpo_pushes_on_policy_gold_the_right_way(tmp_path):
+    """GRPO with the exact gold reward against the same run with the reward negated.
+
+    What the machinery must get right is the direction: measured over three seeds, the negated
+    reward lowers the policy's own gold fraction round after round (mean of the last 10 rounds
+    0.52 / 0.49 / 0.44 from 0.56-0.59), while the gold reward holds it (0.58 / 0.56 / 0.59).
+    Raising it is the hard direction on this toy: held-out gold after 60 steps is 0.351 / 0.287 /
+    0.322 from 0.287 (seeds 0 / 1 / 2; one standard error ~0.03), so this test does not claim it.
+    A sign error in the advantages or the ratio swaps the two runs and fails here.
+    """
+    def last_rounds(reward_override: list[str], name: str) -> float:
+        cfg = load_config(ROOT / "configs" / "toy" / "grpo_gold.yaml", ["eval.enabled=false", *reward_override])
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)  # as measured; the stochastic rollouts amplify reduction-order differences
+        try:
+            Trainer(cfg, run_dir=tmp_path / name).fit()
+        finally:
+            torch.set_num_threads(n)
+        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rounds = [r["rollout/reward_mean"] for r in rows if "rollout/reward_mean" in r]
+        assert len(rounds) == cfg.train.steps // cfg.method.args.rollout.steps_per_round
+        return sum(rounds[-10:]) / 10
+
+    gold = last_rounds([], "gold")
+    negated = -last_rounds(["reward={name: mix, rewards: [{name: toy_gold, mode: fraction}], weights: [-1.0]}"],
+                           "negated")
+    print(f"on-policy gold fraction, last 10 rounds: gold reward {gold:.3f}, negated reward {negated:.3f}")
+    # Measured (seed 0, 1 thread): 0.580 vs 0.519.
+    assert gold >= negated + 0.04

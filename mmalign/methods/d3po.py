@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.methods.online import RolloutSettings, collect
+from mmalign.methods.online import RolloutSettings, collect, train_steps
 from mmalign.registry import register_method
 
 
@@ -95,10 +95,8 @@ class D3PO:
         both = type(w).cat([w, l])
         if "cond" not in both.extras or both.extras.get("cond") is None:
             generator.condition(both)
-        B, T = len(w), both.log_probs.shape[1]
-        n_train = max(1, math.ceil(self.cfg.timestep_fraction * T))
-        g = torch.Generator().manual_seed(int(batch["seeds"][0]))
-        steps = sorted(torch.randperm(T, generator=g)[:n_train].tolist())
+        B = len(w)
+        steps = train_steps(both.log_probs.shape[1], self.cfg.timestep_fraction, [0.0, 1.0], int(batch["seeds"][0]))
         total, acc, lr_abs = 0.0, 0.0, 0.0
         for k in steps:
             logp = generator.step_log_prob(both, k)  # winners and losers in one batched forward

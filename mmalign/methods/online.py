@@ -11,6 +11,7 @@ per-step log-probs stored), scores them with the reward, and then the trainer ta
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -78,6 +79,16 @@ def group_advantages(rewards: Tensor, group: Tensor, eps: float = 1e-4, std: boo
             a = a / (r.std(unbiased=False) + eps)
         adv[m] = a
     return adv
+
+
+def train_steps(T: int, fraction: float, window: Sequence[float], seed: int) -> list[int]:
+    """A random `fraction` of the T denoising steps, drawn from the window [start, end) of the
+    trajectory (as fractions of T; at least one step)."""
+    lo = min(int(window[0] * T), T - 1)
+    hi = max(lo + 1, math.ceil(window[1] * T))
+    n = max(1, math.ceil(fraction * T))
+    g = torch.Generator().manual_seed(seed)
+    return sorted((lo + torch.randperm(hi - lo, generator=g)[:n]).tolist())
 
 
 BUFFER_SKIP = ("cond", "uncond")  # recomputed from the prompts on load
