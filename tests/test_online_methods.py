@@ -33,13 +33,13 @@ def test_ppo_clip_matches_float64_and_is_flat_outside_the_range():
 
 
 def test_train_steps_stay_in_the_window():
-    assert train_steps(10, 1.0, [0.0, 1.0], 0) == list(range(10))
-    assert train_steps(10, 0.5, [0.0, 0.8], 3) == sorted(set(train_steps(10, 0.5, [0.0, 0.8], 3)))
+    assert train_steps(10, 1.0, 0) == list(range(10))
+    assert train_steps(10, 0.5, 3, [0.0, 0.8]) == sorted(set(train_steps(10, 0.5, 3, [0.0, 0.8])))
     for seed in range(20):
-        steps = train_steps(10, 0.3, [0.2, 0.8], seed)
+        steps = train_steps(10, 0.3, seed, [0.2, 0.8])
         assert len(steps) == 3 and all(2 <= k < 8 for k in steps)
-    assert train_steps(10, 0.5, [0.0, 0.2], 0) == [0, 1]  # fewer steps in the window than asked: all of them
-    assert train_steps(3, 0.1, [0.9, 1.0], 0) == [2]  # never empty
+    assert train_steps(10, 0.5, 0, [0.0, 0.2]) == [0, 1]  # fewer steps in the window than asked: all of them
+    assert train_steps(3, 0.1, 0, [0.9, 1.0]) == [2]  # never empty
     with pytest.raises(ValueError, match="timestep_window"):
         GRPOConfig(timestep_window=[0.8, 0.2]).validate()
 

@@ -96,7 +96,7 @@ class D3PO:
         if "cond" not in both.extras or both.extras.get("cond") is None:
             generator.condition(both)
         B = len(w)
-        steps = train_steps(both.log_probs.shape[1], self.cfg.timestep_fraction, [0.0, 1.0], int(batch["seeds"][0]))
+        steps = train_steps(both.log_probs.shape[1], self.cfg.timestep_fraction, int(batch["seeds"][0]))
         total, acc, lr_abs = 0.0, 0.0, 0.0
         for k in steps:
             logp = generator.step_log_prob(both, k)  # winners and losers in one batched forward

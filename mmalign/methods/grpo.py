@@ -98,8 +98,8 @@ class GRPO:
         ro = batch["rollout"]
         if "cond" not in ro.extras:
             generator.condition(ro)
-        steps = train_steps(ro.log_probs.shape[1], self.cfg.timestep_fraction, self.cfg.timestep_window,
-                            int(batch["seeds"][0]))
+        steps = train_steps(ro.log_probs.shape[1], self.cfg.timestep_fraction, int(batch["seeds"][0]),
+                            self.cfg.timestep_window)
         adv = ro.extras["advantages"].to(generator.device)
         total, clipfrac, kl_sum, log_ratio = 0.0, 0.0, 0.0, 0.0
         for k in steps:

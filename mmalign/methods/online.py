@@ -81,7 +81,7 @@ def group_advantages(rewards: Tensor, group: Tensor, eps: float = 1e-4, std: boo
     return adv
 
 
-def train_steps(T: int, fraction: float, window: Sequence[float], seed: int) -> list[int]:
+def train_steps(T: int, fraction: float, seed: int, window: Sequence[float] = (0.0, 1.0)) -> list[int]:
     """A random `fraction` of the T denoising steps, drawn from the window [start, end) of the
     trajectory (as fractions of T; at least one step)."""
     lo = min(int(window[0] * T), T - 1)
