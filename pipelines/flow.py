@@ -24,6 +24,14 @@ Generator interface with the flow-matching conventions (sigma in [0, 1], sigma =
   latent dimensions, in float32 (as in sd.py). a = 0 is exactly diffusers'
   FlowMatchEulerDiscreteScheduler Euler step x + dt v. `eta` is the name the online methods
   already use for the sampler's noise level, so a GRPO config runs unchanged here.
+- `sde_type: dance_grpo` (config) swaps in DanceGRPO's SDE step (Xue et al., "DanceGRPO:
+  Unleashing GRPO on Visual Generation", 2025) with eta as its eta: the Euler mean plus the
+  score correction -1/2 eta^2 s dt, s = -(x - (1 - sigma) x0_hat) / sigma^2 and
+  x0_hat = x - sigma v, and std eta sqrt(-dt). Since s = -(x + (1 - sigma) v) / sigma, that is
+  the mean above with sigma_t = eta (constant) in place of a sqrt(sigma / (1 - sigma)). Its
+  log-probs follow the convention above (summed, full Gaussian, float32), not the reference
+  code's per-dimension mean. Rollout, `step_log_prob` (hence KL on the step means) and the
+  guided samplers' `sampler_step` all take the same step.
 - `reference()`: LoRA adapters disabled (or a frozen copy with full fine-tuning).
 - `predict_x0(...)`: the model's clean-sample estimate x0_hat = x_sigma - sigma v_theta
   (what DiffusionNFT's losses are written in).
@@ -57,6 +65,16 @@ def _flow_lora() -> LoraSettings:
     return LoraSettings(target_modules=list(FLOW_LORA_TARGETS))
 
 
+SDE_TYPES = ("flow_grpo", "dance_grpo")
+
+
+def check_sde_type(sde_type: str) -> str:
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"generator.sde_type: {sde_type!r} is not one of {list(SDE_TYPES)} "
+                         "(flow_grpo: Flow-GRPO's SDE step, dance_grpo: DanceGRPO's)")
+    return sde_type
+
+
 @dataclass
 class FlowGeneratorConfig:
     pretrained: str  # hub id or local directory in diffusers layout (SD3 / SD3.5 / FLUX)
@@ -74,6 +92,9 @@ class FlowGeneratorConfig:
     timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # training-time sigma density
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # the SDE of `rollout` / `step_log_prob` at eta > 0 (eta = 0 is the Euler ODE for both):
+    # Flow-GRPO's sigma_t = eta sqrt(sigma / (1 - sigma)) or DanceGRPO's sigma_t = eta
+    sde_type: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
 
     def validate(self) -> None:
         from mmalign.paths import resolve
@@ -88,26 +109,42 @@ class FlowGeneratorConfig:
             raise ValueError("max_sequence_length: must be >= 0")
         if self.logit_std <= 0:
             raise ValueError("logit_std: must be positive")
+        check_sde_type(self.sde_type)
 
 
-def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: float, noise_level: float
-             ) -> tuple[Tensor, float]:
-    """Mean and std of Flow-GRPO's SDE step from sigma to sigma_next (float32 in, float32 out).
+def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: float, noise_level: float,
+             sde_type: str = "flow_grpo") -> tuple[Tensor, float]:
+    """Mean and std of the SDE step from sigma to sigma_next (float32 in, float32 out).
 
-    `sigma_max` replaces sigma in the 1 - sigma denominator at sigma = 1 (the first step),
-    where sqrt(sigma / (1 - sigma)) is infinite. noise_level = 0 is the Euler ODE step.
+    flow_grpo: Flow-GRPO's, sigma_t = noise_level sqrt(sigma / (1 - sigma)); `sigma_max`
+    replaces sigma in the 1 - sigma denominator at sigma = 1 (the first step), where the
+    square root is infinite. dance_grpo: DanceGRPO's, sigma_t = noise_level; its mean
+    x + dt v - 1/2 eta^2 score dt with score = -(x - (1 - sigma) x0_hat) / sigma^2,
+    x0_hat = x - sigma v, equals x + dt [v + eta^2 / (2 sigma) (x + (1 - sigma) v)], the same
+    drift as Flow-GRPO's (the reference code adds log_term * dsigma with
+    log_term = -1/2 eta^2 score and dsigma = dt < 0). Both: std = sigma_t sqrt(-dt).
+    noise_level = 0 is the Euler ODE step for both.
     """
+    check_sde_type(sde_type)
     dt = sigma_next - sigma
     if noise_level == 0:
         return x + dt * v, 0.0
-    denom = 1 - (sigma_max if sigma >= 1 else sigma)
-    std_t = noise_level * math.sqrt(sigma / denom)
+    if sde_type == "dance_grpo":
+        std_t = noise_level
+    else:
+        denom = 1 - (sigma_max if sigma >= 1 else sigma)
+        std_t = noise_level * math.sqrt(sigma / denom)
     mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     return mean, std_t * math.sqrt(-dt)
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
-    """Per-sample log N(x; mean, std^2 I), summed over all non-batch dimensions (float32)."""
+    """Per-sample log N(x; mean, std^2 I), summed over all non-batch dimensions (float32).
+
+    Summed for both SDE types, as mmalign's log-probs are everywhere (methods/preference.py).
+    DanceGRPO's reference code averages over dimensions instead: its log-ratios are 1/d of
+    these, so its clip ranges and KL weights do not carry over unchanged.
+    """
     d = x[0].numel()
     sq = (x.float() - mean.float()).pow(2).flatten(1).sum(1)
     return -sq / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
@@ -122,6 +159,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
         self.cfg = cfg
+        check_sde_type(cfg.sde_type)
         if pipe is None:
             from mmalign.paths import resolve
 
@@ -331,10 +369,12 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         need_log_probs: bool = True,
         decode: bool = True,
     ) -> Rollout:
-        """Sample with Flow-GRPO's SDE (noise level `eta` = a); keep x_1..x_0 and each step's log-prob.
+        """Sample with the config's SDE (`sde_type`, Flow-GRPO's by default; noise level `eta`);
+        keep x_1..x_0 and each step's log-prob.
 
         eta = 0 is the deterministic Euler sampler of diffusers' pipelines. Noise is drawn per
-        sample from `seeds` (default 0..B-1), so a sample does not depend on its batch.
+        sample from `seeds` (default 0..B-1), so a sample does not depend on its batch. The SDE
+        type is stored in `extras`, so `step_log_prob` scores the step that was taken.
         """
         if need_log_probs and eta <= 0:
             raise ValueError("rollout: eta=0 is the deterministic ODE sampler and has no step log-probabilities; "
@@ -351,7 +391,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         with torch.no_grad():
             for k, t in enumerate(timesteps):
                 v = self.guided_velocity(x, t, cond, uncond, guidance_scale)
-                mean, std = sde_step(v, x, sigmas[k], sigmas[k + 1], sigmas[1], eta)
+                mean, std = sde_step(v, x, sigmas[k], sigmas[k + 1], sigmas[1], eta, self.cfg.sde_type)
                 if std > 0:
                     x = mean + std * per_sample_randn([s * 7919 + k + 1 for s in seeds], shape, dev)
                     if need_log_probs:
@@ -364,7 +404,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
             samples=samples, latents=torch.stack(traj, 1), timesteps=timesteps,
             log_probs=torch.stack(logps, 1) if logps else None, prompts=prompts,
             extras={"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "eta": eta,
-                    "num_steps": num_steps},
+                    "num_steps": num_steps, "sde_type": self.cfg.sde_type},
         )
 
     # ------------------------------------------------------------------ hooks of the guided samplers
@@ -420,9 +460,9 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
 
     def sampler_step(self, pred: Tensor, x: Tensor, t: float, t_next: float, eta: float = 0.0,
                      noise: Tensor | None = None) -> Tensor:
-        """One step of `rollout`'s sampler from a (guided) velocity: Euler at eta = 0, Flow-GRPO's SDE above."""
+        """One step of `rollout`'s sampler from a (guided) velocity: Euler at eta = 0, else the config's SDE."""
         sigma, sigma_next = self._step_sigmas(t)
-        mean, std = sde_step(pred, x, sigma, sigma_next, self._guided_sigma_max, eta)
+        mean, std = sde_step(pred, x, sigma, sigma_next, self._guided_sigma_max, eta, self.cfg.sde_type)
         if std > 0:
             if noise is None:
                 raise ValueError("sampler_step: eta > 0 needs `noise`")
@@ -441,7 +481,8 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
                       return_mean: bool = False):
         """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model.
 
-        With `return_mean`, also the step's Gaussian mean and std (for KL penalties).
+        With `return_mean`, also the step's Gaussian mean and std (for KL penalties). The SDE is
+        the one the rollout was sampled with (its extras' sde_type; the config's when absent).
         """
         ex = rollout.extras
         x = rollout.latents[index, step].to(self.device).float()
@@ -449,7 +490,8 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         _, sigmas = self.sampling_schedule(int(ex["num_steps"]))
         sub = lambda d: None if d is None else {k: v[index] for k, v in d.items()}
         v = self.guided_velocity(x, rollout.timesteps[step], sub(ex["cond"]), sub(ex["uncond"]), ex["guidance_scale"])
-        mean, std = sde_step(v, x, sigmas[step], sigmas[step + 1], sigmas[1], ex["eta"])
+        mean, std = sde_step(v, x, sigmas[step], sigmas[step + 1], sigmas[1], ex["eta"],
+                             ex.get("sde_type", self.cfg.sde_type))
         logp = gaussian_log_prob(x_next, mean, std)
         return (logp, mean, std) if return_mean else logp
 
@@ -496,5 +538,5 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
 
 @register_generator("flow", FlowGeneratorConfig)
 def build_flow(cfg: FlowGeneratorConfig) -> FlowMatchingGenerator:
-    """Rectified-flow transformers (SD3 / SD3.5, FLUX) through diffusers, with Flow-GRPO's SDE sampler."""
+    """Rectified-flow transformers (SD3 / SD3.5, FLUX) through diffusers, with Flow-GRPO's or DanceGRPO's SDE."""
     return FlowMatchingGenerator(cfg)

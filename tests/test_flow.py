@@ -145,6 +145,110 @@ def test_step_log_prob_recomputes_the_stored_one(which, request):
                                    rtol=1e-5, atol=1e-3)
 
 
+# ---------------------------------------------------------------- DanceGRPO's SDE (generator.sde_type)
+
+
+def _dance_step(v, x, sigma, sigma_next, eta):
+    """DanceGRPO's step in float64, in the paper's code's terms: the Euler mean plus the score
+    correction log_term * dsigma, log_term = -eta^2 score / 2, score = -(x - (1 - sigma) x0_hat) / sigma^2."""
+    v, x = v.double(), x.double()
+    dsigma = sigma_next - sigma
+    x0_hat = x - sigma * v
+    score = -(x - (1 - sigma) * x0_hat) / sigma**2
+    mean = x + dsigma * v + (-0.5 * eta**2 * score) * dsigma
+    return mean, eta * math.sqrt(sigma - sigma_next)
+
+
+@pytest.mark.parametrize("which", ["gen", "flux"])
+def test_dance_grpo_log_prob_is_an_independent_gaussian(which, request, monkeypatch):
+    g = request.getfixturevalue(which)
+    monkeypatch.setattr(g.cfg, "sde_type", "dance_grpo")
+    eta, steps, scale = 0.5, 4, (3.0 if which == "gen" else 1.0)
+    ro = g.rollout(PROMPTS, num_steps=steps, guidance_scale=scale, eta=eta, seeds=[3, 4])
+    assert ro.extras["sde_type"] == "dance_grpo" and ro.log_probs.shape == (2, steps)
+    _, sigmas = g.sampling_schedule(steps)
+    for k in range(steps):
+        x, x_next = ro.latents[:, k], ro.latents[:, k + 1]
+        with torch.no_grad():
+            v = g.guided_velocity(x, ro.timesteps[k], ro.extras["cond"], ro.extras["uncond"], scale)
+            _, mean, std = g.step_log_prob(ro, k, return_mean=True)
+        want_mean, want_std = _dance_step(v, x, sigmas[k], sigmas[k + 1], eta)
+        # full Gaussian log-density summed over latent dimensions (not DanceGRPO's per-dimension mean)
+        want = torch.distributions.Normal(want_mean, want_std).log_prob(x_next.double()).flatten(1).sum(1)
+        torch.testing.assert_close(ro.log_probs[:, k].double(), want, rtol=1e-6, atol=2e-4)
+        torch.testing.assert_close(mean.double(), want_mean, rtol=0, atol=1e-5)  # the mean KL penalties use
+        assert std == pytest.approx(want_std, rel=1e-12)
+        # and it is not Flow-GRPO's step (whose std is a sqrt(sigma / (1 - sigma)) sqrt(-dt))
+        flow_mean, flow_std = _independent_step(v, x, sigmas[k], sigmas[k + 1], sigmas[1], eta)
+        assert flow_std != pytest.approx(want_std) and not torch.allclose(flow_mean, want_mean)
+
+
+@pytest.mark.parametrize("which", ["gen", "flux"])
+def test_dance_grpo_step_log_prob_recomputes_the_stored_one(which, request, monkeypatch):
+    g = request.getfixturevalue(which)
+    monkeypatch.setattr(g.cfg, "sde_type", "dance_grpo")
+    ro = g.rollout(PROMPTS, num_steps=3, guidance_scale=2.0, eta=0.8, seeds=[1, 2])
+    _, sigmas = g.sampling_schedule(3)
+    for k in range(3):
+        with torch.no_grad():
+            lp, mean, std = g.step_log_prob(ro, k, return_mean=True)
+        torch.testing.assert_close(lp, ro.log_probs[:, k], rtol=1e-6, atol=1e-4)
+        assert std == pytest.approx(0.8 * math.sqrt(sigmas[k] - sigmas[k + 1]), rel=1e-12)
+        with torch.no_grad(), g.reference():
+            ref = g.step_log_prob(ro, k)
+        assert not torch.allclose(ref, lp)  # adapters disabled -> a different policy
+    with torch.no_grad():
+        torch.testing.assert_close(g.step_log_prob(ro, 1, index=torch.tensor([1])), ro.log_probs[1:, 1],
+                                   rtol=1e-6, atol=1e-4)
+    # the rollout carries its SDE: switching the config back does not change how it is scored
+    monkeypatch.setattr(g.cfg, "sde_type", "flow_grpo")
+    with torch.no_grad():
+        torch.testing.assert_close(g.step_log_prob(ro, 2), ro.log_probs[:, 2], rtol=1e-6, atol=1e-4)
+
+
+def test_dance_grpo_noise_level_zero_is_diffusers_euler_sampler_exactly(gen, monkeypatch):
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    flow = gen.rollout(PROMPTS, num_steps=5, guidance_scale=3.0, eta=0.0, latents=x_T, need_log_probs=False)
+    monkeypatch.setattr(gen.cfg, "sde_type", "dance_grpo")
+    ro = gen.rollout(PROMPTS, num_steps=5, guidance_scale=3.0, eta=0.0, latents=x_T, need_log_probs=False)
+    assert torch.equal(ro.latents, flow.latents)
+    with torch.no_grad():
+        ref = gen.pipe(PROMPTS, num_inference_steps=5, guidance_scale=3.0, latents=x_T.clone(),
+                       output_type="latent", max_sequence_length=gen.max_sequence_length).images
+    assert torch.equal(ro.latents[:, -1], ref)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(gen.pipe.scheduler.config)
+    sched.set_timesteps(5)
+    for k, t in enumerate(sched.timesteps):
+        with torch.no_grad():
+            v = gen.guided_velocity(ro.latents[:, k], t, ro.extras["cond"], ro.extras["uncond"], 3.0)
+        assert torch.equal(sched.step(v, t, ro.latents[:, k]).prev_sample, ro.latents[:, k + 1])
+    with pytest.raises(ValueError, match="eta=0"):
+        gen.rollout(PROMPTS, num_steps=2, eta=0.0)
+
+
+def test_unknown_sde_type_is_a_clear_error(tiny_sd3):
+    from pathlib import Path
+
+    from mmalign.config import ConfigError
+    from mmalign.pipelines.flow import sde_step
+
+    msg = r"sde_type: 'dance' is not one of \['flow_grpo', 'dance_grpo'\]"
+    with pytest.raises(ValueError, match=msg):
+        FlowGeneratorConfig(pretrained=str(tiny_sd3), sde_type="dance").validate()
+    with pytest.raises(ValueError, match=msg):  # before anything is loaded
+        FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), sde_type="dance"))
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=msg):
+        sde_step(x, x, 0.5, 0.25, 0.9, 0.7, "dance")
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy" / "flow_grpo.yaml"
+    assert load_config(toy, ["generator.sde_type=dance_grpo"]).generator.args.sde_type == "dance_grpo"
+    assert load_config(toy).generator.args.sde_type == "flow_grpo"  # the default: existing numbers unchanged
+    with pytest.raises(ConfigError, match=r"generator\.sde_type: expected one of \['flow_grpo', 'dance_grpo'\]"):
+        load_config(toy, ["generator.sde_type=dance"])
+
+
 def test_denoise_error_by_hand(gen):
     """x_s = (1 - s) x0 + s eps, target eps - x0, s = shift(sigmoid(Phi^-1((t + 1/2) / N))), mean over dims."""
     g = torch.Generator().manual_seed(0)
@@ -434,9 +538,11 @@ class _MeanRed:
         return _mean_red(samples.images, prompts)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_guided_samplers_with_nothing_to_do_are_the_rollout_sampler(gen, eta):
+@pytest.mark.parametrize("eta,sde_type", [(0.0, "flow_grpo"), (0.7, "flow_grpo"), (0.7, "dance_grpo")])
+def test_guided_samplers_with_nothing_to_do_are_the_rollout_sampler(gen, eta, sde_type, monkeypatch):
     from mmalign.guidance import dynamic_cfg_sample, reward_guided_sample
+
+    monkeypatch.setattr(gen.cfg, "sde_type", sde_type)
 
     ref = gen.rollout(PROMPTS, num_steps=4, guidance_scale=3.0, eta=eta, seeds=[3, 4], need_log_probs=False)
     dyn = dynamic_cfg_sample(gen, PROMPTS, _MeanRed(), candidates=[3.0], num_steps=4, seeds=[3, 4], eta=eta)
