@@ -59,6 +59,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args)  # bad input fails before any model loads
     validate_sample_args(args)
+    label_scale = _check_label_pairs(args) if args.label_pairs else None
     if args.config:
         cfg = load_config(args.config)
         gen_cfg = cfg.generator.args
@@ -75,7 +76,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
         gen.load_trained(w.parent if w.is_file() else w)  # a LoRA file or its directory
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen.to(device)
+    if args.label_pairs:
+        from mmalign.methods.d3po import write_for_labelling
+
+        reps = [p for p in prompts for _ in range(args.n)]
+        ro = write_for_labelling(gen, reps, [args.seed + i for i in range(len(reps))], args.out, args.steps,
+                                 label_scale, args.eta, args.batch_size)
+        print(f"wrote {len(reps)} pairs ({len(ro)} samples) to {args.out}: buffer.safetensors, images/, pairs.jsonl. "
+              f"Set choice (0|1) or tie: true on every line of pairs.jsonl, then train D3PO with "
+              f"method.buffer={args.out} method.labels={Path(args.out) / 'pairs.jsonl'} reward=null")
+        return 0
     return run_sample(args, gen, prompts, device)  # mmalign/guidance/cli.py
+
+
+def _check_label_pairs(args: argparse.Namespace) -> float:
+    """--label-pairs: plain CFG sampling with stochastic steps; returns the CFG scale."""
+    from mmalign.config import ConfigError
+    from mmalign.guidance.cli import parse_guidance
+
+    mode, scale = parse_guidance(args.guidance, args.cfg_scale)
+    if mode != "cfg" or args.reward:
+        raise ConfigError("--label-pairs: samples with plain CFG (--cfg-scale) and no --reward; "
+                          "the preferences come from the labeller")
+    if args.eta <= 0:
+        raise ConfigError("--label-pairs: D3PO trains on the stochastic sampling steps; give --eta > 0 (e.g. 1.0)")
+    return scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("sample", help="generate images from prompts (optionally with trained weights)",
                        description="Generate images; --guidance cfg | dynamic-cfg | reward | best-of-n | beam "
-                                   "(rewards by --reward NAME[:WEIGHT]). Writes PNGs, grid.png, samples.jsonl.")
+                                   "(rewards by --reward NAME[:WEIGHT]). Writes PNGs, grid.png, samples.jsonl; with "
+                                   "--label-pairs, a D3PO round for human labelling instead.")
     p.add_argument("--model", "--pretrained", dest="pretrained", help="hub id or local diffusers directory")
     p.add_argument("--config", help="take the generator from a run config instead")
     p.add_argument("--generator", default="sd", help="generator registry name (default: sd)")
@@ -112,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device")
     p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--label-pairs", action="store_true",
+                   help="write a round for human labelling (D3PO) instead: 2 trajectories per prompt (x --n) from one "
+                        "initial noise; OUT/buffer.safetensors + buffer.json, OUT/images/<sample id>.png and an "
+                        "OUT/pairs.jsonl template (needs --eta > 0)")
     from mmalign.guidance.cli import add_sample_args
 
     add_sample_args(p)

@@ -2,8 +2,9 @@
 Model", 2024): DPO on the denoising MDP's steps.
 
 Two trajectories of one prompt start from the same initial noise x_T; a preference says
-which final image is better (here: from a reward model or a judge). Every stochastic step
-of the preferred trajectory is treated as a preferred action, and the per-step DPO loss is
+which final image is better: from a reward model or a judge (`reward:`), or from human
+labels (`method.buffer` + `method.labels`, see below). Every stochastic step of the preferred
+trajectory is treated as a preferred action, and the per-step DPO loss is
 
     L_k = -log sigmoid( beta * [ clip(log rho_w,k) - clip(log rho_l,k) ] ),
     log rho_k = log p_theta(x_{k+1} | x_k, c) - log p_ref(x_{k+1} | x_k, c)
@@ -17,19 +18,32 @@ Log-probs are summed over latent dimensions (preference.py), so log rho is not t
 per-dimension mean that leaves the original loss at log 2 ("loss stays 0.693"); beta is
 set for sums. Pairs whose rewards differ by <= tie_threshold are ties: they contribute
 nothing and are counted.
+
+Human labels (the paper's setting): `write_for_labelling` (CLI: `mmalign sample --label-pairs`)
+samples the pairs and writes the buffer (trajectories and log-probs), each sample's image as
+images/<sample id>.png and a pairs.jsonl template; a labeller fills in `choice` / `tie`
+(`read_labels` documents the format). With `method.buffer` and `method.labels` set, D3PO
+samples nothing and uses no reward: every round trains on the stored trajectories with the
+labelled pairs. With `reference: sampler` the reference is the stored log-probs, i.e. the
+policy that sampled the buffer (so sample with the model you train); `base` recomputes them
+with the frozen base model. Labelled ties contribute nothing and are counted.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.methods.online import RolloutSettings, collect, train_steps
+from mmalign.data.preference import DataError
+from mmalign.methods.online import RolloutSettings, collect, load_buffer, save_buffer, train_steps
 from mmalign.registry import register_method
+from mmalign.types import Rollout
 
 
 def d3po_step_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float,
@@ -51,8 +65,24 @@ class D3POConfig:
     reference: Literal["sampler", "base"] = "sampler"
     timestep_fraction: float = 0.5
     tie_threshold: float = 0.0
+    # Human labels instead of a reward: `buffer` is a directory written for labelling (`mmalign
+    # sample --label-pairs`), `labels` its filled-in JSONL. Set both, and no `reward:`; the
+    # sampling settings then come from the buffer (`rollout` only sets steps_per_round) and the
+    # trainer's data.prompts are read but unused.
+    buffer: str | None = None
+    labels: str | None = None
 
     def validate(self) -> None:
+        if (self.buffer is None) != (self.labels is None):
+            raise ValueError("buffer, labels: give both (a rollout written for labelling and its labels) or neither")
+        if self.labels is not None:
+            if self.tie_threshold:
+                raise ValueError("tie_threshold: compares reward gaps; with labels the ties are the file's `tie: true`")
+            if not (Path(self.buffer) / "buffer.safetensors").is_file():
+                raise ValueError(f"buffer: {self.buffer} has no buffer.safetensors (write one with "
+                                 "`mmalign sample --label-pairs`)")
+            if not Path(self.labels).is_file():
+                raise ValueError(f"labels: {self.labels} not found")
         if self.rollout.samples_per_prompt != 2:
             raise ValueError("rollout.samples_per_prompt: D3PO compares exactly 2 trajectories per prompt")
         if not self.rollout.same_initial_noise:
@@ -66,8 +96,29 @@ class D3PO:
 
     def __init__(self, cfg: D3POConfig):
         self.cfg, self.rollout = cfg, cfg.rollout
+        self.labelled: Rollout | None = None  # labels mode: the stored buffer with its labelled pairs
+
+    @property
+    def needs_reward(self) -> bool:
+        return self.cfg.labels is None
+
+    def setup(self, generator, reward) -> None:
+        """Labels mode: refuse a reward (it would be ignored) and read buffer and labels now (fail fast)."""
+        if self.cfg.labels is None:
+            return
+        if reward is not None:
+            from mmalign.config import ConfigError
+
+            raise ConfigError(f"method.labels: D3PO takes its preferences from {self.cfg.labels}, not from a "
+                              "reward; remove `reward:` (evaluation then reports gold accuracy only) or remove "
+                              "method.buffer and method.labels to rank by the reward")
+        self.labelled = load_labelled(self.cfg.buffer, self.cfg.labels, generator)
 
     def collect(self, generator, reward, prompts, seeds):
+        if self.cfg.labels is not None:  # every round: the same labelled trajectories (prompts unused)
+            if self.labelled is None:
+                self.setup(generator, reward)
+            return self.labelled
         ro = collect(generator, reward, prompts, seeds, self.rollout)
         r = ro.extras["rewards"].view(-1, 2)
         base = torch.arange(len(r), device=r.device) * 2
@@ -80,8 +131,10 @@ class D3PO:
         return ro
 
     def round_metrics(self, ro) -> dict[str, float]:
-        r, p = ro.extras["rewards"], ro.extras["pairs"]
-        return {"reward_mean": float(r.mean()), "pairs": float(len(p)), "ties": ro.extras["ties"]}
+        out = {"pairs": float(len(ro.extras["pairs"])), "ties": ro.extras["ties"]}
+        if "rewards" in ro.extras:  # not in labels mode
+            out = {"reward_mean": float(ro.extras["rewards"].mean()), **out}
+        return out
 
     def num_items(self, ro) -> int:
         return len(ro.extras["pairs"])
@@ -111,6 +164,121 @@ class D3PO:
             acc += float((d > 0).float().mean()) / len(steps)
             lr_abs += float((logp - ref).detach().abs().mean()) / len(steps)
         return total, {"implicit_acc": acc, "abs_log_ratio": lr_abs}
+
+
+# --------------------------------------------------------------------------- human labels
+LABEL_KEYS = ("prompt", "sample_ids", "choice", "tie")
+
+
+@torch.no_grad()
+def write_for_labelling(generator, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
+                        num_steps: int = 20, guidance_scale: float = 4.0, eta: float = 1.0,
+                        batch_size: int = 64) -> Rollout:
+    """Sample D3PO pairs (2 trajectories per prompt from one initial noise) and write them for labelling:
+
+        OUT/buffer.safetensors, buffer.json  the trajectories and log-probs (`method.buffer: OUT`)
+        OUT/images/<sample id>.png           each sample's decoded image; sample id = index in the buffer
+        OUT/pairs.jsonl                      a template, one line per pair: prompt, sample_ids [2j, 2j+1],
+                                             choice null, tie false (and the two image paths)
+
+    A labeller sets `choice` (0 or 1) or `tie: true` on every line (`read_labels`).
+    """
+    rs = RolloutSettings(prompts_per_round=len(prompts), samples_per_prompt=2, num_steps=num_steps,
+                         guidance_scale=guidance_scale, eta=eta, same_initial_noise=True, reencode=False)
+    ro = collect(generator, None, prompts, seeds, rs, batch_size=batch_size)
+    if ro.samples.images is None:
+        raise ValueError(f"write_for_labelling: the generator returned {ro.samples.modality} samples; "
+                         "only images are written for labelling")
+    out = Path(out_dir)
+    save_buffer(ro, out)
+    (out / "images").mkdir(exist_ok=True)
+    from mmalign.media import tensor_to_pil
+
+    names = [f"images/{i:05d}.png" for i in range(len(ro))]
+    for name, img in zip(names, ro.samples.images):
+        tensor_to_pil(img.float()).save(out / name)
+    with open(out / "pairs.jsonl", "w") as f:
+        for j, prompt in enumerate(prompts):  # collect() keeps the 2 samples of prompt j at 2j, 2j+1
+            ids = [2 * j, 2 * j + 1]
+            f.write(json.dumps({"prompt": prompt, "sample_ids": ids, "choice": None, "tie": False,
+                                "images": [names[i] for i in ids]}) + "\n")
+    return ro
+
+
+def read_labels(path: str | Path, prompts: Sequence[str]) -> tuple[Tensor, int]:
+    """Pairwise labels of a buffer's samples, from JSONL (the format `mmalign label` writes).
+
+    One object per line: {"prompt": str, "sample_ids": [a, b], "choice": 0 | 1 | null, "tie": bool}.
+    `sample_ids` index the buffer's samples (whose prompts are `prompts`); `choice` is the index in
+    sample_ids of the preferred sample, null when `tie` is true. Other keys (the template's
+    `images`) are ignored, blank lines skipped. Returns (pairs [P, 2] of (preferred, other) sample
+    ids, number of ties); a bad line raises DataError naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: labels file not found")
+    pairs, ties = [], 0
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        at = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{at}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{at}: expected a JSON object with keys {', '.join(LABEL_KEYS)}")
+        missing = [k for k in LABEL_KEYS if k not in row]
+        if missing:
+            raise DataError(f"{at}: missing key {missing[0]!r} (every line needs {', '.join(LABEL_KEYS)})")
+        prompt, ids, choice, tie = (row[k] for k in LABEL_KEYS)
+        if not (isinstance(ids, list) and len(ids) == 2 and all(type(i) is int for i in ids) and ids[0] != ids[1]):
+            raise DataError(f"{at}: sample_ids must be a list of 2 different sample ids (integers), got {ids!r}")
+        for i in ids:
+            if not 0 <= i < len(prompts):
+                raise DataError(f"{at}: sample id {i} out of range (the buffer has {len(prompts)} samples, "
+                                f"ids 0..{len(prompts) - 1})")
+            if prompt != prompts[i]:
+                raise DataError(f"{at}: prompt {prompt!r} does not match the buffer's prompt of sample {i}, "
+                                f"{prompts[i]!r} (labels of another buffer?)")
+        if type(tie) is not bool:
+            raise DataError(f"{at}: tie must be true or false, got {tie!r}")
+        if tie:
+            if choice is not None:
+                raise DataError(f"{at}: tie is true but choice is {choice!r}; a tie has choice null")
+            ties += 1
+            continue
+        if type(choice) is not int or choice not in (0, 1):
+            hint = " (is this line still unlabelled?)" if choice is None else ""
+            raise DataError(f"{at}: choice must be 0 or 1 (the index in sample_ids of the preferred sample) "
+                            f"unless tie is true, got {choice!r}{hint}")
+        pairs.append((ids[choice], ids[1 - choice]))
+    if not pairs and not ties:
+        raise DataError(f"{path}: no labels (the file has no lines)")
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2), ties
+
+
+def load_labelled(buffer_dir: str | Path, labels: str | Path, generator) -> Rollout:
+    """A buffer written for labelling, with extras `pairs` ((preferred, other) sample ids) and
+    `ties` from its labels."""
+    ro = load_buffer(Path(buffer_dir), generator)
+    if ro.log_probs is None:
+        raise DataError(f"{buffer_dir}: the buffer has no step log-probs (sampled with eta=0?)")
+    shape, want = tuple(ro.latents.shape[2:]), tuple(generator.latent_shape)
+    if shape != want:
+        raise DataError(f"{buffer_dir}: latents of shape {shape}, but this generator's are {want} "
+                        "(written with another model?)")
+    pairs, ties = read_labels(labels, ro.prompts)
+    x_T = ro.latents[:, 0]
+    for w, l in pairs.tolist():
+        if not torch.equal(x_T[w], x_T[l]):
+            raise DataError(f"{labels}: samples {w} and {l} do not start from one initial noise; D3PO compares "
+                            f"the two samples of a pair listed in {Path(buffer_dir) / 'pairs.jsonl'}")
+    if not len(pairs):
+        raise DataError(f"{labels}: all {ties} labelled pairs are ties; nothing to train on")
+    ro.extras["pairs"] = pairs.to(ro.latents.device)
+    ro.extras["ties"] = float(ties)
+    return ro
 
 
 @register_method("d3po", D3POConfig)

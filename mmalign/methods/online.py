@@ -45,7 +45,8 @@ class RolloutSettings:
 @torch.no_grad()
 def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs: RolloutSettings,
             need_log_probs: bool = True, batch_size: int = 64) -> Rollout:
-    """G samples of every prompt with the current policy; extras get `rewards` and `group`."""
+    """G samples of every prompt with the current policy; extras get `rewards` (unless `reward` is
+    None: samples for human labelling) and `group`."""
     G = rs.samples_per_prompt
     rep = [p for p in prompts for _ in range(G)]
     sample_seeds = [s * 1009 + j for s in seeds for j in range(G)]
@@ -59,7 +60,8 @@ def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs:
         ro = generator.rollout(rep[sl], num_steps=rs.num_steps, guidance_scale=rs.guidance_scale, eta=rs.eta,
                                seeds=sample_seeds[sl], latents=None if init is None else init[sl],
                                need_log_probs=need_log_probs)
-        ro.extras["rewards"] = reward(ro.samples, rep[sl]).float().detach()
+        if reward is not None:
+            ro.extras["rewards"] = reward(ro.samples, rep[sl]).float().detach()
         if rs.reencode:
             ro.extras["x0"] = generator.encode_images(ro.samples.images)
         parts.append(ro)
