@@ -16,6 +16,7 @@ without autograd, with LoRA adapters disabled (no second UNet) unless fine-tunin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -73,8 +74,11 @@ class DiffusionDPOConfig:
 class DiffusionDPO:
     online = False
 
-    def __init__(self, cfg: DiffusionDPOConfig):
+    def __init__(self, cfg: DiffusionDPOConfig, reference: Callable | None = None):
+        """`reference(generator)`: a context in which the generator is the reference policy
+        (default: `generator.reference()`, the frozen base; online_dpo can pass another)."""
         self.cfg = cfg
+        self.reference = reference or (lambda generator: generator.reference())
 
     def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
         prompts = batch["prompts"]
@@ -94,9 +98,9 @@ class DiffusionDPO:
             guided = {"uncond": generator.cat_cond(uncond, uncond), "guidance_scale": s}
         x, noise2, t2 = torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([t, t])
 
-        err_w, err_l = generator.denoise_error(x, cond2, t2, noise2, **guided).chunk(2)
-        with torch.no_grad(), generator.reference():
+        with torch.no_grad(), self.reference(generator):  # first: a reference may swap weights in
             ref_w, ref_l = generator.denoise_error(x, cond2, t2, noise2, **guided).chunk(2)
+        err_w, err_l = generator.denoise_error(x, cond2, t2, noise2, **guided).chunk(2)
 
         losses, m = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.beta, self.cfg.loss_type,
                                        self.cfg.label_smoothing)
