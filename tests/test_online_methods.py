@@ -160,6 +160,23 @@ def test_online_resume_mid_round_is_exact(name, per_round, split, tmp_path, tiny
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0 if name == "grpo" else 1e-6, msg=n)
 
 
+def test_grpo_drops_zero_advantage_groups(tiny_sd):
+    from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
+
+    gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd)))
+
+    def reward(samples, prompts):  # the first prompt's group all scores 1: nothing to learn there
+        return torch.tensor([1.0 if p == "a red circle" else float(i) for i, p in enumerate(prompts)])
+
+    for filt, kept in [(True, [3, 4, 5]), (False, list(range(6)))]:
+        m = GRPO(GRPOConfig(rollout=RolloutSettings(samples_per_prompt=3, num_steps=2), filter_zero_std=filt))
+        buf = m.collect(gen, reward, ["a red circle", "a blue square"], [0, 1])
+        assert buf.extras["keep"].tolist() == kept
+        assert m.num_items(buf) == len(kept)
+        assert m.round_metrics(buf)["dropped_groups"] == (1.0 if filt else 0.0)
+        torch.testing.assert_close(buf.extras["advantages"][:3], torch.zeros(3))
+
+
 def test_online_dpo_previous_policy_reference(tiny_sd, tiny_clip):
     """reference: previous -- round 0's copy is the base (LoRA starts at zero); after an update
     the margin is measured against the copy until the next copy, which resets it to 0."""

@@ -72,3 +72,25 @@ def test_signs_prefer_the_winner():
         assert lo.item() < hi.item(), name
     with pytest.raises(ValueError, match="unknown loss_type"):
         P.pairwise("dpoo", z, z, z, z, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(P.LOSSES))
+def test_swapping_winner_and_loser_flips_the_gradient_and_a_tie_has_none(name):
+    g = torch.Generator().manual_seed(3)
+    pw, pl = (torch.randn(8, generator=g, dtype=torch.float64) * 0.01 for _ in range(2))
+    rw, rl = pw.clone(), pl.clone()  # policy == reference: every loss sits at its starting point
+
+    def grads(w, l):
+        w, l = w.clone().requires_grad_(True), l.clone().requires_grad_(True)
+        P.pairwise(name, w, l, rw, rl, 1.5, 0.1).sum().backward()
+        return w.grad, l.grad
+
+    gw, gl = grads(pw, pl)
+    assert (gw < 0).all() and (gl > 0).all(), name  # descent raises the winner's score, lowers the loser's
+    rw, rl = pl.clone(), pw.clone()
+    sw, sl = grads(pl, pw)  # the same pair with the roles swapped
+    torch.testing.assert_close(sw, -gl, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sl, -gw, rtol=1e-12, atol=0)
+    tie = pw.clone().requires_grad_(True)  # one sample on both sides (a tie): no gradient at all
+    P.pairwise(name, tie, tie, rw, rw, 1.5, 0.1).sum().backward()
+    assert torch.count_nonzero(tie.grad) == 0, name
