@@ -18,7 +18,8 @@ step-capped (--unet-steps ...): runs are seeded, and the number of steps done is
 next to the weights (train_info.json), so `--unet-steps N` with a large --minutes repeats
 a run step for step. `--caption-noise P` (UNet stage) pairs a fraction P of the training
 captions with a scene of a hard negative instead (noisy alt-text, as in web data), so the
-model's errors include wrong-but-crisp modes that preference methods can move away from.
+model's errors include wrong-but-crisp modes that preference methods can move away from;
+`--noise-mode relation` (or color, shape, count, swap) makes that one systematic bias.
 The UNet stage saves a checkpoint and prints held-out gold accuracy per caption kind
 every --eval-every minutes, so a run can be stopped once the model is in the wanted accuracy
 band (see mmalign/toy/README section in ARCHITECTURE.md).
@@ -251,17 +252,17 @@ def fmt_report(r: dict) -> str:
     return f"acc={r['accuracy']:.3f} comp={r.get('compositional', float('nan')):.3f} n={r['n']} [{kinds}]"
 
 
-def noisy_captions(caps, seed: int) -> list[str]:
+def noisy_captions(caps, seed: int, mode: str | None = None) -> list[str]:
     """A hard negative of each caption (wrong colour, shape, count, binding or relation:
-    `perturb_caption`), or the caption itself where no perturbation applies."""
+    `perturb_caption`; only `mode` if given), or the caption itself where none applies."""
     rng = random.Random(seed)
-    return [perturb_caption(c, rng) or c for c in caps]
+    return [perturb_caption(c, rng, mode) or c for c in caps]
 
 
-def noisy_latents(vae, caps, seed: int):
+def noisy_latents(vae, caps, seed: int, mode: str | None = None):
     """VAE posteriors of scenes drawn for `noisy_captions(caps)`, with `scene_pool`'s layout seeds."""
     per, imgs = {}, []
-    for c, wrong in zip(caps, noisy_captions(caps, seed)):
+    for c, wrong in zip(caps, noisy_captions(caps, seed, mode)):
         k = per[c] = per.get(c, -1) + 1
         imgs.append(render(wrong, k))
     return posteriors(vae, torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2))
@@ -277,7 +278,7 @@ def posteriors(vae, pool: torch.Tensor, chunk: int = 512):
 def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int | None = None,
                eval_every: float = 5.0, batch: int = 64,
                lr: float = 1e-3, init_from: Path | None = None, balance_kinds: bool = True,
-               caption_noise: float = 0.0):
+               caption_noise: float = 0.0, noise_mode: str | None = None):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -292,8 +293,8 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     mu, sd = posteriors(vae, pool)
     g = torch.Generator().manual_seed(seed)
     if caption_noise:  # noisy alt-text: the same captions paired with scenes of hard negatives
-        noisy_mu, noisy_sd = noisy_latents(vae, caps, seed)
-        log(f"unet: caption noise {caption_noise:.2f} (scenes of perturbed captions)")
+        noisy_mu, noisy_sd = noisy_latents(vae, caps, seed, noise_mode)
+        log(f"unet: caption noise {caption_noise:.2f} (scenes of perturbed captions, {noise_mode or 'any'} mode)")
     # Kind-balanced sampling: the grammar has far more two-object captions than single /
     # count ones; uniform sampling gives a model that draws two objects for "a red circle".
     kinds = [caption_kind(c) for c in caps]
@@ -389,7 +390,7 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     pipe.set_progress_bar_config(disable=True)
     info = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "minutes": (time.time() - t0) / 60,
             "init_from": str(init_from) if init_from else None, "balance_kinds": balance_kinds,
-            "caption_noise": caption_noise,
+            "caption_noise": caption_noise, "noise_mode": noise_mode,
             "history": history}
     save_pipe(pipe, out / "sd_toy", info)
     shutil.rmtree(tok_dir, ignore_errors=True)
@@ -627,6 +628,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder learning rate")
     ap.add_argument("--caption-noise", type=float, default=0.0,
                     help="UNet stage: fraction of examples whose scene shows a hard negative of the caption")
+    ap.add_argument("--noise-mode", choices=["color", "shape", "count", "relation", "swap"], default=None,
+                    help="UNet stage: only this kind of hard negative (a systematic bias, e.g. relation: "
+                         "'A left of B' shown as B left of A); default: a random applicable kind")
     ap.add_argument("--no-balance-kinds", action="store_true",
                     help="sample train scenes uniformly instead of by KIND_SHARE")
     ap.add_argument("--device", default="cpu", help="flow stage: cpu | cuda")
@@ -651,7 +655,7 @@ def main(argv=None):
     if args.stage in ("unet", "all"):
         train_unet(args.out, args.work, args.minutes, args.seed, args.unet_steps, args.eval_every,
                    lr=args.lr, init_from=args.init_from, balance_kinds=not args.no_balance_kinds,
-                   caption_noise=args.caption_noise)
+                   caption_noise=args.caption_noise, noise_mode=args.noise_mode)
     if args.stage in ("unet", "all", "report"):
         final_report(args.out)
     if args.stage in ("proxy", "all"):
