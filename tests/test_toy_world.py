@@ -241,3 +241,17 @@ def test_caption_noise_scenes_are_wrong_for_their_caption():
     changed = [(c, w) for c, w in zip(caps, wrong) if w != c]
     assert len(changed) >= 0.9 * len(caps)
     assert not any(gold_score(render(w, i), c)["correct"] for i, (c, w) in enumerate(changed))
+    rel = noisy_captions(caps, seed=0, mode="relation")  # one systematic bias: relations swapped
+    for c, w in zip(caps, rel):
+        kind = caption_kind(c)
+        assert (w != c) == (kind in ("left", "above")), (c, w)
+        if w != c:
+            assert caption_kind(w) == kind and not gold_score(render(w, 0), c)["correct"]
+
+
+def test_heldout_monitoring_draws_a_seed_per_sample():
+    from mmalign.toy.train import heldout_samples
+
+    caps, seeds = heldout_samples((0, 1))
+    assert caps == list(heldout_captions()) * 2
+    assert len(set(seeds)) == len(seeds)
