@@ -13,6 +13,19 @@ Generator interface with the flow-matching conventions (sigma in [0, 1], sigma =
   the quantile function of the model's training-time density (logit-normal by default, as
   SD3 trains; `timestep_sampling: uniform` for plain U(0, 1)) followed by the scheduler's
   shift, so methods that draw t uniformly sample sigma the way the model was trained.
+  `loss_weighting` (default none) multiplies each sample's error by w(sigma) from diffusers'
+  `compute_loss_weighting_for_sd3` (Esser et al., "Scaling Rectified Flow Transformers for
+  High-Resolution Image Synthesis", 2024): sigma_sqrt w = sigma^-2, cosmap
+  w = 2 / (pi (1 - 2 sigma + 2 sigma^2)), on the shifted sigma. diffusers' SD3 scripts apply
+  it to uniformly drawn t (`timestep_sampling: uniform` reproduces them; with logit_normal the
+  density and the weight multiply) and to the velocity error (their `precondition_outputs=0`;
+  the x0 target is sigma^2 times it). SD3's `mode` density is not offered: diffusers'
+  `compute_density_for_timestep_sampling` draws its own u, while t here maps to sigma through a
+  quantile function. Every caller gets the weight, policy and reference passes alike: RAFT /
+  RWR and DPO's sft term become SD3's weighted objective; Diffusion-/Flow-DPO (pair and
+  reference share t) becomes DPO with beta w(sigma_t), the paper's T omega(lambda_t) that is
+  otherwise a constant (retune beta). `predict_x0` is never weighted (DiffusionNFT weights its
+  own terms).
 - `rollout(prompts, eta=a)`: Flow-GRPO's SDE sampler (Liu et al., "Flow-GRPO: Training Flow
   Matching Models via Online RL", 2025, eq. 9-10). With sigma_t = a sqrt(sigma / (1 - sigma))
   (sigma = 1 replaced by the next grid value in the denominator, as the paper's code does)
@@ -66,6 +79,15 @@ def _flow_lora() -> LoraSettings:
 
 
 SDE_TYPES = ("flow_grpo", "dance_grpo")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def check_loss_weighting(loss_weighting: str) -> str:
+    # diffusers' compute_loss_weighting_for_sd3 silently gives weight 1 to any unknown name
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"generator.loss_weighting: {loss_weighting!r} is not one of {list(LOSS_WEIGHTINGS)} "
+                         "(none: w = 1, sigma_sqrt: w = sigma^-2, cosmap: w = 2 / (pi (1 - 2 sigma + 2 sigma^2)))")
+    return loss_weighting
 
 
 def check_sde_type(sde_type: str) -> str:
@@ -92,6 +114,9 @@ class FlowGeneratorConfig:
     timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # training-time sigma density
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # per-sample weight w(sigma) of denoise_error (diffusers' compute_loss_weighting_for_sd3);
+    # none keeps the plain flow-matching error
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     # the SDE of `rollout` / `step_log_prob` at eta > 0 (eta = 0 is the Euler ODE for both):
     # Flow-GRPO's sigma_t = eta sqrt(sigma / (1 - sigma)) or DanceGRPO's sigma_t = eta
     sde_type: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
@@ -110,6 +135,7 @@ class FlowGeneratorConfig:
         if self.logit_std <= 0:
             raise ValueError("logit_std: must be positive")
         check_sde_type(self.sde_type)
+        check_loss_weighting(self.loss_weighting)
 
 
 def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: float, noise_level: float,
@@ -160,6 +186,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
 
         self.cfg = cfg
         check_sde_type(cfg.sde_type)
+        check_loss_weighting(cfg.loss_weighting)
         if pipe is None:
             from mmalign.paths import resolve
 
@@ -327,7 +354,8 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
 
     def denoise_error(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor, uncond: dict | None = None,
                       guidance_scale: float = 1.0) -> Tensor:
-        """Per-sample mean over latent dimensions of ||(noise - x0) - v_theta(x_sigma)||^2.
+        """Per-sample mean over latent dimensions of ||(noise - x0) - v_theta(x_sigma)||^2,
+        times w(sigma) of the config's `loss_weighting` (none: w = 1, the plain error).
 
         With `uncond` and `guidance_scale` != 1, the error of the guided velocity u + s (c - u)
         (gradients through both branches), as the UNet adapter offers it.
@@ -339,7 +367,12 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
             v = u + guidance_scale * (c - u)
         else:
             v = self.model_output(x_t, ts, cond)
-        return (v - (noise.float() - x0.float())).pow(2).flatten(1).mean(1)
+        err = (v - (noise.float() - x0.float())).pow(2).flatten(1).mean(1)
+        if self.cfg.loss_weighting == "none":
+            return err
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return err * compute_loss_weighting_for_sd3(self.cfg.loss_weighting, sigmas=sigma.flatten())
 
     def predict_x0(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """(x0_hat, x_t): noise x0 to training timestep t and estimate it back, x0_hat = x_t - sigma v."""

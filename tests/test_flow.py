@@ -277,6 +277,73 @@ def test_denoise_error_by_hand(gen):
     assert (s[1:] > s[:-1]).all() and s[0].item() == pytest.approx(3 * lo / (1 + 2 * lo), rel=1e-4)
 
 
+def _sigma_by_hand(t: int, shift: float = 3.0) -> float:
+    """float64 shift(sigmoid(Phi^-1((t + 1/2) / N))): the toy SD3's logit-normal training sigma."""
+    u = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((t + 0.5) / 1000, dtype=torch.float64))
+    s = torch.sigmoid(u).item()
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
+def test_denoise_error_loss_weighting_by_hand(gen, weighting, monkeypatch):
+    """w(sigma) * mean ||(eps - x0) - v||^2 in float64 on a float64 copy of the model, with SD3's
+    weights written out: none 1, sigma_sqrt sigma^-2, cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
+    monkeypatch.setattr(gen.cfg, "loss_weighting", weighting)
+    g = torch.Generator().manual_seed(8)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([20, 900])  # low and high noise, where the weights differ most
+    cond = gen.encode_prompt(PROMPTS)
+    with torch.no_grad():
+        got = gen.denoise_error(x0, cond, t, noise)
+        model = copy.deepcopy(gen.transformer).double()
+        want = []
+        for i in range(2):
+            s = _sigma_by_hand(int(t[i]))
+            w = {"none": 1.0, "sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2))}[weighting]
+            x, e = x0[i:i + 1].double(), noise[i:i + 1].double()
+            v = model(hidden_states=(1 - s) * x + s * e, timestep=torch.tensor([s * 1000.0], dtype=torch.float64),
+                      encoder_hidden_states=cond["encoder_hidden_states"][i:i + 1].double(),
+                      pooled_projections=cond["pooled_projections"][i:i + 1].double()).sample
+            want.append(w * ((e - x) - v).pow(2).mean())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-4, atol=1e-6)
+
+
+def test_loss_weighting_none_is_the_previous_error_exactly(gen, tiny_sd3):
+    """The default adds nothing: bit-for-bit the unweighted flow-matching error (plain and guided)."""
+    assert FlowGeneratorConfig(pretrained=str(tiny_sd3)).loss_weighting == "none" == gen.cfg.loss_weighting
+    g = torch.Generator().manual_seed(9)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([20, 900])
+    cond, uncond = gen.encode_prompt(PROMPTS), gen.encode_prompt(PROMPTS, negative=True)
+    with torch.no_grad():
+        x_t, sig = gen.noisy(x0, t, noise)
+        v = gen.model_output(x_t, sig.flatten() * 1000, cond)
+        assert torch.equal(gen.denoise_error(x0, cond, t, noise), (v - (noise - x0)).pow(2).flatten(1).mean(1))
+        u, c = gen.model_output(torch.cat([x_t, x_t]), torch.cat([sig.flatten() * 1000] * 2),
+                                gen.cat_cond(uncond, cond)).chunk(2)
+        assert torch.equal(gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=3.0),
+                           ((u + 3.0 * (c - u)) - (noise - x0)).pow(2).flatten(1).mean(1))
+
+
+def test_unknown_loss_weighting_is_a_clear_error(tiny_sd3):
+    from pathlib import Path
+
+    from mmalign.config import ConfigError
+
+    msg = r"generator\.loss_weighting: 'logit_normal' is not one of \['none', 'sigma_sqrt', 'cosmap'\]"
+    with pytest.raises(ValueError, match=msg):
+        FlowGeneratorConfig(pretrained=str(tiny_sd3), loss_weighting="logit_normal").validate()
+    with pytest.raises(ValueError, match=msg):  # before anything is loaded
+        FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), loss_weighting="logit_normal"))
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy" / "flow_dpo.yaml"
+    assert load_config(toy).generator.args.loss_weighting == "none"
+    assert load_config(toy, ["generator.loss_weighting=cosmap"]).generator.args.loss_weighting == "cosmap"
+    expected = r"generator\.loss_weighting: expected one of \['none', 'sigma_sqrt', 'cosmap'\]"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(toy, ["generator.loss_weighting=sigma"])
+
+
 def test_lora_save_and_load_roundtrip(gen, tiny_sd3, tmp_path):
     gen.save_trained(tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -304,8 +371,10 @@ def test_lora_save_and_load_roundtrip(gen, tiny_sd3, tmp_path):
 # ---------------------------------------------------------------- Flow-DPO
 
 
-def test_flow_dpo_loss_matches_float64(gen):
-    """Diffusion-DPO on velocity errors (Flow-DPO) through the method, against a float64 model copy."""
+@pytest.mark.parametrize("weighting", ["none", "cosmap"])
+def test_flow_dpo_loss_matches_float64(gen, weighting, monkeypatch):
+    """Diffusion-DPO on velocity errors (Flow-DPO) through the method, against a float64 model copy.
+    With a loss weighting, policy and reference errors are both weighted: DPO with beta w(sigma_t)."""
     from mmalign.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
     from mmalign.types import per_sample_randint, per_sample_randn
 
@@ -313,6 +382,7 @@ def test_flow_dpo_loss_matches_float64(gen):
     x_w, x_l = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     seeds = torch.tensor([11, 12])
     beta = 700.0
+    monkeypatch.setattr(gen.cfg, "loss_weighting", weighting)
     loss, _ = DiffusionDPO(DiffusionDPOConfig(beta=beta)).loss(
         {"prompts": PROMPTS, "latents_w": x_w, "latents_l": x_l, "seeds": seeds}, gen)
 
@@ -333,7 +403,9 @@ def test_flow_dpo_loss_matches_float64(gen):
         ew, el = err(x_w), err(x_l)
         model.disable_adapters()
         rw, rl = err(x_w), err(x_l)
-    want = -F.logsigmoid(-beta / 2 * ((ew - el) - (rw - rl))).mean()
+    s = sig.flatten()
+    w = torch.ones_like(s) if weighting == "none" else 2 / (math.pi * (1 - 2 * s + 2 * s**2))
+    want = -F.logsigmoid(-beta / 2 * w * ((ew - el) - (rw - rl))).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
 
 
