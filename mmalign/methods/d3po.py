@@ -2,9 +2,11 @@
 Model", 2024): DPO on the denoising MDP's steps.
 
 Two trajectories of one prompt start from the same initial noise x_T; a preference says
-which final image is better: from a reward model or a judge (`reward:`), or from human
-labels (`method.buffer` + `method.labels`, see below). Every stochastic step of the preferred
-trajectory is treated as a preferred action, and the per-step DPO loss is
+which final image is better: from a reward model or a judge's score (`reward:`, `preference:
+reward`), from a pairwise judge shown both images (`preference: pairwise`), or from human
+labels (`method.buffer` + `method.labels`); the last two are described below. Every
+stochastic step of the preferred trajectory is treated as a preferred action, and the
+per-step DPO loss is
 
     L_k = -log sigmoid( beta * [ clip(log rho_w,k) - clip(log rho_l,k) ] ),
     log rho_k = log p_theta(x_{k+1} | x_k, c) - log p_ref(x_{k+1} | x_k, c)
@@ -18,6 +20,22 @@ Log-probs are summed over latent dimensions (preference.py), so log rho is not t
 per-dimension mean that leaves the original loss at log 2 ("loss stays 0.693"); beta is
 set for sums. Pairs whose rewards differ by <= tie_threshold are ties: they contribute
 nothing and are counted.
+
+Pairwise judge (`preference: pairwise`): the reward must have `prefer(samples_a, samples_b,
+prompts) -> [B] P(a is better)` (vlm_judge, audio_judge; any other reward is refused at setup,
+naming it). Write P1(x, y) for the judge's P(first image is better) when shown x, then y. Each
+pair (a, b) = samples (2j, 2j+1) is shown as (a, b) and, with `swap_average: true` (the
+default), also as (b, a): p = (P1(a, b) + 1 - P1(b, a)) / 2; without it p = P1(a, b). A chat
+judge tends to prefer the image it sees first; the two samples of a pair are exchangeable, so
+that bias is label noise rather than a systematic shift, and averaging the orders removes it at
+twice the judge's cost. The judge's own `swap_average: true` does the same inside prefer(): turn
+one of the two on, not both (same p, 4 forwards per pair, and the metric below reads 0). The
+round metric `position_bias` = mean(P1(a, b) + P1(b, a) - 1) (0: none; > 0: the judge favours
+the first image), `judge_margin` = mean |p - 0.5|. Sample a wins when p >= 0.5; pairs with
+|p - 0.5| <= tie_threshold are ties (counted, skipped), so tie_threshold is in [0, 0.5) here.
+The judge's `mode` is what it reports as a score: evaluation's reward column calls the judge on
+single images, so keep `mode: yes_no` or `likert` on the reward (or set `eval.enabled: false`
+with `mode: pairwise`).
 
 Human labels (the paper's setting): `write_for_labelling` (CLI: `mmalign sample --label-pairs`)
 samples the pairs and writes the buffer (trajectories and log-probs), each sample's image as
@@ -43,7 +61,7 @@ from torch import Tensor
 from mmalign.data.preference import DataError
 from mmalign.methods.online import RolloutSettings, collect, load_buffer, save_buffer, train_steps
 from mmalign.registry import register_method
-from mmalign.types import Rollout
+from mmalign.types import Rollout, Samples
 
 
 def d3po_step_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float,
@@ -64,7 +82,11 @@ class D3POConfig:
     clip_eps: float | None = 0.5  # |log rho| <= log(1 + eps); None: no clipping
     reference: Literal["sampler", "base"] = "sampler"
     timestep_fraction: float = 0.5
-    tie_threshold: float = 0.0
+    # Where a round's preferences come from: `reward` ranks the pair by the reward's scores;
+    # `pairwise` asks the reward's prefer(a, b, prompts) (a pairwise judge: vlm_judge, audio_judge).
+    preference: Literal["reward", "pairwise"] = "reward"
+    swap_average: bool = True  # pairwise: ask both presentation orders and average (position bias)
+    tie_threshold: float = 0.0  # a tie: |reward gap| <= this (reward), |P(first better) - 0.5| <= this (pairwise)
     # Human labels instead of a reward: `buffer` is a directory written for labelling (`mmalign
     # sample --label-pairs`), `labels` its filled-in JSONL. Set both, and no `reward:`; the
     # sampling settings then come from the buffer (`rollout` only sets steps_per_round) and the
@@ -83,6 +105,14 @@ class D3POConfig:
                                  "`mmalign sample --label-pairs`)")
             if not Path(self.labels).is_file():
                 raise ValueError(f"labels: {self.labels} not found")
+            if self.preference != "reward":
+                raise ValueError(f"preference: {self.preference!r} asks the reward; with labels the preferences "
+                                 "are the file's (remove `preference` or method.buffer and method.labels)")
+        if self.tie_threshold < 0:
+            raise ValueError(f"tie_threshold: must be >= 0, got {self.tie_threshold}")
+        if self.preference == "pairwise" and self.tie_threshold >= 0.5:
+            raise ValueError(f"tie_threshold: with preference: pairwise it bounds |P(first better) - 0.5|, so it "
+                             f"must be < 0.5 (got {self.tie_threshold}; 0.5 makes every pair a tie)")
         if self.rollout.samples_per_prompt != 2:
             raise ValueError("rollout.samples_per_prompt: D3PO compares exactly 2 trajectories per prompt")
         if not self.rollout.same_initial_noise:
@@ -103,7 +133,10 @@ class D3PO:
         return self.cfg.labels is None
 
     def setup(self, generator, reward) -> None:
-        """Labels mode: refuse a reward (it would be ignored) and read buffer and labels now (fail fast)."""
+        """Fail fast: pairwise mode checks the reward can compare pairs; labels mode refuses a reward
+        (it would be ignored) and reads buffer and labels now."""
+        if self.cfg.preference == "pairwise":
+            check_pairwise(reward)
         if self.cfg.labels is None:
             return
         if reward is not None:
@@ -119,21 +152,29 @@ class D3PO:
             if self.labelled is None:
                 self.setup(generator, reward)
             return self.labelled
-        ro = collect(generator, reward, prompts, seeds, self.rollout)
-        r = ro.extras["rewards"].view(-1, 2)
-        base = torch.arange(len(r), device=r.device) * 2
-        first_wins = r[:, 0] >= r[:, 1]
-        w = torch.where(first_wins, base, base + 1)
-        l = torch.where(first_wins, base + 1, base)
-        ok = (r[:, 0] - r[:, 1]).abs() > self.cfg.tie_threshold
-        ro.extras["pairs"] = torch.stack([w[ok], l[ok]], 1)
-        ro.extras["ties"] = float((~ok).sum())
+        if self.cfg.preference == "pairwise":
+            check_pairwise(reward)
+            ro = collect(generator, None, prompts, seeds, self.rollout)  # the judge scores pairs, not samples
+            p, bias = judge_pairs(reward, ro.samples, ro.prompts, self.cfg.swap_average)
+            margin = p - 0.5
+            ro.extras["judge_margin"] = float(margin.abs().mean())
+            if bias is not None:
+                ro.extras["position_bias"] = bias
+        else:
+            ro = collect(generator, reward, prompts, seeds, self.rollout)
+            r = ro.extras["rewards"].view(-1, 2)
+            margin = r[:, 0] - r[:, 1]
+        ro.extras["pairs"], ties = pairs_from_margin(margin, self.cfg.tie_threshold)
+        ro.extras["ties"] = float(ties)
         return ro
 
     def round_metrics(self, ro) -> dict[str, float]:
         out = {"pairs": float(len(ro.extras["pairs"])), "ties": ro.extras["ties"]}
-        if "rewards" in ro.extras:  # not in labels mode
+        if "rewards" in ro.extras:  # not in labels or pairwise mode
             out = {"reward_mean": float(ro.extras["rewards"].mean()), **out}
+        for k in ("judge_margin", "position_bias"):  # pairwise mode
+            if k in ro.extras:
+                out[k] = ro.extras[k]
         return out
 
     def num_items(self, ro) -> int:
@@ -164,6 +205,55 @@ class D3PO:
             acc += float((d > 0).float().mean()) / len(steps)
             lr_abs += float((logp - ref).detach().abs().mean()) / len(steps)
         return total, {"implicit_acc": acc, "abs_log_ratio": lr_abs}
+
+
+def pairs_from_margin(margin: Tensor, tie_threshold: float) -> tuple[Tensor, int]:
+    """(winner, loser) sample ids of the pairs (2j, 2j+1) from margin[j] = how much sample 2j is
+    preferred (a reward gap, or P(first better) - 0.5); the first wins at margin >= 0, and
+    |margin| <= tie_threshold is a tie (dropped, counted). Returns (pairs [P, 2], ties)."""
+    base = torch.arange(len(margin), device=margin.device) * 2
+    first_wins = margin >= 0
+    w = torch.where(first_wins, base, base + 1)
+    l = torch.where(first_wins, base + 1, base)
+    ok = margin.abs() > tie_threshold
+    return torch.stack([w[ok], l[ok]], 1), int((~ok).sum())
+
+
+# --------------------------------------------------------------------------- pairwise judge
+def check_pairwise(reward) -> None:
+    """Refuse `preference: pairwise` with a reward that cannot compare two samples."""
+    from mmalign.config import ConfigError
+
+    if reward is None:
+        raise ConfigError("method.preference: pairwise asks the reward which sample of a pair is better: set "
+                          "`reward:` to a pairwise judge (vlm_judge, audio_judge)")
+    if not callable(getattr(reward, "prefer", None)):
+        name = getattr(reward, "name", type(reward).__name__)
+        raise ConfigError(f"method.preference: pairwise needs a reward with prefer(samples_a, samples_b, prompts), "
+                          f"but reward {name!r} only scores single samples; use a pairwise judge (vlm_judge, "
+                          "audio_judge) or `preference: reward`")
+
+
+def _every_other(s: Samples, start: int) -> Samples:
+    pick = lambda x: None if x is None else x[start::2]
+    return Samples(images=pick(s.images), video=pick(s.video), audio=pick(s.audio), sample_rate=s.sample_rate,
+                   text=pick(s.text))
+
+
+@torch.no_grad()
+def judge_pairs(judge, samples: Samples, prompts: Sequence[str], swap_average: bool = True
+                ) -> tuple[Tensor, float | None]:
+    """p[j] = P(sample 2j beats sample 2j+1) from judge.prefer, and the judge's position bias
+    mean(P1(a, b) + P1(b, a) - 1) (None without swap_average; P1(x, y) = prefer(x, y)).
+
+    With swap_average the judge sees both orders: p = (P1(a, b) + 1 - P1(b, a)) / 2.
+    """
+    a, b, pr = _every_other(samples, 0), _every_other(samples, 1), list(prompts[0::2])
+    p_ab = judge.prefer(a, b, pr).float()
+    if not swap_average:
+        return p_ab, None
+    p_ba = judge.prefer(b, a, pr).float().to(p_ab.device)
+    return 0.5 * (p_ab + 1.0 - p_ba), float((p_ab + p_ba - 1.0).mean())
 
 
 # --------------------------------------------------------------------------- human labels
