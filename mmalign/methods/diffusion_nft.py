@@ -32,8 +32,9 @@ initial model). Optionally a KL-style penalty kl_coef * ||x0_theta - x0_ref||^2 
 dimensions) keeps the policy near the reference (the paper's code puts the same penalty on
 velocities: for a flow model that is this one divided by t^2).
 
-Limitation: the old-policy EMA lives in the method, not in the trainer's checkpoint, so a
-resumed run re-initialises it from the resumed weights.
+The old-policy EMA and the round counter live in the method; `state_dict` /
+`load_state_dict` put them in every checkpoint (method.pt), so a resumed run continues the same
+EMA (tests/test_online_methods.py: a resumed run equals an uninterrupted one).
 """
 from __future__ import annotations
 
@@ -124,6 +125,14 @@ class DiffusionNFT:
     def _params(generator) -> list[Tensor]:
         return [p for p in generator.trainable().parameters() if p.requires_grad]
 
+    def _old_params(self, params: list[Tensor]) -> list[Tensor]:
+        """The old policy's weights on the parameters' device (they load from a checkpoint on the CPU)."""
+        if len(self._old) != len(params) or any(o.shape != p.shape for o, p in zip(self._old, params)):
+            raise ValueError("diffusion_nft: the old policy (e.g. from a checkpoint's method.pt) does not "
+                             "match the generator's trainable parameters")
+        self._old = [o.to(p.device) for o, p in zip(self._old, params)]
+        return self._old
+
     @torch.no_grad()
     def _update_old(self, generator) -> float:
         """theta_old <- eta theta_old + (1 - eta) theta (theta_old = theta on the first round)."""
@@ -132,13 +141,25 @@ class DiffusionNFT:
             self._old = [p.detach().float().clone() for p in params]
             return 0.0
         eta = min(self.cfg.old_decay_rate * self._round, self.cfg.old_decay_max)
-        for o, p in zip(self._old, params):
+        for o, p in zip(self._old_params(params), params):
             o.mul_(eta).add_(p.detach().float(), alpha=1 - eta)
         return eta
 
     def old_policy(self, generator):
         """Context in which the generator's trainable parameters are the old policy's."""
-        return swapped(self._params(generator), self._old)
+        params = self._params(generator)
+        return swapped(params, self._old_params(params))
+
+    def state_dict(self) -> dict:
+        """The old-policy EMA (absent before the first round) and the round counter."""
+        out = {"round": self._round}
+        if self._old is not None:
+            out["old"] = [o.detach().cpu() for o in self._old]
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self._round = int(state["round"])
+        self._old = list(state["old"]) if "old" in state else None
 
     def collect(self, generator, reward, prompts, seeds):
         eta = self._update_old(generator)
@@ -152,8 +173,10 @@ class DiffusionNFT:
         ro.extras["old_decay"] = eta
         # clean samples only (the trajectory is not needed): the decoded images re-encoded when
         # the rollout settings ask for it (rollout.reencode, see online.py), else the sampler's x0
+        # (contiguous: the VAE encoder returns channels-last latents, on which the UNet's convolutions
+        # round differently than on the contiguous ones a resumed run loads from the checkpoint)
         x0 = ro.extras.pop("x0", None)
-        ro.latents = x0[:, None] if x0 is not None else ro.latents[:, -1:]
+        ro.latents = (x0[:, None] if x0 is not None else ro.latents[:, -1:]).contiguous()
         ro.log_probs = None
         return ro
 
@@ -170,7 +193,7 @@ class DiffusionNFT:
 
     def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
         ro = batch["rollout"]
-        if self._old is None:  # e.g. resumed mid-round: start the old policy from the weights
+        if self._old is None:  # loss before any round (collect sets it): start from the weights
             self._update_old(generator)
         dev = generator.device
         x0 = ro.latents[:, -1].to(dev).float()

@@ -63,7 +63,9 @@ def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs:
         if reward is not None:
             ro.extras["rewards"] = reward(ro.samples, rep[sl]).float().detach()
         if rs.reencode:
-            ro.extras["x0"] = generator.encode_images(ro.samples.images)
+            # contiguous: the VAE returns channels-last latents, and convolutions round differently
+            # on them than on the contiguous copy a resumed run loads from the checkpoint
+            ro.extras["x0"] = generator.encode_images(ro.samples.images).contiguous()
         parts.append(ro)
     ro = Rollout.cat(parts)
     ro.extras["group"] = torch.arange(len(prompts), device=ro.latents.device).repeat_interleave(G)
