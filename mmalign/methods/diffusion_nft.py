@@ -38,13 +38,12 @@ EMA (tests/test_online_methods.py: a resumed run equals an uninterrupted one).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from mmalign.methods.online import RolloutSettings, collect, group_advantages
+from mmalign.methods.online import RolloutSettings, collect, group_advantages, swapped
 from mmalign.registry import register_method
 from mmalign.types import per_sample_randint, per_sample_randn
 
@@ -72,19 +71,6 @@ def nft_loss(x0_hat: Tensor, x0_hat_old: Tensor, x0: Tensor, r: Tensor, beta: fl
     losses = (r * l_pos + (1 - r) * l_neg) / beta
     return losses, {"loss_pos": l_pos.detach(), "loss_neg": l_neg.detach(),
                     "old_deviation": (x0_hat.detach() - x0_hat_old).pow(2).mean(dims)}
-
-
-@contextmanager
-def swapped(params: list[Tensor], values: list[Tensor]):
-    """Temporarily give `params` the data `values` (no copies: the storages are exchanged)."""
-    saved = [p.data for p in params]
-    for p, v in zip(params, values):
-        p.data = v
-    try:
-        yield
-    finally:
-        for p, s in zip(params, saved):
-            p.data = s
 
 
 def _nft_rollout() -> RolloutSettings:

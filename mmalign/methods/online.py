@@ -10,6 +10,7 @@ per-step log-probs stored), scores them with the reward, and then the trainer ta
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -93,6 +94,20 @@ def train_steps(T: int, fraction: float, seed: int, window: Sequence[float] = (0
     n = max(1, math.ceil(fraction * T))
     g = torch.Generator().manual_seed(seed)
     return sorted((lo + torch.randperm(hi - lo, generator=g)[:n]).tolist())
+
+
+@contextlib.contextmanager
+def swapped(params: list[Tensor], values: list[Tensor]):
+    """Temporarily give `params` the data `values` (no copies: the storages are exchanged), e.g. an
+    earlier policy's weights for a no-grad reference pass."""
+    saved = [p.data for p in params]
+    for p, v in zip(params, values):
+        p.data = v
+    try:
+        yield
+    finally:
+        for p, s in zip(params, saved):
+            p.data = s
 
 
 BUFFER_SKIP = ("cond", "uncond")  # recomputed from the prompts on load

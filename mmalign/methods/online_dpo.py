@@ -19,7 +19,6 @@ checkpoints, so a resumed run uses the same reference.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mmalign.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
-from mmalign.methods.online import RolloutSettings, collect
+from mmalign.methods.online import RolloutSettings, collect, swapped
 from mmalign.registry import register_method
 
 
@@ -67,20 +66,11 @@ class OnlineDPO:
     def _trained(generator) -> list[Tensor]:
         return [p for p in generator.trainable().parameters() if p.requires_grad]
 
-    @contextlib.contextmanager
     def _previous_policy(self, generator):
-        """The copied policy's weights in place of the trained ones (for a no-grad pass)."""
+        """The copied policy's weights in place of the trained ones (for the no-grad reference pass)."""
         params = self._trained(generator)
-        current = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, r in zip(params, self.ref_params):
-                p.copy_(r)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, c in zip(params, current):
-                    p.copy_(c)
+        self.ref_params = [r.to(p.device, p.dtype) for r, p in zip(self.ref_params, params)]  # after a resume: CPU
+        return swapped(params, self.ref_params)
 
     def collect(self, generator, reward, prompts, seeds):
         if self.cfg.reference == "previous" and self.rounds % self.cfg.ref_update_every == 0:
