@@ -106,6 +106,13 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2
     log_every: int = 1
+    # online methods: write every N-th round's rollouts (buffer, images, rewards) to
+    # <run>/rollouts/round_<n>/ for inspection; 0 = never
+    save_rollouts_every: int = 0
+
+    def validate(self) -> None:
+        if self.save_rollouts_every < 0:
+            raise ValueError("save_rollouts_every: must be >= 0 (rounds; 0 = never)")
 
 
 @dataclass

@@ -153,6 +153,11 @@ class Trainer:
                 with self.acc.autocast():
                     buf = self.method.collect(self.generator, self.reward, prompts, seeds)
                 self.generator.set_forward_module(self.model)
+                if t.save_rollouts_every and rnd % t.save_rollouts_every == 0:
+                    from mmalign.methods.online import dump_rollout
+
+                    name = f"round_{rnd:06d}" + (f"_rank{rank}" if world > 1 else "")
+                    dump_rollout(buf, self.run_dir / "rollouts" / name)
                 stats = self.method.round_metrics(buf)
                 if world > 1:
                     vec = self.acc.reduce(torch.tensor(list(stats.values()), device=self.acc.device), "mean")

@@ -362,3 +362,24 @@ def test_grpo_kl_matches_float64_gaussian_kl(tiny_sd, tiny_clip):
     assert want > 1e-2
     assert met1["kl"] == pytest.approx(want, rel=1e-5)
     assert (loss1 - loss0).item() == pytest.approx(c * want, rel=1e-5)
+
+
+def test_rollouts_written_for_inspection(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
+    import json
+
+    from safetensors.torch import load_file
+
+    from mmalign.config import ConfigError
+
+    p = _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, ONLINE["grpo"], save_rollouts_every=2)
+    Trainer(load_config(p), run_dir=tmp_path / "run").fit()  # 3 steps, 2 per round: rounds 0 and 1
+    assert [d.name for d in (tmp_path / "run" / "rollouts").iterdir()] == ["round_000000"]
+    out = tmp_path / "run" / "rollouts" / "round_000000"
+    rows = [json.loads(l) for l in (out / "rollout.jsonl").read_text().splitlines()]
+    buf = load_file(str(out / "buffer.safetensors"))
+    assert [r["sample_id"] for r in rows] == list(range(6))  # 2 prompts x 3 samples
+    assert json.loads((out / "buffer.json").read_text())["prompts"] == [r["prompt"] for r in rows]
+    torch.testing.assert_close(torch.tensor([r["reward"] for r in rows]), buf["extras.rewards"])
+    assert buf["log_probs"].shape == (6, 3) and all((out / r["image"]).is_file() for r in rows)
+    with pytest.raises(ConfigError, match="save_rollouts_every"):
+        load_config(p, ["train.save_rollouts_every=-1"])

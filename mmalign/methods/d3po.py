@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.data.preference import DataError
-from mmalign.methods.online import RolloutSettings, collect, load_buffer, save_buffer, train_steps
+from mmalign.methods.online import RolloutSettings, collect, dump_rollout, load_buffer, train_steps
 from mmalign.registry import register_method
 from mmalign.types import Rollout, Samples
 
@@ -280,13 +280,7 @@ def write_for_labelling(generator, prompts: Sequence[str], seeds: Sequence[int],
         raise ValueError(f"write_for_labelling: the generator returned {ro.samples.modality} samples; "
                          "only images are written for labelling")
     out = Path(out_dir)
-    save_buffer(ro, out)
-    (out / "images").mkdir(exist_ok=True)
-    from mmalign.media import tensor_to_pil
-
-    names = [f"images/{i:05d}.png" for i in range(len(ro))]
-    for name, img in zip(names, ro.samples.images):
-        tensor_to_pil(img.float()).save(out / name)
+    names = dump_rollout(ro, out)
     with open(out / "pairs.jsonl", "w") as f:
         for j, prompt in enumerate(prompts):  # collect() keeps the 2 samples of prompt j at 2j, 2j+1
             ids = [2 * j, 2 * j + 1]

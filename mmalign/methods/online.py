@@ -133,6 +133,32 @@ def save_buffer(ro: Rollout, path: Path) -> None:
     (path / "buffer.json").write_text(json.dumps(meta))
 
 
+def dump_rollout(ro: Rollout, path: Path) -> list[str]:
+    """A round for inspection or labelling: `save_buffer`'s files, each image sample as
+    images/<sample id>.png (sample id = index in the buffer) and rollout.jsonl, one line per
+    sample: sample_id, prompt, reward (when scored), image. Returns the image paths (relative)."""
+    path = Path(path)
+    save_buffer(ro, path)
+    names: list[str] = []
+    if ro.samples.images is not None:
+        from mmalign.media import tensor_to_pil
+
+        (path / "images").mkdir(exist_ok=True)
+        names = [f"images/{i:05d}.png" for i in range(len(ro))]
+        for name, img in zip(names, ro.samples.images):
+            tensor_to_pil(img.float()).save(path / name)
+    rewards = ro.extras.get("rewards")
+    with open(path / "rollout.jsonl", "w") as f:
+        for i, prompt in enumerate(ro.prompts):
+            row = {"sample_id": i, "prompt": prompt}
+            if rewards is not None:
+                row["reward"] = float(rewards[i])
+            if names:
+                row["image"] = names[i]
+            f.write(json.dumps(row) + "\n")
+    return names
+
+
 def load_buffer(path: Path, generator) -> Rollout:
     from safetensors.torch import load_file
 
