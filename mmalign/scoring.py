@@ -135,18 +135,13 @@ def read_jsonl(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: file not found")
-    rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+    from mmalign.data.preference import jsonl_rows
+
+    rows = jsonl_rows(p)
+    for where, row in rows:
         if not isinstance(row, dict):
-            raise ValueError(f"{p}:{i}: expected a JSON object per line")
-        rows.append(row)
-    return rows
+            raise ValueError(f"{where}: expected a JSON object per line")
+    return [row for _, row in rows]
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -30,6 +30,19 @@ class DataError(ValueError):
     pass
 
 
+def jsonl_rows(path: Path) -> list[tuple[str, Any]]:
+    """(where, value) for each non-blank line of a JSONL file, where = 'path:line'; a line that
+    is not valid JSON raises DataError naming it."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"{path}:{i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 @dataclass
 class Pair:
     prompt: str
@@ -56,14 +69,7 @@ def read_manifest(path: str | Path) -> PairSet:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     elif path.suffix in (".jsonl", ".json"):
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+        rows = [row for _, row in jsonl_rows(path)]
     else:
         raise DataError(f"{path}: manifest must be .jsonl or .csv")
     pairs, ties = [], 0

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mmalign.data.preference import DataError
+from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.media import MediaError, open_image
 
 # --------------------------------------------------------------------------- rows
@@ -136,13 +136,7 @@ def read_rows(path: str | Path, max_samples: int | None = None) -> VLMRowSet:
             data = json.loads(p.read_text())
             raws = [(f"{p}[{i}]", r) for i, r in enumerate(data)]
         else:
-            raws = []
-            for i, line in enumerate(p.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        raws.append((f"{p}:{i}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{i}: not valid JSON ({e})") from None
+            raws = jsonl_rows(p)
     else:
         import datasets
 

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmalign.data.preference import DataError
+from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.data.vlm import VLMRow, load_row_images
 
 Scorer = Callable[[list[Image.Image], list[str], list[str]], Tensor]
@@ -68,14 +68,7 @@ def read_items(path: str | Path, check_images: bool = True) -> list[FeedbackItem
     if not p.is_file():
         raise DataError(f"{p}: items file not found")
     items = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{i}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from None
+    for where, raw in jsonl_rows(p):
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected a JSON object")
         img = next((raw[k] for k in ("images", "image", "image_path") if raw.get(k) is not None), None)

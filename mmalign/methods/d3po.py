@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.data.preference import DataError
+from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.methods.online import RolloutSettings, collect, dump_rollout, load_buffer, train_steps
 from mmalign.registry import register_method
 from mmalign.types import Rollout, Samples
@@ -302,14 +302,7 @@ def read_labels(path: str | Path, prompts: Sequence[str]) -> tuple[Tensor, int]:
     if not path.is_file():
         raise DataError(f"{path}: labels file not found")
     pairs, ties = [], 0
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        at = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{at}: not valid JSON ({e.msg})") from None
+    for at, row in jsonl_rows(path):
         if not isinstance(row, dict):
             raise DataError(f"{at}: expected a JSON object with keys {', '.join(LABEL_KEYS)}")
         missing = [k for k in LABEL_KEYS if k not in row]
