@@ -78,23 +78,18 @@ def _flow_lora() -> LoraSettings:
     return LoraSettings(target_modules=list(FLOW_LORA_TARGETS))
 
 
-SDE_TYPES = ("flow_grpo", "dance_grpo")
-LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+SDE_TYPES = {"flow_grpo": "Flow-GRPO's SDE step", "dance_grpo": "DanceGRPO's"}
+# diffusers' compute_loss_weighting_for_sd3 silently gives weight 1 to any unknown name: check first
+LOSS_WEIGHTINGS = {"none": "w = 1", "sigma_sqrt": "w = sigma^-2",
+                   "cosmap": "w = 2 / (pi (1 - 2 sigma + 2 sigma^2))"}
 
 
-def check_loss_weighting(loss_weighting: str) -> str:
-    # diffusers' compute_loss_weighting_for_sd3 silently gives weight 1 to any unknown name
-    if loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"generator.loss_weighting: {loss_weighting!r} is not one of {list(LOSS_WEIGHTINGS)} "
-                         "(none: w = 1, sigma_sqrt: w = sigma^-2, cosmap: w = 2 / (pi (1 - 2 sigma + 2 sigma^2)))")
-    return loss_weighting
-
-
-def check_sde_type(sde_type: str) -> str:
-    if sde_type not in SDE_TYPES:
-        raise ValueError(f"generator.sde_type: {sde_type!r} is not one of {list(SDE_TYPES)} "
-                         "(flow_grpo: Flow-GRPO's SDE step, dance_grpo: DanceGRPO's)")
-    return sde_type
+def check_choice(field: str, value: str, choices: dict[str, str]) -> str:
+    """`value` if it is one of `choices` (name -> meaning), else a ValueError naming generator.`field`."""
+    if value not in choices:
+        meanings = ", ".join(f"{k}: {v}" for k, v in choices.items())
+        raise ValueError(f"generator.{field}: {value!r} is not one of {list(choices)} ({meanings})")
+    return value
 
 
 @dataclass
@@ -134,8 +129,12 @@ class FlowGeneratorConfig:
             raise ValueError("max_sequence_length: must be >= 0")
         if self.logit_std <= 0:
             raise ValueError("logit_std: must be positive")
-        check_sde_type(self.sde_type)
-        check_loss_weighting(self.loss_weighting)
+        self.validate_choices()
+
+    def validate_choices(self) -> None:
+        """The string options (also checked by the generator itself, before anything loads)."""
+        check_choice("sde_type", self.sde_type, SDE_TYPES)
+        check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
 
 
 def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: float, noise_level: float,
@@ -151,7 +150,7 @@ def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: f
     log_term = -1/2 eta^2 score and dsigma = dt < 0). Both: std = sigma_t sqrt(-dt).
     noise_level = 0 is the Euler ODE step for both.
     """
-    check_sde_type(sde_type)
+    check_choice("sde_type", sde_type, SDE_TYPES)
     dt = sigma_next - sigma
     if noise_level == 0:
         return x + dt * v, 0.0
@@ -185,8 +184,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
         self.cfg = cfg
-        check_sde_type(cfg.sde_type)
-        check_loss_weighting(cfg.loss_weighting)
+        cfg.validate_choices()
         if pipe is None:
             from mmalign.paths import resolve
 

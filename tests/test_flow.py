@@ -208,25 +208,30 @@ def test_dance_grpo_step_log_prob_recomputes_the_stored_one(which, request, monk
         torch.testing.assert_close(g.step_log_prob(ro, 2), ro.log_probs[:, 2], rtol=1e-6, atol=1e-4)
 
 
-def test_unknown_sde_type_is_a_clear_error(tiny_sd3):
+@pytest.mark.parametrize("field,bad,bad_yaml,good,default,choices,toy", [
+    ("sde_type", "dance", "dance", "dance_grpo", "flow_grpo", r"\['flow_grpo', 'dance_grpo'\]", "flow_grpo.yaml"),
+    ("loss_weighting", "logit_normal", "sigma", "cosmap", "none", r"\['none', 'sigma_sqrt', 'cosmap'\]", "flow_dpo.yaml"),
+])
+def test_unknown_choice_is_a_clear_error(field, bad, bad_yaml, good, default, choices, toy, tiny_sd3):
     from pathlib import Path
 
     from mmalign.config import ConfigError
     from mmalign.pipelines.flow import sde_step
 
-    msg = r"sde_type: 'dance' is not one of \['flow_grpo', 'dance_grpo'\]"
+    msg = rf"generator\.{field}: '{bad}' is not one of {choices}"
     with pytest.raises(ValueError, match=msg):
-        FlowGeneratorConfig(pretrained=str(tiny_sd3), sde_type="dance").validate()
+        FlowGeneratorConfig(pretrained=str(tiny_sd3), **{field: bad}).validate()
     with pytest.raises(ValueError, match=msg):  # before anything is loaded
-        FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), sde_type="dance"))
-    x = torch.zeros(1, 4, 8, 8)
-    with pytest.raises(ValueError, match=msg):
-        sde_step(x, x, 0.5, 0.25, 0.9, 0.7, "dance")
-    toy = Path(__file__).resolve().parents[1] / "configs" / "toy" / "flow_grpo.yaml"
-    assert load_config(toy, ["generator.sde_type=dance_grpo"]).generator.args.sde_type == "dance_grpo"
-    assert load_config(toy).generator.args.sde_type == "flow_grpo"  # the default: existing numbers unchanged
-    with pytest.raises(ConfigError, match=r"generator\.sde_type: expected one of \['flow_grpo', 'dance_grpo'\]"):
-        load_config(toy, ["generator.sde_type=dance"])
+        FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), **{field: bad}))
+    if field == "sde_type":
+        x = torch.zeros(1, 4, 8, 8)
+        with pytest.raises(ValueError, match=msg):
+            sde_step(x, x, 0.5, 0.25, 0.9, 0.7, bad)
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy" / toy
+    assert getattr(load_config(toy, [f"generator.{field}={good}"]).generator.args, field) == good
+    assert getattr(load_config(toy).generator.args, field) == default  # the default: existing numbers unchanged
+    with pytest.raises(ConfigError, match=rf"generator\.{field}: expected one of {choices}"):
+        load_config(toy, [f"generator.{field}={bad_yaml}"])
 
 
 def test_denoise_error_by_hand(gen):
@@ -304,24 +309,6 @@ def test_loss_weighting_none_is_the_previous_error_exactly(gen, tiny_sd3):
                                 gen.cat_cond(uncond, cond)).chunk(2)
         assert torch.equal(gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=3.0),
                            ((u + 3.0 * (c - u)) - (noise - x0)).pow(2).flatten(1).mean(1))
-
-
-def test_unknown_loss_weighting_is_a_clear_error(tiny_sd3):
-    from pathlib import Path
-
-    from mmalign.config import ConfigError
-
-    msg = r"generator\.loss_weighting: 'logit_normal' is not one of \['none', 'sigma_sqrt', 'cosmap'\]"
-    with pytest.raises(ValueError, match=msg):
-        FlowGeneratorConfig(pretrained=str(tiny_sd3), loss_weighting="logit_normal").validate()
-    with pytest.raises(ValueError, match=msg):  # before anything is loaded
-        FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), loss_weighting="logit_normal"))
-    toy = Path(__file__).resolve().parents[1] / "configs" / "toy" / "flow_dpo.yaml"
-    assert load_config(toy).generator.args.loss_weighting == "none"
-    assert load_config(toy, ["generator.loss_weighting=cosmap"]).generator.args.loss_weighting == "cosmap"
-    expected = r"generator\.loss_weighting: expected one of \['none', 'sigma_sqrt', 'cosmap'\]"
-    with pytest.raises(ConfigError, match=expected):
-        load_config(toy, ["generator.loss_weighting=sigma"])
 
 
 def test_lora_save_and_load_roundtrip(gen, tiny_sd3, tmp_path):

@@ -159,8 +159,7 @@ class DiffusionNFT:
         ro.extras["old_decay"] = eta
         # clean samples only (the trajectory is not needed): the decoded images re-encoded when
         # the rollout settings ask for it (rollout.reencode, see online.py), else the sampler's x0
-        # (contiguous: the VAE encoder returns channels-last latents, on which the UNet's convolutions
-        # round differently than on the contiguous ones a resumed run loads from the checkpoint)
+        # (a contiguous copy, like the one a resumed run loads from its checkpoint, so both round alike)
         x0 = ro.extras.pop("x0", None)
         ro.latents = (x0[:, None] if x0 is not None else ro.latents[:, -1:]).contiguous()
         ro.log_probs = None
