@@ -8,10 +8,12 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from mmalign.types import Samples, per_sample_randn
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -119,3 +121,38 @@ class TrainedAdapterMixin:
     def reference(self):
         """Parameters of the frozen reference policy: LoRA disabled, or the frozen copy."""
         return self._trained.reference()
+
+    # ------------------------------------------------------------------ VAE
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, seeds: Sequence[int] | None = None) -> Tensor:
+        """B,3,H,W in [0,1] -> scaled latents, drawn from the VAE posterior (`vae_latents: sample`).
+
+        The denoiser was trained on posterior draws (as diffusers' training scripts encode), so
+        fine-tuning data must be drawn the same way. The posterior *mean* is a cleaner latent
+        distribution: where the posterior std is not negligible (the toy VAE's is 0.19 of the
+        latent scale) fine-tuning on means re-fits the low-noise steps at the expense of the
+        high-noise ones that set the composition (README, toy-world results). Each sample's
+        draw comes from its seed in `seeds` (reproducible across process splits; give the two
+        images of a preference pair the same seed and their draws cancel in the comparison),
+        else from the global RNG. `vae_latents: mean` gives the deterministic mean.
+        """
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean
+        if self.cfg.vae_latents == "sample":
+            if seeds is None:
+                eps = torch.randn_like(z)
+            else:
+                eps = per_sample_randn([int(s) * 1_000_003 + VAE_SALT for s in seeds], z.shape[1:], z.device, z.dtype)
+            z = z + dist.std * eps
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).float()
+
+    def decode(self, latents: Tensor) -> Samples:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        x = self.vae.decode(z).sample.float()
+        return Samples(images=((x + 1) / 2).clamp(0, 1))
+
+
+VAE_SALT = 7919  # posterior draws use seed * 1_000_003 + VAE_SALT: never a method's noise or timestep draw

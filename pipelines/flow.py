@@ -102,6 +102,9 @@ class FlowGeneratorConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights
     resolution: int | None = None  # pixels; default: the transformer's sample_size x VAE factor
     negative_prompt: str = ""
+    # Latents of images to train on (pairs, re-encoded samples, expert data): a posterior draw,
+    # as the denoiser was trained, or the posterior mean (see `encode_images`).
+    vae_latents: Literal["sample", "mean"] = "sample"
     drop_t5: bool = False  # SD3: load without text_encoder_3 (T5); its tokens become zeros
     # T5 tokens (zeros when there is no T5). None: the model folder's train_info.json
     # "max_sequence_length" if it has one (mmalign's toy models), else the pipelines' 256.
@@ -260,20 +263,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
     def cat_cond(*conds: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
-    # ------------------------------------------------------------------ VAE
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """B,3,H,W in [0,1] -> scaled latents (the posterior mean: deterministic, cacheable)."""
-        x = images.to(self.device, self.vae.dtype) * 2 - 1
-        z = self.vae.encode(x).latent_dist.mean
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).float()
-
-    def decode(self, latents: Tensor) -> Samples:
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        x = self.vae.decode(z).sample.float()
-        return Samples(images=((x + 1) / 2).clamp(0, 1))
+    # encode_images, decode: TrainedAdapterMixin (pipelines/common.py)
 
     # ------------------------------------------------------------------ model calls
     def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float | None = None

@@ -40,6 +40,9 @@ class SDGeneratorConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights (VAE, text encoders, LoRA base)
     resolution: int | None = None  # pixels; default: the UNet's sample_size x VAE factor
     negative_prompt: str = ""
+    # Latents of images to train on (pairs, re-encoded samples, expert data): a posterior draw,
+    # as the denoiser was trained, or the posterior mean (see `encode_images`).
+    vae_latents: Literal["sample", "mean"] = "sample"
 
     def validate(self) -> None:
         from mmalign.paths import resolve
@@ -137,20 +140,7 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
             }
         return out
 
-    # ------------------------------------------------------------------ VAE
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """B,3,H,W in [0,1] -> scaled latents (the posterior mean: deterministic, cacheable)."""
-        x = images.to(self.device, self.vae.dtype) * 2 - 1
-        z = self.vae.encode(x).latent_dist.mean
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).float()
-
-    def decode(self, latents: Tensor) -> Samples:
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        x = self.vae.decode(z).sample.float()
-        return Samples(images=((x + 1) / 2).clamp(0, 1))
+    # encode_images, decode: TrainedAdapterMixin (pipelines/common.py)
 
     # ------------------------------------------------------------------ model calls
     def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Any], timestep_cond: Tensor | None = None

@@ -92,9 +92,13 @@ def test_latent_cache_is_reused(tmp_path, tiny_sd, pairs_manifest):
     path = ds.cache_latents(gen, tmp_path / "cache")
     mtime = path.stat().st_mtime_ns
     assert ds.cache_latents(gen, tmp_path / "cache") == path and path.stat().st_mtime_ns == mtime
-    direct = gen.encode_images(ds[2]["chosen"][None])[0]
+    direct_w = gen.encode_images(ds[2]["chosen"][None], [2])[0]  # pair 2's posterior draw
+    direct_l = gen.encode_images(ds[2]["rejected"][None], [2])[0]
+    gen.cfg.vae_latents = "mean"  # means are another cache
+    assert ds.cache_latents(gen, tmp_path / "cache") != path
     ds.use_latents(path)
-    torch.testing.assert_close(ds[2]["latents_w"], direct)
+    torch.testing.assert_close(ds[2]["latents_w"], direct_w)
+    torch.testing.assert_close(ds[2]["latents_l"], direct_l)
 
 
 def test_global_batches_split_over_processes():

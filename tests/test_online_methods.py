@@ -229,7 +229,8 @@ def test_raft_trains_on_reencoded_samples_above_min_timestep(tiny_sd, tiny_clip)
     reward = ClipScore(ClipRewardConfig(model=f"local-dir:{tiny_clip}"))
     m = RAFT(RAFTConfig(rollout=RolloutSettings(samples_per_prompt=3, num_steps=3, eta=0.0), min_timestep=600))
     buf = m.collect(gen, reward, ["a red circle", "a blue square"], [0, 1])
-    torch.testing.assert_close(buf.extras["x0"], gen.encode_images(buf.samples.images))
+    # a posterior draw per prompt, shared by the prompt's samples
+    torch.testing.assert_close(buf.extras["x0"], gen.encode_images(buf.samples.images, [0, 0, 0, 1, 1, 1]))
     assert not torch.allclose(buf.extras["x0"], buf.latents[:, -1])  # the round trip changes the latents
     keep = buf.extras["keep"]
     batch = m.batch(buf, [0, 1], [7, 8])

@@ -67,6 +67,29 @@ def test_rollout_is_per_sample_deterministic(gen):
     torch.testing.assert_close(a[1:], b)
 
 
+def test_encode_images_draws_from_the_vae_posterior(gen):
+    """Training latents are posterior draws (as the denoiser was trained), not the mean:
+    (mean + std * eps) * scaling_factor with eps from the sample's salted seed."""
+    from mmalign.pipelines.common import VAE_SALT
+    from mmalign.types import per_sample_randn
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dist = gen.vae.encode(images * 2 - 1).latent_dist
+    eps = per_sample_randn([s * 1_000_003 + VAE_SALT for s in (4, 4, 9)], dist.mean.shape[1:])
+    expect = (dist.mean + dist.std * eps) * gen.vae.config.scaling_factor
+    got = gen.encode_images(images, [4, 4, 9])
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(gen.encode_images(images[2:], [9]), got[2:])  # per-sample, batch-independent
+    assert (dist.std > 1e-3).all()  # the draw is not the mean
+    assert not torch.allclose(gen.encode_images(images, [5, 5, 5]), got)
+    gen.cfg.vae_latents = "mean"
+    try:
+        torch.testing.assert_close(gen.encode_images(images, [4, 4, 9]), dist.mean * gen.vae.config.scaling_factor)
+    finally:
+        gen.cfg.vae_latents = "sample"
+
+
 def test_reference_disables_lora(gen):
     x0 = torch.randn(2, 4, 8, 8)
     cond = gen.encode_prompt(["a", "b"])

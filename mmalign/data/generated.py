@@ -81,7 +81,9 @@ def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] =
         ro = generator.rollout(rep, num_steps=d.sample_steps, guidance_scale=d.sample_guidance, eta=d.sample_eta,
                                seeds=seeds, need_log_probs=False)
         scores = reward(ro.samples, rep).float().view(len(idx), k).cpu()
-        x0 = generator.encode_images(ro.samples.images) if d.reencode else ro.latents[:, -1]
+        # a prompt's candidates share their posterior draw (see encode_images)
+        group = [seed * 1_000_003 + i * k for i in idx for _ in range(k)]
+        x0 = generator.encode_images(ro.samples.images, group) if d.reencode else ro.latents[:, -1]
         x0 = x0.view(len(idx), k, *ro.latents.shape[2:]).cpu()
         for row, i in enumerate(idx):
             b, w = int(scores[row].argmax()), int(scores[row].argmin())

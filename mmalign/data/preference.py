@@ -177,13 +177,15 @@ class PreferenceDataset(Dataset):
         """Encode every pair once with the generator's VAE; reuse the file when it matches."""
         from safetensors.torch import load_file, save_file
 
-        path = Path(cache_dir) / f"latents_{self.fingerprint(generator.cfg.pretrained)}.safetensors"
+        latents = getattr(generator.cfg, "vae_latents", "mean")  # posterior draws or means: not interchangeable
+        path = Path(cache_dir) / f"latents_{self.fingerprint(f'{generator.cfg.pretrained}|{latents}')}.safetensors"
         if is_main and not path.is_file():
             ws, ls = [], []
             for i in range(0, len(self), batch_size):
                 items = [self[j] for j in range(i, min(i + batch_size, len(self)))]
-                ws.append(generator.encode_images(torch.stack([it["chosen"] for it in items])).cpu())
-                ls.append(generator.encode_images(torch.stack([it["rejected"] for it in items])).cpu())
+                seeds = range(i, i + len(items))  # a pair's two images share their posterior draw
+                ws.append(generator.encode_images(torch.stack([it["chosen"] for it in items]), seeds).cpu())
+                ls.append(generator.encode_images(torch.stack([it["rejected"] for it in items]), seeds).cpu())
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"w": torch.cat(ws).contiguous(), "l": torch.cat(ls).contiguous()}, str(tmp))

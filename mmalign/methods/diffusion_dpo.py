@@ -82,10 +82,10 @@ class DiffusionDPO:
 
     def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
         prompts = batch["prompts"]
-        x_w = batch["latents_w"] if "latents_w" in batch else generator.encode_images(batch["chosen"])
-        x_l = batch["latents_l"] if "latents_l" in batch else generator.encode_images(batch["rejected"])
+        seeds = batch["seeds"]  # the pair shares its VAE posterior draw, noise and timestep
+        x_w = batch["latents_w"] if "latents_w" in batch else generator.encode_images(batch["chosen"], seeds)
+        x_l = batch["latents_l"] if "latents_l" in batch else generator.encode_images(batch["rejected"], seeds)
         x_w, x_l = x_w.to(generator.device).float(), x_l.to(generator.device).float()
-        seeds = batch["seeds"]
         noise = per_sample_randn(seeds, x_w.shape[1:], x_w.device)
         t = per_sample_randint(seeds, self.cfg.min_timestep, self.cfg.max_timestep or generator.num_train_timesteps,
                                x_w.device)

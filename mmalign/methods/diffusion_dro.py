@@ -93,7 +93,7 @@ class DiffusionDRO:
         ro = generator.rollout(rep, num_steps=rs.num_steps, guidance_scale=rs.guidance_scale, eta=rs.eta,
                                seeds=sample_seeds, need_log_probs=False, decode=False)
         images = self._expert_images(rep, sample_seeds)
-        ro.extras["expert_x0"] = generator.encode_images(images)
+        ro.extras["expert_x0"] = generator.encode_images(images, sample_seeds)
         ro.extras["rewards"] = torch.zeros(len(rep))  # no reward model: for the round metrics only
         return ro
 

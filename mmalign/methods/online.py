@@ -51,6 +51,7 @@ def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs:
     G = rs.samples_per_prompt
     rep = [p for p in prompts for _ in range(G)]
     sample_seeds = [s * 1009 + j for s in seeds for j in range(G)]
+    group_seeds = [s for s in seeds for _ in range(G)]
     init = None
     if rs.same_initial_noise:
         shape = generator.latent_shape
@@ -66,7 +67,8 @@ def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs:
         if rs.reencode:
             # contiguous: the VAE returns channels-last latents, and convolutions round differently
             # on them than on the contiguous copy a resumed run loads from the checkpoint
-            ro.extras["x0"] = generator.encode_images(ro.samples.images).contiguous()
+            # one posterior draw per prompt: a group's samples share it (see encode_images)
+            ro.extras["x0"] = generator.encode_images(ro.samples.images, group_seeds[sl]).contiguous()
         parts.append(ro)
     ro = Rollout.cat(parts)
     ro.extras["group"] = torch.arange(len(prompts), device=ro.latents.device).repeat_interleave(G)
