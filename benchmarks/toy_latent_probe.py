@@ -55,13 +55,12 @@ def main() -> None:
     probe_x0 = gen.encode_images(probe_images, range(512))
     probe_noise = torch.randn(probe_x0.shape, generator=g)
     probe_t = torch.randint(0, gen.num_train_timesteps, (512,), generator=g)
-    probe_cond = gen.encode_prompt(probe_caps)
+    chunks = [(probe_x0[i:i + 128], gen.encode_prompt(probe_caps[i:i + 128]), probe_t[i:i + 128],
+               probe_noise[i:i + 128]) for i in range(0, 512, 128)]
 
     @torch.no_grad()
     def probe() -> tuple[float, float]:
-        err = torch.cat([gen.denoise_error(probe_x0[i:i + 128], {"encoder_hidden_states":
-                                           probe_cond["encoder_hidden_states"][i:i + 128]},
-                                           probe_t[i:i + 128], probe_noise[i:i + 128]) for i in range(0, 512, 128)])
+        err = torch.cat([gen.denoise_error(*chunk) for chunk in chunks])
         high = probe_t >= 500
         return float(err[~high].mean()), float(err[high].mean())
 

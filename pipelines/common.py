@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from mmalign.types import Samples, per_sample_randn
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+VAE_SALT = 7919  # posterior draws use seed * 1_000_003 + VAE_SALT: never a method's noise or timestep draw
 
 
 @dataclass
@@ -154,5 +155,3 @@ class TrainedAdapterMixin:
         x = self.vae.decode(z).sample.float()
         return Samples(images=((x + 1) / 2).clamp(0, 1))
 
-
-VAE_SALT = 7919  # posterior draws use seed * 1_000_003 + VAE_SALT: never a method's noise or timestep draw
