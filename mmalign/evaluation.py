@@ -27,7 +27,14 @@ def expand_prompts(prompts: list[str], prompts_from: str | None, max_prompts: in
 def evaluate_generator(generator, reward, prompts: list[str], seeds_per_prompt: int = 1, seed: int = 1234,
                        num_steps: int = 20, guidance_scale: float = 5.0, gold: bool = False,
                        batch_size: int = 64) -> tuple[dict[str, Any], torch.Tensor]:
-    """Deterministic DDIM (eta=0) samples of every prompt x seed; returns (metrics, images)."""
+    """Deterministic DDIM (eta=0) samples of every prompt x seed; returns (metrics, images).
+
+    A reward that only compares pairs (a judge with `mode: pairwise`) gives no reward column;
+    the metrics say so under `reward_skipped`."""
+    out: dict[str, Any] = {"n_samples": len(prompts) * seeds_per_prompt}
+    if reward is not None and not getattr(reward, "scores_single", True):
+        out["reward_skipped"] = f"{getattr(reward, 'name', 'reward')}: pairwise-only judge, no per-sample score"
+        reward = None
     rep = [p for p in prompts for _ in range(seeds_per_prompt)]
     seeds = [seed + i for i in range(len(rep))]
     images, rewards = [], []
@@ -40,7 +47,6 @@ def evaluate_generator(generator, reward, prompts: list[str], seeds_per_prompt: 
         if reward is not None:
             rewards.append(reward(ro.samples, rep[i:i + batch_size]).float().cpu())
     images = torch.cat(images)
-    out: dict[str, Any] = {"n_samples": len(rep)}
     if rewards:
         out["reward"] = float(torch.cat(rewards).mean())
     if gold:

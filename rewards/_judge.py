@@ -215,6 +215,12 @@ class JudgeBase:
         if self.pair_ids[0] == self.pair_ids[1]:
             raise ValueError(f"reward {name!r}: the two pair_answers are the same token")
 
+    @property
+    def scores_single(self) -> bool:
+        """False with `mode: pairwise`: the judge then only compares two samples (`prefer`) and has
+        no per-sample score, so evaluation reports no reward column for it."""
+        return self.cfg.mode != "pairwise"
+
     # subclasses: list of per-sample media objects, and processor kwargs for a flat list of them
     def media_list(self, samples: Any) -> list: ...
 

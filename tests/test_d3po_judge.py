@@ -169,15 +169,19 @@ def test_pairwise_with_labels_is_refused(tmp_path):
         cfg.validate()
 
 
-def test_trains_with_a_vlm_judge(tmp_path, tiny_sd, tiny_clip, pairs_manifest, judge_dir):
+@pytest.mark.parametrize("mode", ["yes_no", "pairwise"])
+def test_trains_with_a_vlm_judge(tmp_path, tiny_sd, tiny_clip, pairs_manifest, judge_dir, mode):
+    """Either judge mode trains; a pairwise-only judge has no per-sample score, so the run's
+    evaluations report no reward (and say why) instead of failing after training."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
     method = {"name": "d3po", "preference": "pairwise", "reference": "base", "timestep_fraction": 1.0,
               "rollout": {"prompts_per_round": 2, "samples_per_prompt": 2, "same_initial_noise": True,
                           "num_steps": 3, "steps_per_round": 2}}
     p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method=method,
-                     reward={"name": "vlm_judge", "model": judge_dir},
-                     data={"kind": "prompts", "prompts": str(prompts)}, train={"steps": 2, "batch_size": 2, "lr": 1e-3})
+                     reward={"name": "vlm_judge", "model": judge_dir, "mode": mode},
+                     data={"kind": "prompts", "prompts": str(prompts)}, train={"steps": 2, "batch_size": 2, "lr": 1e-3},
+                     eval={"enabled": True, "images_per_prompt": 1})
     tr = Trainer(load_config(p), run_dir=tmp_path / "run")
     before = {n: v.detach().clone() for n, v in tr.generator.trainable().named_parameters() if v.requires_grad}
     tr.fit()
@@ -186,3 +190,7 @@ def test_trains_with_a_vlm_judge(tmp_path, tiny_sd, tiny_clip, pairs_manifest, j
     logs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rollout = {k: v for l in logs for k, v in l.items() if k.startswith("rollout/")}
     assert {"rollout/pairs", "rollout/ties", "rollout/position_bias", "rollout/judge_margin"} <= set(rollout)
+    evals = [l["eval"] for l in logs if "eval" in l]
+    assert len(evals) == 2
+    for e in evals:
+        assert ("reward" in e) == (mode == "yes_no") and ("reward_skipped" in e) == (mode == "pairwise"), e
