@@ -1,5 +1,6 @@
 """D3PO from human labels: writing a round for labelling, reading the labels, training on them."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -200,6 +201,21 @@ def _labels_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, round_dir, **secti
     return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method=method,
                         data={"kind": "prompts", "prompts": str(prompts)},
                         train={"steps": 2, "batch_size": 2, "lr": 1e-3}, **sections)
+
+
+def test_bad_labels_fail_at_config_load(tmp_path, tiny_sd, tiny_clip, pairs_manifest, round_dir):
+    """An unlabelled line or a corrupt buffer.json is named when the config loads, before any model."""
+    cfg = _labels_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, round_dir, reward=None)
+    load_config(cfg)  # the good file passes
+    _labels(tmp_path / "l.jsonl", _row(0, 1), _row(1, None))
+    with pytest.raises(ConfigError, match=r"l.jsonl:2: choice must be 0 or 1 .*still unlabelled"):
+        load_config(cfg)
+    _labels(tmp_path / "l.jsonl", _row(0, 1))
+    broken = tmp_path / "broken_round"
+    shutil.copytree(round_dir, broken)
+    (broken / "buffer.json").write_text("{truncated")
+    with pytest.raises(ConfigError, match=r"buffer.json: not a labelling buffer's metadata"):
+        load_config(cfg, [f"method.buffer={broken}"])
 
 
 def test_trainer_refuses_a_reward_with_labels(tmp_path, tiny_sd, tiny_clip, pairs_manifest, round_dir, capsys):

@@ -108,6 +108,7 @@ class D3POConfig:
             if self.preference != "reward":
                 raise ValueError(f"preference: {self.preference!r} asks the reward; with labels the preferences "
                                  "are the file's (remove `preference` or method.buffer and method.labels)")
+            read_labels(self.labels, buffer_prompts(self.buffer))  # every line, before any model loads
         if self.tie_threshold < 0:
             raise ValueError(f"tie_threshold: must be >= 0, got {self.tie_threshold}")
         if self.preference == "pairwise" and self.tie_threshold >= 0.5:
@@ -287,6 +288,19 @@ def write_for_labelling(generator, prompts: Sequence[str], seeds: Sequence[int],
             f.write(json.dumps({"prompt": prompt, "sample_ids": ids, "choice": None, "tie": False,
                                 "images": [names[i] for i in ids]}) + "\n")
     return ro
+
+
+def buffer_prompts(buffer: str | Path) -> list[str]:
+    """The prompts of a rollout written for labelling (its buffer.json), one per sample."""
+    path = Path(buffer) / "buffer.json"
+    try:
+        prompts = json.loads(path.read_text())["prompts"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a labelling buffer's metadata ({type(e).__name__}: {e}); rewrite the "
+                        "round with `mmalign sample --label-pairs`") from None
+    if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+        raise DataError(f"{path}: `prompts` must be a list of strings")
+    return prompts
 
 
 def read_labels(path: str | Path, prompts: Sequence[str]) -> tuple[Tensor, int]:
