@@ -19,6 +19,7 @@ from mmalign.toy.world import (
     SHAPES,
     all_captions,
     caption_kind,
+    extra_object_scene,
     heldout_captions,
     layout,
     parse,
@@ -137,6 +138,19 @@ def test_gold_rejects_perturbed_scenes(mode):
         for img in (render(neg, i), _degrade(render(neg, i), i)):
             wrong += not gold_score(img, cap)["correct"]
     assert n > 10 and wrong == 2 * n
+
+
+def test_extra_object_scene_keeps_the_scene_and_adds_one_object():
+    """The scene-side hard negative: the caption's own layout plus one disjoint object, which
+    the gold evaluator rejects as an extra object (benchmarks/toy_proxy_bias.py)."""
+    for i, cap in enumerate(all_captions()[::7]):
+        scene, extra = render(cap, i), extra_object_scene(cap, i)
+        assert extra_object_scene(cap, i).tobytes() == extra.tobytes()  # deterministic
+        kept = np.asarray(scene) != 255  # every pixel of the original objects is unchanged
+        assert (np.asarray(extra)[kept] == np.asarray(scene)[kept]).all(), cap
+        assert len(detect(extra)) == len(detect(scene)) + 1, cap
+        result = gold_score(extra, cap)
+        assert not result["no_extra_objects"] and not result["correct"], cap
 
 
 def test_gold_constraints_name_the_failure():
