@@ -218,6 +218,29 @@ def test_shipped_pipeline_loads_and_samples():
     assert size < 16e6
 
 
+def test_proxy_clip_loss_with_negative_only_images_matches_float64():
+    """clip_loss against a direct float64 computation: duplicate captions share one text, and an
+    image with caption None is only a negative column of text -> image."""
+    from mmalign.toy.proxy import clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    caps = ["a", "b", "a", None, "c", None]
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)  # texts of a, b, c
+    scale = 7.0
+    got = clip_loss(img, txt, caps, scale)
+
+    logits = scale * img.double() @ txt.double().t()  # 6 images x 3 texts
+    col = {"a": 0, "b": 1, "c": 2}
+    i2t = [-(logits[i, col[c]] - torch.logsumexp(logits[i], 0)) for i, c in enumerate(caps) if c is not None]
+    t2i = []
+    for c, j in col.items():
+        mine = [i for i, cc in enumerate(caps) if cc == c]
+        t2i.append(-(torch.logsumexp(logits[mine, j], 0) - torch.logsumexp(logits[:, j], 0)))
+    want = (torch.stack(i2t).mean() + torch.stack(t2i).mean()) / 2
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_shipped_proxy_prefers_true_caption():
     import open_clip
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageFilter
 
-from .world import heldout_captions, perturb_caption, render, train_captions
+from .world import extra_object_scene, heldout_captions, layout, perturb_caption, render, render_objects, train_captions
 
 NEG_MODES = ("color", "shape", "count", "swap", "relation")
 
@@ -84,9 +84,13 @@ def augment(img, rng: random.Random):
     return np.clip(a, 0, 255) / 255.0
 
 
-def _batch(rng: random.Random, n_pairs: int, train_set: set):
-    """2*n_pairs (caption, image) pairs: each caption followed by one of its hard negatives."""
-    caps, imgs = [], []
+def _batch(rng: random.Random, n_pairs: int, train_set: set, extra_negatives: float = 0.0):
+    """2*n_pairs (caption, image) pairs: each caption followed by one of its hard negatives.
+
+    With `extra_negatives` p, a fraction p of the captions also brings its own scene with one
+    more object (`extra_object_scene`, same layout), appended with caption None: an image no
+    caption in the batch matches, so each text must rank its scene above it (text -> image)."""
+    caps, imgs, extra = [], [], []
     train = sorted(train_set)
     while len(caps) < 2 * n_pairs:
         c = rng.choice(train)
@@ -98,22 +102,29 @@ def _batch(rng: random.Random, n_pairs: int, train_set: set):
                 break
         for cc in (c, neg) if neg else (c,):
             caps.append(cc)
-            imgs.append(augment(render(cc, rng.randrange(1 << 30)), rng))
-    caps, imgs = caps[: 2 * n_pairs], imgs[: 2 * n_pairs]
+            seed = rng.randrange(1 << 30)
+            imgs.append(augment(render(cc, seed), rng))
+            if len(caps) <= 2 * n_pairs and rng.random() < extra_negatives:
+                extra.append(augment(extra_object_scene(cc, seed), rng))
+    caps, imgs = caps[: 2 * n_pairs] + [None] * len(extra), imgs[: 2 * n_pairs] + extra
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
     return caps, x
 
 
 def clip_loss(img_emb, txt_emb, caps, logit_scale):
-    """Symmetric InfoNCE where identical captions in the batch share one text (no false negatives)."""
-    uniq = sorted(set(caps))
+    """Symmetric InfoNCE where identical captions in the batch share one text (no false negatives).
+
+    `caps[i]` None marks a negative-only image (no caption matches it): it is left out of the
+    image -> text term and is one more negative column for every text in text -> image."""
+    uniq = sorted({c for c in caps if c is not None})
     index = {c: i for i, c in enumerate(uniq)}
-    labels = torch.tensor([index[c] for c in caps])
+    has = torch.tensor([c is not None for c in caps])
+    labels = torch.tensor([index[c] if c is not None else 0 for c in caps])
     # txt_emb is per unique caption here
     logits = logit_scale * img_emb @ txt_emb.t()  # B, U
-    l_i2t = F.cross_entropy(logits, labels)
+    l_i2t = F.cross_entropy(logits[has], labels[has])
     pos = torch.zeros_like(logits, dtype=torch.bool)
-    pos[torch.arange(len(caps)), labels] = True
+    pos[torch.arange(len(caps))[has], labels[has]] = True
     lt = logits.t()  # U, B
     l_t2i = -(torch.logsumexp(lt.masked_fill(~pos.t(), -1e4), 1) - torch.logsumexp(lt, 1)).mean()
     return (l_i2t + l_t2i) / 2
@@ -187,8 +198,30 @@ def best_of_k(score_fn, sd_path, captions, k=4, seeds_per=1, steps=20, cfg=4.0) 
 # ---------------------------------------------------------------- training
 
 
+def scene_negatives(score_fn, captions, seeds=(100_000, 100_001)) -> dict:
+    """On multi-object captions: how often the correct scene outscores the same scene with one
+    extra object, and how often the extra-object scene outscores the one with an object missing
+    (both fail the gold evaluator; a proxy that prefers 'extra' teaches a policy to draw more)."""
+    caps, scenes = [], {"correct": [], "extra": [], "missing": []}
+    for c in captions:
+        for s in seeds:
+            objects = layout(c, s)
+            if len(objects) > 1:
+                caps.append(c)
+                scenes["correct"].append(render(c, s))
+                scenes["extra"].append(extra_object_scene(c, s))
+                scenes["missing"].append(render_objects(objects[:-1]))
+    with torch.no_grad():
+        sc = {k: score_fn(torch.from_numpy(np.stack([np.asarray(im) for im in v])).permute(0, 3, 1, 2).float() / 255,
+                          caps) for k, v in scenes.items()}
+    return {"correct_over_extra": float((sc["correct"] > sc["extra"]).float().mean()),
+            "extra_over_missing": float((sc["extra"] > sc["missing"]).float().mean()),
+            "drop_extra": float((sc["correct"] - sc["extra"]).mean()),
+            "drop_missing": float((sc["correct"] - sc["missing"]).mean())}
+
+
 def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = None,
-                n_pairs: int = 96, lr: float = 1e-3):
+                n_pairs: int = 96, lr: float = 1e-3, extra_negatives: float = 0.0):
     from safetensors.torch import save_file
 
     from .train import PROXY_CFG, PROXY_MEAN, PROXY_STD
@@ -213,8 +246,8 @@ def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = No
     t0, step = time.time(), 0
     budget = minutes * 60
     while time.time() - t0 < budget and (max_steps is None or step < max_steps):
-        caps, x = _batch(rng, n_pairs, train_set)
-        uniq = sorted(set(caps))
+        caps, x = _batch(rng, n_pairs, train_set, extra_negatives)
+        uniq = sorted({c for c in caps if c is not None})
         ie = F.normalize(model.encode_image((x - mean) / std), dim=-1)
         te = F.normalize(model.encode_text(tokens(uniq)), dim=-1)
         loss = clip_loss(ie, te, caps, model.logit_scale.exp().clamp(max=100))
@@ -240,10 +273,13 @@ def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = No
     info = {"steps": step, "seed": seed, "minutes": (time.time() - t0) / 60,
             "pairwise_heldout": pairwise_accuracy(score, heldout_captions()),
             "pairwise_heldout_blur_noise": pairwise_accuracy(score, heldout_captions(), blur_noise=True),
-            "pairwise_train": pairwise_accuracy(score, train_captions()[::3])}
+            "pairwise_train": pairwise_accuracy(score, train_captions()[::3]),
+            "scene_negatives_heldout": scene_negatives(score, heldout_captions()),
+            "extra_negatives": extra_negatives}
     log(f"proxy: {step} steps; pairwise held-out {info['pairwise_heldout']}")
     log(f"proxy: pairwise held-out, blur+noise {info['pairwise_heldout_blur_noise']}")
     log(f"proxy: pairwise train {info['pairwise_train']}")
+    log(f"proxy: scene negatives held-out {info['scene_negatives_heldout']}")
     sd = Path(out) / "sd_toy"
     if (sd / "model_index.json").exists():
         info["best_of_4_heldout"] = best_of_k(score, sd, heldout_captions())

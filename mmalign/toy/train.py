@@ -589,10 +589,10 @@ def final_report_flow(out: Path, seeds=(0, 1), steps=20, cfg=4.0, device: str = 
 # ------------------------------------------------------------------ proxy (open_clip)
 
 
-def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = None):
+def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = None, extra_negatives: float = 0.0):
     from .proxy import train_proxy as _train
 
-    return _train(out, minutes, seed, max_steps)
+    return _train(out, minutes, seed, max_steps, extra_negatives=extra_negatives)
 
 
 # ------------------------------------------------------------------ report
@@ -620,6 +620,9 @@ def main(argv=None):
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--proxy-steps", type=int, default=None)
+    ap.add_argument("--proxy-extra-negatives", type=float, default=0.0,
+                    help="proxy stage: fraction of captions that also bring their scene with one extra "
+                         "object as a negative image (see mmalign.toy.world.extra_object_scene)")
     ap.add_argument("--eval-every", type=float, default=5.0, help="minutes between UNet evals/checkpoints")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmalign_toy_work"),
                     help="intermediate outputs: the VAE stage, UNet checkpoints")
@@ -659,7 +662,7 @@ def main(argv=None):
     if args.stage in ("unet", "all", "report"):
         final_report(args.out)
     if args.stage in ("proxy", "all"):
-        train_proxy(args.out, args.proxy_minutes, args.seed, args.proxy_steps)
+        train_proxy(args.out, args.proxy_minutes, args.seed, args.proxy_steps, args.proxy_extra_negatives)
     if args.stage == "flow":
         train_flow(args.out, args.work, args.minutes, args.seed, args.flow_steps, args.flow_eval_every,
                    batch=args.flow_batch, lr=args.lr, device=args.device, stop_accuracy=args.stop_accuracy,
