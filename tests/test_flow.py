@@ -373,7 +373,10 @@ def test_flow_dpo_loss_matches_float64(gen, weighting, monkeypatch):
     s = sig.flatten()
     w = torch.ones_like(s) if weighting == "none" else 2 / (math.pi * (1 - 2 * s + 2 * s**2))
     want = -F.logsigmoid(-beta / 2 * w * ((ew - el) - (rw - rl))).mean()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
+    # beta / 2 = 350 multiplies a difference of four float32 errors: float32 rounding alone moves
+    # the loss by ~1e-4 relative (1.06e-4 with diffusers 0.42 / transformers 5.25); a wrong sign,
+    # beta or weighting moves it by far more
+    assert loss.item() == pytest.approx(want.item(), rel=1e-3, abs=1e-6)
 
 
 # ---------------------------------------------------------------- DiffusionNFT
