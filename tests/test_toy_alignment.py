@@ -2,9 +2,9 @@
 
 - The shipped base model is imperfect on purpose: its held-out compositional gold accuracy
   sits in the band the alignment benchmarks need.
-- The README demo (Diffusion-DPO on the toy world) runs end to end, writes what the README
-  says, evaluates base and aligned models on the same held-out captions and seeds, and does
-  not collapse diversity.
+- The README demo (Diffusion-DPO on the toy world, pairs ranked by the proxy) runs end to end,
+  writes what the README says, evaluates base and aligned models on the same held-out captions
+  and seeds, raises the proxy and held-out gold accuracy, and does not collapse diversity.
 
 - DDPO/GRPO with the exact gold reward (configs/toy/grpo_gold.yaml) keeps the policy's own
   gold fraction above the same run with the reward negated: the policy-gradient machinery
@@ -15,10 +15,8 @@
   full fine-tuning, lr 1e-4, EMA 0.99) raises held-out gold accuracy on 808 samples, and the
   same run with the ranking reversed lowers it.
 
-Not asserted here (see the issue notes): that a method raises held-out gold accuracy with the
-learned *proxy* reward. None does yet: the proxy's preferences trade shape and object-count
-errors for binding and relation (README, toy-world results); benchmarks/toy_alignment.py
-measures it.
+Not asserted here (see the issue notes): that the online methods (GRPO, online DPO, D3PO, DRO,
+RAFT) and the flow methods raise held-out gold; benchmarks/toy_alignment.py measures them.
 """
 import json
 from pathlib import Path
@@ -46,11 +44,19 @@ def test_shipped_base_model_is_imperfect_on_purpose():
     assert out["diversity"] > 0.1
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end_and_raises_heldout_gold(tmp_path):
+    """The README demo: proxy-ranked Diffusion-DPO, full fine-tuning with an EMA. Measured on 808
+    held-out samples (1 thread): gold 0.281 -> 0.356, proxy 0.707 -> 0.732; run seed 1 gives 0.354
+    at 100 steps. Asserted: a gain of at least 3 points (two paired standard errors)."""
     cfg = load_config(ROOT / "configs" / "toy" / "diffusion_dpo.yaml")
-    summary = Trainer(cfg, run_dir=tmp_path / "run").fit()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as measured
+    try:
+        summary = Trainer(cfg, run_dir=tmp_path / "run").fit()
+    finally:
+        torch.set_num_threads(n)
     run = tmp_path / "run"
-    for f in ("config.yaml", "metrics.jsonl", "summary.json", "final/pytorch_lora_weights.safetensors",
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "final/unet/diffusion_pytorch_model.safetensors",
               "generated_pairs.safetensors", "samples/step_0000000.png", f"samples/step_{cfg.train.steps:07d}.png"):
         assert (run / f).exists(), f
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -58,9 +64,11 @@ def test_demo_runs_end_to_end(tmp_path):
     before, after = evals[0], evals[-1]
     print(f"gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, proxy {before['reward']:.4f} -> "
           f"{after['reward']:.4f}, diversity {before['diversity']:.4f} -> {after['diversity']:.4f}")
-    assert after["n_samples"] == before["n_samples"] == 202
-    assert after["diversity"] >= 0.5 * before["diversity"], "diversity collapsed"
+    assert after["n_samples"] == before["n_samples"] == 808
+    assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
     assert summary["steps"] == cfg.train.steps
+    assert after["reward"] > before["reward"]
+    assert after["gold_accuracy"] >= before["gold_accuracy"] + 0.03, (before["gold_accuracy"], after["gold_accuracy"])
 
 
 def test_gold_reward_grpo_pushes_on_policy_gold_the_right_way(tmp_path):

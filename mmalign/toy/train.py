@@ -620,7 +620,7 @@ def main(argv=None):
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--proxy-steps", type=int, default=None)
-    ap.add_argument("--proxy-extra-negatives", type=float, default=0.0,
+    ap.add_argument("--proxy-extra-negatives", type=float, default=0.5,
                     help="proxy stage: fraction of captions that also bring their scene with one extra "
                          "object as a negative image (see mmalign.toy.world.extra_object_scene)")
     ap.add_argument("--eval-every", type=float, default=5.0, help="minutes between UNet evals/checkpoints")
