@@ -206,8 +206,9 @@ def render_objects(objects, size: int = SIZE) -> Image.Image:
 def extra_object_scene(caption: str, seed: int) -> Image.Image:
     """The scene of `caption` with one more object (random colour and shape, disjoint from the
     others): a scene-side hard negative. Captions cannot express it ("a red circle and a blue
-    square" plus a third object has no caption in the grammar), and a CLIP-style score that only
-    looks for the named objects does not tell it from the correct scene."""
+    square" plus a third object has no caption in the grammar), and a CLIP-style score trained on
+    caption negatives alone penalises it far less than a missing object
+    (benchmarks/toy_proxy_bias.py)."""
     objects = layout(caption, seed)
     rng = random.Random(f"extra|{caption}|{seed}")
     boxes = [(x, y, s) for _c, _sh, x, y, s in objects]
@@ -217,7 +218,6 @@ def extra_object_scene(caption: str, seed: int) -> Image.Image:
         if all(_disjoint(box, b) for b in boxes):
             return render_objects(objects + [(rng.choice(COLORS), rng.choice(SHAPES), *box)])
     raise RuntimeError(f"no room for an extra object in {caption!r} (seed {seed})")  # pragma: no cover
-
 
 
 def perturb_caption(caption: str, rng: random.Random, mode: str | None = None) -> str | None:
