@@ -29,29 +29,18 @@ sys.path.insert(0, str(ROOT))
 
 def scene_table(proxy: str) -> None:
     from mmalign.paths import resolve
-    from mmalign.toy.proxy import load_proxy
-    from mmalign.toy.world import extra_object_scene, heldout_captions, layout, render, render_objects, train_captions
+    from mmalign.toy.proxy import load_proxy, scene_negatives
+    from mmalign.toy.world import heldout_captions, train_captions
 
     _, _, score = load_proxy(resolve(proxy))
-    caps, scenes = [], {"correct": [], "extra": [], "missing": []}
-    for c in heldout_captions() + train_captions()[::3]:
-        for seed in (100_000, 100_001):
-            objects = layout(c, seed)
-            if len(objects) < 2:
-                continue
-            caps.append(c)
-            scenes["correct"].append(render(c, seed))
-            scenes["extra"].append(extra_object_scene(c, seed))
-            scenes["missing"].append(render_objects(objects[:-1]))
-    with torch.no_grad():
-        s = {k: score(torch.from_numpy(np.stack([np.asarray(im) for im in v])).permute(0, 3, 1, 2).float() / 255, caps)
-             for k, v in scenes.items()}
-    print(f"\nproxy {proxy}: {len(caps)} multi-object scenes")
+    r = scene_negatives(score, heldout_captions() + train_captions()[::3])
+    print(f"\nproxy {proxy}: {r['n']} multi-object scenes")
     print("| scene | mean proxy score | drop from correct |\n|---|---|---|")
-    for k in s:
-        print(f"| {k} | {s[k].mean():.3f} | {(s['correct'] - s[k]).mean():.3f} |")
-    print(f"\ncorrect > extra: {(s['correct'] > s['extra']).float().mean():.3f}; correct > missing: "
-          f"{(s['correct'] > s['missing']).float().mean():.3f}; extra > missing: {(s['extra'] > s['missing']).float().mean():.3f}")
+    print(f"| correct | {r['mean_correct']:.3f} | 0.000 |")
+    print(f"| extra | {r['mean_extra']:.3f} | {r['drop_extra']:.3f} |")
+    print(f"| missing | {r['mean_missing']:.3f} | {r['drop_missing']:.3f} |")
+    print(f"\ncorrect > extra: {r['correct_over_extra']:.3f}; correct > missing: {r['correct_over_missing']:.3f}; "
+          f"extra > missing: {r['extra_over_missing']:.3f}")
 
 
 def pairs_table(run: Path) -> None:

@@ -31,6 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def fit_on_one_thread(cfg, run_dir: Path) -> dict:
+    """Trainer(cfg).fit() on one thread, as the figures in these tests were measured (the
+    stochastic rollouts and DDIM sampling amplify reduction-order differences)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Trainer(cfg, run_dir=run_dir).fit()
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_shipped_base_model_is_imperfect_on_purpose():
     from mmalign.evaluation import evaluate_generator, expand_prompts
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
@@ -49,12 +60,7 @@ def test_demo_runs_end_to_end_and_raises_heldout_gold(tmp_path):
     held-out samples (1 thread): gold 0.281 -> 0.356, proxy 0.707 -> 0.732; run seed 1 gives 0.369.
     Asserted: a gain of at least 3 points (two paired standard errors)."""
     cfg = load_config(ROOT / "configs" / "toy" / "diffusion_dpo.yaml")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as measured
-    try:
-        summary = Trainer(cfg, run_dir=tmp_path / "run").fit()
-    finally:
-        torch.set_num_threads(n)
+    summary = fit_on_one_thread(cfg, tmp_path / "run")
     run = tmp_path / "run"
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "final/unet/diffusion_pytorch_model.safetensors",
               "generated_pairs.safetensors", "samples/step_0000000.png", f"samples/step_{cfg.train.steps:07d}.png"):
@@ -83,12 +89,7 @@ def test_gold_reward_grpo_pushes_on_policy_gold_the_right_way(tmp_path):
     """
     def last_rounds(reward_override: list[str], name: str) -> float:
         cfg = load_config(ROOT / "configs" / "toy" / "grpo_gold.yaml", ["eval.enabled=false", *reward_override])
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)  # as measured; the stochastic rollouts amplify reduction-order differences
-        try:
-            Trainer(cfg, run_dir=tmp_path / name).fit()
-        finally:
-            torch.set_num_threads(n)
+        fit_on_one_thread(cfg, tmp_path / name)
         rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         rounds = [r["rollout/reward_mean"] for r in rows if "rollout/reward_mean" in r]
         assert len(rounds) == cfg.train.steps // cfg.method.args.rollout.steps_per_round
@@ -114,12 +115,7 @@ def test_gold_ranked_diffusion_dpo_raises_heldout_gold(tmp_path):
     """
     def gold(reward_override: list[str], name: str) -> tuple[float, float, dict, dict]:
         cfg = load_config(ROOT / "configs" / "toy" / "diffusion_dpo_gold.yaml", reward_override)
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)  # as measured
-        try:
-            Trainer(cfg, run_dir=tmp_path / name).fit()
-        finally:
-            torch.set_num_threads(n)
+        fit_on_one_thread(cfg, tmp_path / name)
         rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         evals = [r["eval"] for r in rows if "eval" in r]
         return evals[0]["gold_accuracy"], evals[-1]["gold_accuracy"], evals[0], evals[-1]

@@ -214,7 +214,9 @@ def scene_negatives(score_fn, captions, seeds=(100_000, 100_001)) -> dict:
     with torch.no_grad():
         sc = {k: score_fn(torch.from_numpy(np.stack([np.asarray(im) for im in v])).permute(0, 3, 1, 2).float() / 255,
                           caps) for k, v in scenes.items()}
-    return {"correct_over_extra": float((sc["correct"] > sc["extra"]).float().mean()),
+    return {"n": len(caps), **{f"mean_{k}": float(v.mean()) for k, v in sc.items()},
+            "correct_over_extra": float((sc["correct"] > sc["extra"]).float().mean()),
+            "correct_over_missing": float((sc["correct"] > sc["missing"]).float().mean()),
             "extra_over_missing": float((sc["extra"] > sc["missing"]).float().mean()),
             "drop_extra": float((sc["correct"] - sc["extra"]).mean()),
             "drop_missing": float((sc["correct"] - sc["missing"]).mean())}
