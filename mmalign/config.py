@@ -82,6 +82,7 @@ class EvalConfig:
     max_prompts: int | None = None
     gold: bool = False  # also report the toy world's gold accuracy (toy captions only)
     enabled: bool = True
+    at_start: bool = True  # also evaluate before training (false: the caller has the base numbers)
     seed: int = 1234
     num_steps: int = 20
     guidance_scale: float = 5.0

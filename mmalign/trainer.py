@@ -325,7 +325,7 @@ class Trainer:
         resume_from = self._resume_path()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        elif self.cfg.eval.enabled:
+        elif self.cfg.eval.enabled and self.cfg.eval.at_start:
             self.evaluate("step_0000000")
 
         batches = self._online_batches(self.step) if online else self._batches(ds, self.step * t.grad_accum)

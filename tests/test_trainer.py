@@ -138,3 +138,13 @@ def test_full_finetune_and_eval_grid(tmp_path, tiny_sd, tiny_clip, pairs_manifes
     assert (tmp_path / "run" / "samples" / "step_0000000.png").is_file()
     assert (tmp_path / "run" / "samples" / "step_0000001.png").is_file()
     assert "eval/reward" in summary
+
+
+def test_eval_at_start_false_skips_only_the_base_evaluation(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
+    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 2},
+                     eval={"enabled": True, "at_start": False, "every": 1, "prompts": ["a red square"],
+                           "num_steps": 2})
+    Trainer(load_config(p), run_dir=tmp_path / "run").fit()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" in r] == [1, 2]
+    assert not (tmp_path / "run" / "samples" / "step_0000000.png").exists()
