@@ -27,7 +27,8 @@ def run_one(config: Path, seed: int, overrides: list[str], out_root: Path) -> di
     from mmalign.config import load_config
     from mmalign.trainer import Trainer
 
-    cfg = load_config(config, [f"run.seed={seed}", "eval.gold=true", *overrides])
+    # the row's "before" is the run's own step-0 evaluation
+    cfg = load_config(config, [f"run.seed={seed}", "eval.gold=true", *overrides, "eval.at_start=true"])
     run_dir = out_root / f"{config.stem}-seed{seed}"
     t = time.perf_counter()
     Trainer(cfg, run_dir=run_dir).fit()
