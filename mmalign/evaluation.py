@@ -65,6 +65,12 @@ def evaluate_generator(generator, reward, prompts: list[str], seeds_per_prompt: 
     return out, images
 
 
+def evaluate_config(generator, reward, e) -> tuple[dict[str, Any], torch.Tensor]:
+    """evaluate_generator with the settings of an `eval:` config block (EvalConfig)."""
+    return evaluate_generator(generator, reward, expand_prompts(e.prompts, e.prompts_from, e.max_prompts),
+                              e.images_per_prompt, e.seed, e.num_steps, e.guidance_scale, e.gold)
+
+
 def format_comparison(before: dict, after: dict) -> str:
     rows = [("gold accuracy", "gold_accuracy"), ("gold compositional", "gold_compositional"),
             ("proxy reward", "reward"), ("diversity", "diversity")]

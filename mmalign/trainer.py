@@ -274,17 +274,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, Any]:
         """Sample the fixed eval prompts (deterministic DDIM, fixed seeds), score, save a grid."""
-        from mmalign.evaluation import evaluate_generator, expand_prompts
+        from mmalign.evaluation import evaluate_config
         from mmalign.media import image_grid
 
         e = self.cfg.eval
         out: dict[str, Any] = {}
         if self.is_main and e.enabled:
-            prompts = expand_prompts(e.prompts, e.prompts_from, e.max_prompts)
             self.generator.set_forward_module(self.unwrapped)  # no collective ops on one rank
             with self.acc.autocast(), self.ema_weights():  # evaluate what save_final writes
-                out, images = evaluate_generator(self.generator, self.reward, prompts, e.images_per_prompt,
-                                                 e.seed, e.num_steps, e.guidance_scale, e.gold)
+                out, images = evaluate_config(self.generator, self.reward, e)
             self.generator.set_forward_module(self.model)
             (self.run_dir / "samples").mkdir(exist_ok=True)
             image_grid(images[:64], nrow=min(8 * e.images_per_prompt, 16)).save(
