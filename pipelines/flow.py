@@ -16,7 +16,9 @@ Generator interface with the flow-matching conventions (sigma in [0, 1], sigma =
   `loss_weighting` (default none) multiplies each sample's error by w(sigma) from diffusers'
   `compute_loss_weighting_for_sd3` (Esser et al., "Scaling Rectified Flow Transformers for
   High-Resolution Image Synthesis", 2024): sigma_sqrt w = sigma^-2, cosmap
-  w = 2 / (pi (1 - 2 sigma + 2 sigma^2)), on the shifted sigma. diffusers' SD3 scripts apply
+  w = 2 / (pi (1 - 2 sigma + 2 sigma^2)), on the shifted sigma; mmalign's `eps` w = (1 - sigma)^2
+  makes it the error of the implied noise prediction, eps_hat = x_sigma + (1 - sigma) v_theta,
+  which is what the UNet adapter's error measures (so Diffusion-DPO's beta carries over). diffusers' SD3 scripts apply
   it to uniformly drawn t (`timestep_sampling: uniform` reproduces them; with logit_normal the
   density and the weight multiply) and to the velocity error (their `precondition_outputs=0`;
   the x0 target is sigma^2 times it). SD3's `mode` density is not offered: diffusers'
@@ -81,7 +83,7 @@ def _flow_lora() -> LoraSettings:
 SDE_TYPES = {"flow_grpo": "Flow-GRPO's SDE step", "dance_grpo": "DanceGRPO's"}
 # diffusers' compute_loss_weighting_for_sd3 silently gives weight 1 to any unknown name: check first
 LOSS_WEIGHTINGS = {"none": "w = 1", "sigma_sqrt": "w = sigma^-2",
-                   "cosmap": "w = 2 / (pi (1 - 2 sigma + 2 sigma^2))"}
+                   "cosmap": "w = 2 / (pi (1 - 2 sigma + 2 sigma^2))", "eps": "w = (1 - sigma)^2"}
 
 
 def check_choice(field: str, value: str, choices: dict[str, str]) -> str:
@@ -114,7 +116,7 @@ class FlowGeneratorConfig:
     logit_std: float = 1.0
     # per-sample weight w(sigma) of denoise_error (diffusers' compute_loss_weighting_for_sd3);
     # none keeps the plain flow-matching error
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap", "eps"] = "none"
     # the SDE of `rollout` / `step_log_prob` at eta > 0 (eta = 0 is the Euler ODE for both):
     # Flow-GRPO's sigma_t = eta sqrt(sigma / (1 - sigma)) or DanceGRPO's sigma_t = eta
     sde_type: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
@@ -358,6 +360,8 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         err = (v - (noise.float() - x0.float())).pow(2).flatten(1).mean(1)
         if self.cfg.loss_weighting == "none":
             return err
+        if self.cfg.loss_weighting == "eps":
+            return err * (1 - sigma.flatten()) ** 2
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         return err * compute_loss_weighting_for_sd3(self.cfg.loss_weighting, sigmas=sigma.flatten())

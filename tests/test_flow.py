@@ -210,7 +210,7 @@ def test_dance_grpo_step_log_prob_recomputes_the_stored_one(which, request, monk
 
 @pytest.mark.parametrize("field,bad,bad_yaml,good,default,choices,toy", [
     ("sde_type", "dance", "dance", "dance_grpo", "flow_grpo", r"\['flow_grpo', 'dance_grpo'\]", "flow_grpo.yaml"),
-    ("loss_weighting", "logit_normal", "sigma", "cosmap", "none", r"\['none', 'sigma_sqrt', 'cosmap'\]", "flow_dpo.yaml"),
+    ("loss_weighting", "logit_normal", "sigma", "cosmap", "none", r"\['none', 'sigma_sqrt', 'cosmap', 'eps'\]", "flow_dpo.yaml"),
 ])
 def test_unknown_choice_is_a_clear_error(field, bad, bad_yaml, good, default, choices, toy, tiny_sd3):
     from pathlib import Path
@@ -269,10 +269,11 @@ def _sigma_by_hand(t: int, shift: float = 3.0) -> float:
     return shift * s / (1 + (shift - 1) * s)
 
 
-@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
+@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap", "eps"])
 def test_denoise_error_loss_weighting_by_hand(gen, weighting, monkeypatch):
     """w(sigma) * mean ||(eps - x0) - v||^2 in float64 on a float64 copy of the model, with SD3's
-    weights written out: none 1, sigma_sqrt sigma^-2, cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
+    weights written out: none 1, sigma_sqrt sigma^-2, cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2)),
+    and mmalign's eps (1 - sigma)^2."""
     monkeypatch.setattr(gen.cfg, "loss_weighting", weighting)
     g = torch.Generator().manual_seed(8)
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -284,7 +285,8 @@ def test_denoise_error_loss_weighting_by_hand(gen, weighting, monkeypatch):
         want = []
         for i in range(2):
             s = _sigma_by_hand(int(t[i]))
-            w = {"none": 1.0, "sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2))}[weighting]
+            w = {"none": 1.0, "sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2)),
+                 "eps": (1 - s) ** 2}[weighting]
             x, e = x0[i:i + 1].double(), noise[i:i + 1].double()
             v = model(hidden_states=(1 - s) * x + s * e, timestep=torch.tensor([s * 1000.0], dtype=torch.float64),
                       encoder_hidden_states=cond["encoder_hidden_states"][i:i + 1].double(),
@@ -292,6 +294,22 @@ def test_denoise_error_loss_weighting_by_hand(gen, weighting, monkeypatch):
             want.append(w * ((e - x) - v).pow(2).mean())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-4, atol=1e-6)
+
+
+def test_eps_weighting_is_the_implied_noise_prediction_error(gen, monkeypatch):
+    """loss_weighting eps gives mean ||eps - eps_hat||^2 with eps_hat = x_sigma + (1 - sigma) v_theta,
+    the error the UNet adapter measures."""
+    monkeypatch.setattr(gen.cfg, "loss_weighting", "eps")
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([5, 500, 990])
+    cond = gen.encode_prompt(PROMPTS + PROMPTS[:1])
+    with torch.no_grad():
+        got = gen.denoise_error(x0, cond, t, noise)
+        x_t, sigma = gen.noisy(x0, t, noise)
+        v = gen.model_output(x_t, sigma.flatten() * gen.num_train_timesteps, cond)
+        want = (noise - (x_t + (1 - sigma) * v)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_loss_weighting_none_is_the_previous_error_exactly(gen, tiny_sd3):

@@ -316,6 +316,65 @@ def test_rwr_weights_match_float64_softmax(tiny_sd):
     assert metrics["weight_max"] == pytest.approx(want[4], rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["raft", "rwr"])
+def test_raft_baseline_weights_are_group_centred_and_share_noise(tiny_sd, mode):
+    """baseline: true -- a group's weights are the plain ones minus their group mean (float64 by
+    hand: RAFT top-1 of 3 gives +2/3, -1/3, -1/3), an item is a whole group whose samples share one
+    noise draw and one timestep, the loss is mean_i w_i err_i over the group's samples, and
+    reversing the rewards flips the gradient."""
+    from mmalign.methods.raft import RAFT, RAFTConfig
+    from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
+    from mmalign.types import per_sample_randint, per_sample_randn
+
+    gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd)))
+    rewards = [0.30, 0.10, 0.25, -0.40, 0.90, 0.85]
+    T, G = 0.2, 3
+
+    def build(rs):
+        m = RAFT(RAFTConfig(mode=mode, temperature=T, baseline=True,
+                            rollout=RolloutSettings(samples_per_prompt=G, num_steps=2)))
+        return m, m.collect(gen, lambda samples, prompts: torch.tensor(rs), ["a red circle", "a blue square"], [0, 1])
+
+    m, buf = build(rewards)
+    want = []
+    for grp in (rewards[:3], rewards[3:]):
+        if mode == "raft":
+            w = [1.0 if r == max(grp) else 0.0 for r in grp]
+        else:
+            z = sum(math.exp(r / T) for r in grp)
+            w = [G * math.exp(r / T) / z for r in grp]
+        want += [x - sum(w) / G for x in w]
+    if mode == "raft":
+        assert want[:3] == pytest.approx([2 / 3, -1 / 3, -1 / 3])
+    torch.testing.assert_close(buf.extras["weights"].double(), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+    assert m.num_items(buf) == 2  # whole groups
+
+    batch = m.batch(buf, [1], [11])  # group 1: samples 3, 4, 5, all with seed 11
+    assert batch["seeds"].tolist() == [11, 11, 11]
+    torch.testing.assert_close(batch["latents"], buf.extras["x0"][3:6])
+    loss, _ = m.loss(batch, gen)
+    x0, s = batch["latents"].float(), torch.tensor([11] * 3)
+    with torch.no_grad():
+        err = gen.denoise_error(x0, gen.encode_prompt(batch["prompts"]), per_sample_randint(s, 0, 1000),
+                                per_sample_randn(s, x0.shape[1:]))
+    want_loss = sum(w * e for w, e in zip(want[3:], err.double().tolist())) / 3  # a difference: float32 abs tol
+    assert loss.item() == pytest.approx(want_loss, abs=1e-5 * float(err.mean()))
+
+    params = [p for p in gen.trainable().parameters() if p.requires_grad]
+
+    def grad(m_, buf_):
+        gen.trainable().zero_grad()
+        m_.loss(m_.batch(buf_, [0, 1], [11, 12]), gen)[0].backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    g = grad(m, buf)
+    m2, buf2 = build([-r for r in rewards])  # same samples (same seeds), reversed preferences
+    g2 = grad(m2, buf2)
+    # softmax(-r) is not the mirror of softmax(r), nor top-1 of -r of top-1 of r: the direction flips
+    assert torch.nn.functional.cosine_similarity(g, g2, dim=0) < -0.5
+
+
 def test_grpo_kl_matches_float64_gaussian_kl(tiny_sd, tiny_clip):
     """GRPO's KL term: per step, KL(N(mu_theta, s^2 I) || N(mu_ref, s^2 I)) = ||mu_theta - mu_ref||^2 / (2 s^2)
     summed over latent dimensions, averaged over the batch and the trained steps. The DDIM step

@@ -15,6 +15,14 @@ reference but the step count and learning rate (no KL term). The loss is positiv
 also teaches whatever all of the policy's own samples share (sampler and VAE artifacts). On
 the toy world that outweighs the selection, even with the exact gold reward (README, toy-world
 results); group-centred methods (GRPO, online DPO) cancel it.
+
+`baseline: true` subtracts each group's mean weight (1) from the weights, so that a group's
+weights sum to zero (RAFT top-1 of 4: +3/4 for the best, -1/4 for each other; RWR:
+softmax * G - 1), and trains on whole groups whose samples share one noise draw and one
+timestep. What every sample of a group shares then cancels in the gradient, and what is left
+pushes the denoiser towards the group's better samples and away from its worse ones. This is
+a baseline-subtracted RWR: the negative weights make the loss unbounded below, so it relies on
+a short run at a low learning rate, like the policy-gradient methods.
 """
 from __future__ import annotations
 
@@ -42,12 +50,15 @@ class RAFTConfig:
     # rollout's guidance_scale to train the policy that actually sampled.
     train_guidance_scale: float = 1.0
     min_timestep: int = 0  # train on t in [min_timestep, T): composition is set at high noise
+    baseline: bool = False  # subtract the group mean weight; train on whole groups (module docstring)
 
     def validate(self) -> None:
         if self.top_k < 1:
             raise ValueError("top_k: must be >= 1")
         if not 0 <= self.min_timestep < 1000:
             raise ValueError("min_timestep: must be in [0, 1000)")
+        if self.mode not in ("raft", "rwr"):
+            raise ValueError(f"mode: {self.mode!r} is not 'raft' or 'rwr'")
         if self.top_k >= self.rollout.samples_per_prompt and self.mode == "raft":
             raise ValueError("top_k: must be smaller than rollout.samples_per_prompt (else nothing is filtered)")
 
@@ -72,6 +83,12 @@ class RAFT:
         else:
             weights = (torch.softmax(rg / self.cfg.temperature, dim=1) * G).flatten()
             keep = torch.arange(len(r), device=r.device)
+        if self.cfg.baseline:
+            chosen = torch.zeros(len(r), device=r.device)
+            chosen[keep] = 1.0
+            weights = (weights * chosen).view(-1, G)
+            weights = (weights - weights.mean(1, keepdim=True)).flatten()
+            keep = torch.arange(len(r), device=r.device)
         ro.extras["weights"] = weights
         ro.extras["keep"] = keep.sort().values
         return ro
@@ -82,10 +99,18 @@ class RAFT:
                 "kept": float(len(keep))}
 
     def num_items(self, ro) -> int:
+        """Kept samples; with a baseline, whole groups."""
+        if self.cfg.baseline:
+            return len(ro.extras["keep"]) // self.rollout.samples_per_prompt
         return len(ro.extras["keep"])
 
     def batch(self, ro, idx, seeds) -> dict:
-        sel = ro.extras["keep"][torch.as_tensor(idx, device=ro.extras["keep"].device)]
+        idx = torch.as_tensor(idx, device=ro.extras["keep"].device)
+        if self.cfg.baseline:  # item i is group i: its G samples, one seed for all of them
+            G = self.rollout.samples_per_prompt
+            idx = (idx[:, None] * G + torch.arange(G, device=idx.device)).flatten()
+            seeds = [s for s in seeds for _ in range(G)]
+        sel = ro.extras["keep"][idx]
         x0 = ro.extras["x0"] if "x0" in ro.extras else ro.latents[:, -1]
         return {"prompts": [ro.prompts[i] for i in sel.tolist()], "latents": x0[sel],
                 "weights": ro.extras["weights"][sel], "seeds": torch.as_tensor(seeds)}
