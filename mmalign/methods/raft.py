@@ -83,6 +83,7 @@ class RAFT:
         else:
             weights = (torch.softmax(rg / self.cfg.temperature, dim=1) * G).flatten()
             keep = torch.arange(len(r), device=r.device)
+        ro.extras["selected"] = keep.sort().values
         if self.cfg.baseline:
             chosen = torch.zeros(len(r), device=r.device)
             chosen[keep] = 1.0
@@ -94,9 +95,10 @@ class RAFT:
         return ro
 
     def round_metrics(self, ro) -> dict[str, float]:
-        r, keep = ro.extras["rewards"], ro.extras["keep"]
-        return {"reward_mean": float(r.mean()), "reward_kept": float(r[keep].mean()) if len(keep) else float("nan"),
-                "kept": float(len(keep))}
+        """reward_kept: mean reward of the selected samples (raft: the top_k; rwr: all)."""
+        r, sel = ro.extras["rewards"], ro.extras["selected"]
+        return {"reward_mean": float(r.mean()), "reward_kept": float(r[sel].mean()) if len(sel) else float("nan"),
+                "kept": float(len(sel))}
 
     def num_items(self, ro) -> int:
         """Kept samples; with a baseline, whole groups."""
