@@ -1,12 +1,12 @@
 """The supervised ceiling of the toy world: fine-tune on *correct* rendered scenes.
 
-    python benchmarks/toy_sft_ceiling.py                                   # LoRA, lr 1e-3, 80 steps
+    python benchmarks/toy_sft_ceiling.py                                   # raft.yaml's regime
     python benchmarks/toy_sft_ceiling.py --set train.lr=1e-4 train.steps=300 train.ema_decay=0.99
-    python benchmarks/toy_sft_ceiling.py --set generator.finetune=full train.lr=1e-4
+    python benchmarks/toy_sft_ceiling.py --set generator.finetune=lora train.lr=1e-3
 
 Every reward a method could optimise stands in for one thing: which scenes are correct.
 This control hands the fine-tuning that answer directly. It runs RAFT's training path
-(`configs/toy/raft.yaml`: the same trainer, LoRA, denoising loss, batch and step budget) with
+(`configs/toy/raft.yaml` without its baseline: the same trainer, denoising loss and budget) with
 x0 replaced by VAE posterior draws of scenes `mmalign.toy.world.render` drew correctly for the
 round's training captions; nothing is sampled (the reward only scores the evaluations). If held-out gold does not rise here, no
 alignment method can be expected to raise it at the same budget, and the toy table cannot
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--out-root", type=Path, default=ROOT / "runs" / "sft_ceiling")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_sft_ceiling.json")
     args = ap.parse_args()
-    cfg = load_config(args.config, ["method.name=render_sft", "eval.gold=true",
+    cfg = load_config(args.config, ["method.name=render_sft", "method.baseline=false", "eval.gold=true",
                                     f"run.seed={args.seed}", *args.set])
     run_dir = args.out_root / f"seed{args.seed}-{int(time.time())}"
     t = time.perf_counter()
