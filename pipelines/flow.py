@@ -17,10 +17,10 @@ Generator interface with the flow-matching conventions (sigma in [0, 1], sigma =
   `compute_loss_weighting_for_sd3` (Esser et al., "Scaling Rectified Flow Transformers for
   High-Resolution Image Synthesis", 2024): sigma_sqrt w = sigma^-2, cosmap
   w = 2 / (pi (1 - 2 sigma + 2 sigma^2)), on the shifted sigma; mmalign's `eps` w = (1 - sigma)^2
-  makes it the error of the implied noise prediction, eps_hat = x_sigma + (1 - sigma) v_theta,
-  which is what the UNet adapter's error measures (so Diffusion-DPO's beta carries over). diffusers' SD3 scripts apply
-  it to uniformly drawn t (`timestep_sampling: uniform` reproduces them; with logit_normal the
-  density and the weight multiply) and to the velocity error (their `precondition_outputs=0`;
+  makes it the error of the implied noise prediction eps_hat = x_sigma + (1 - sigma) v_theta,
+  what the UNet adapter's error measures (a UNet's Diffusion-DPO beta then means the same here).
+  diffusers' SD3 scripts apply it to uniformly drawn t (`timestep_sampling: uniform` reproduces
+  them; with logit_normal the density and the weight multiply) and to the velocity error (their `precondition_outputs=0`;
   the x0 target is sigma^2 times it). SD3's `mode` density is not offered: diffusers'
   `compute_density_for_timestep_sampling` draws its own u, while t here maps to sigma through a
   quantile function. Every caller gets the weight, policy and reference passes alike: RAFT /
