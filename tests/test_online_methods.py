@@ -332,9 +332,9 @@ def test_raft_baseline_weights_are_group_centred_and_share_noise(tiny_sd, mode):
     rewards = [0.30, 0.10, 0.25, -0.40, 0.90, 0.85]
     T, G = 0.2, 3
 
-    def build(rs):
+    def build(rs, group_size=G):
         m = RAFT(RAFTConfig(mode=mode, temperature=T, baseline=True,
-                            rollout=RolloutSettings(samples_per_prompt=G, num_steps=2)))
+                            rollout=RolloutSettings(samples_per_prompt=group_size, num_steps=2)))
         return m, m.collect(gen, lambda samples, prompts: torch.tensor(rs), ["a red circle", "a blue square"], [0, 1])
 
     m, buf = build(rewards)
@@ -365,11 +365,10 @@ def test_raft_baseline_weights_are_group_centred_and_share_noise(tiny_sd, mode):
 
     # groups of 2: the centred weights are +-1/2 (raft) or +-tanh((r_1 - r_2) / 2T) (rwr), so reversing
     # the rewards negates every weight and the gradient exactly
-    G = 2
     params = [p for p in gen.trainable().parameters() if p.requires_grad]
 
     def grad(rs):
-        m_, buf_ = build(rs)
+        m_, buf_ = build(rs, group_size=2)
         gen.trainable().zero_grad()
         m_.loss(m_.batch(buf_, [0, 1], [11, 12]), gen)[0].backward()
         return torch.cat([p.grad.flatten() for p in params])
