@@ -6,16 +6,15 @@
   writes what the README says, evaluates base and aligned models on the same held-out captions
   and seeds, raises the proxy and held-out gold accuracy, and does not collapse diversity.
 
-- Diffusion-DPO on pairs ranked by the exact gold evaluator (configs/toy/diffusion_dpo_gold.yaml:
-  full fine-tuning, lr 1e-4, EMA 0.99) raises held-out gold accuracy on 808 samples, and the
-  same run with the ranking reversed lowers it.
+- Online DPO, Diffusion-DRO, D3PO, GRPO, RAFT with a group baseline, and on the toy flow model
+  DiffusionNFT and Flow-DPO raise held-out gold on 808 samples in their shipped configs. A sign
+  error in GRPO's advantages or ratios, in RAFT's weights or in the DPO loss would lower it and
+  fail here (the demo's Diffusion-DPO test catches a DPO sign error on the UNet too).
 
-- Online DPO, Diffusion-DRO, D3PO, GRPO, RAFT with a group baseline and DiffusionNFT (on the toy
-  flow model) raise held-out gold on 808 samples in their shipped configs. A sign error in GRPO's
-  advantages or ratios, or in RAFT's weights, would lower it and fail here.
-
-Not asserted here (see the README's toy-world results): that plain RAFT / RWR (no baseline),
-Flow-GRPO and Flow-DPO raise held-out gold; benchmarks/toy_alignment.py measures them.
+Not asserted here (see the README's toy-world results): that plain RAFT / RWR (no baseline) and
+Flow-GRPO raise held-out gold (Flow-GRPO gains +3.5 / +3.9 points, but only at 160 steps, ~33 min
+on one thread); that gold-ranked Diffusion-DPO (configs/toy/diffusion_dpo_gold.yaml) does and its
+reversed ranking lowers gold. benchmarks/toy_alignment.py measures them.
 """
 import contextlib
 import dataclasses
@@ -114,7 +113,7 @@ def heldout_evals(config: str, overrides: list[str], run_dir: Path) -> tuple[dic
     return base_eval(cfg), first_and_last_evals(run_dir)[1]
 
 
-# Online methods, each in its shipped config (full fine-tuning, EMA 0.99, proxy reward where one is
+# Alignment methods, each in its shipped config (full fine-tuning, EMA 0.99, proxy reward where one is
 # used). Held-out gold on 808 samples, 1 thread, run seeds 0 / 1 (base 0.281 for toy:sd_toy, 0.483
 # for toy:sd3_toy):
 #   online_dpo.yaml     0.338 / 0.321, proxy 0.707 -> 0.720
@@ -123,14 +122,15 @@ def heldout_evals(config: str, overrides: list[str], run_dir: Path) -> tuple[dic
 #   grpo.yaml           0.304 / 0.314, proxy 0.707 -> 0.710 / 0.720
 #   raft.yaml           0.373 / 0.376, proxy 0.707 -> 0.720 / 0.717 (group baseline)
 #   diffusion_nft.yaml  flow model: 0.543 / 0.511, proxy 0.754 -> 0.774
+#   flow_dpo.yaml       flow model: 0.530 (seed 0 only), proxy 0.754 -> 0.796 (~15 min in CI)
 # The minimum gain asserted (run seed 0): 3 points, a paired gain of about two standard errors;
 # GRPO's, which gains +2.4 / +3.3 points, 2 points (about 1.3 standard errors). Longest first.
-ONLINE_METHODS = {"d3po.yaml": 0.03, "grpo.yaml": 0.02, "diffusion_dro.yaml": 0.03, "diffusion_nft.yaml": 0.03,
-                  "raft.yaml": 0.03, "online_dpo.yaml": 0.03}
+METHODS = {"flow_dpo.yaml": 0.03, "d3po.yaml": 0.03, "grpo.yaml": 0.02, "diffusion_dro.yaml": 0.03,
+           "diffusion_nft.yaml": 0.03, "raft.yaml": 0.03, "online_dpo.yaml": 0.03}
 
 
-@pytest.mark.parametrize("config", list(ONLINE_METHODS))
-def test_online_method_raises_heldout_gold(config, tmp_path):
+@pytest.mark.parametrize("config", list(METHODS))
+def test_shipped_method_raises_heldout_gold(config, tmp_path):
     before, after = heldout_evals(config, [], tmp_path / "run")
     print(f"{config}: gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, proxy "
           f"{before['reward']:.4f} -> {after['reward']:.4f}, diversity {before['diversity']:.3f} -> "
@@ -138,27 +138,5 @@ def test_online_method_raises_heldout_gold(config, tmp_path):
     assert after["n_samples"] == before["n_samples"] == 808
     assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
     assert after["reward"] > before["reward"]
-    assert after["gold_accuracy"] >= before["gold_accuracy"] + ONLINE_METHODS[config], (before["gold_accuracy"],
-                                                                                       after["gold_accuracy"])
-
-
-def test_gold_ranked_diffusion_dpo_raises_heldout_gold(tmp_path):
-    """Diffusion-DPO moves held-out gold the way its pairs point, beyond the evaluation noise.
-
-    The pairs are best vs. worst of 4 base samples per training caption by the gold fraction, in
-    the regime where supervised fine-tuning on correct scenes raises held-out gold (full
-    fine-tuning, lr 1e-4, EMA 0.99; benchmarks/toy_sft_ceiling.py). Measured on 808 held-out
-    samples (1 thread): 0.281 -> 0.325 (seed 0; 0.360 with run seed 1), and with the ranking
-    reversed 0.281 -> 0.163.
-    A sign error in the DPO loss or the pair order swaps the two runs and fails here.
-    """
-    before, after = heldout_evals("diffusion_dpo_gold.yaml", [], tmp_path / "gold")
-    negated = ["reward={name: mix, rewards: [{name: toy_gold, mode: fraction}], weights: [-1.0]}"]
-    before_r, after_r = heldout_evals("diffusion_dpo_gold.yaml", negated, tmp_path / "reversed")
-    base, aligned = before["gold_accuracy"], after["gold_accuracy"]
-    base_r, reversed_ = before_r["gold_accuracy"], after_r["gold_accuracy"]
-    print(f"held-out gold: base {base:.3f}, gold-ranked DPO {aligned:.3f}, reversed ranking {reversed_:.3f}")
-    assert after["n_samples"] == 808 and base == base_r
-    assert aligned >= base + 0.02, (base, aligned)
-    assert reversed_ <= base - 0.02, (base, reversed_)
-    assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
+    assert after["gold_accuracy"] >= before["gold_accuracy"] + METHODS[config], (before["gold_accuracy"],
+                                                                                after["gold_accuracy"])
