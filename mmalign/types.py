@@ -61,7 +61,9 @@ class Rollout:
     latents: B, T+1, C, h, w -- x_T ... x_0 of the sampler (index k is the input of step k)
     timesteps: T -- the scheduler timestep used at step k
     log_probs: B, T -- log p(latents[:, k+1] | latents[:, k], c) of the stochastic step
-                 (full Gaussian log-density summed over latent dimensions); None when eta=0
+                 (full Gaussian log-density summed over latent dimensions); None when eta=0,
+                 NaN at the deterministic steps of a rollout with `sde_steps`
+    extras["sde_steps"]: the stochastic steps (a tuple) when only some are; None when all are
     """
 
     samples: Samples
@@ -99,6 +101,20 @@ class Rollout:
             prompts=[x for p in parts for x in p.prompts],
             extras=_cat_tree([p.extras for p in parts], [len(p) for p in parts]),
         )
+
+
+def step_noise_level(eta: float, sde_steps: Sequence[int] | None, step: int) -> float:
+    """The noise level of a rollout's step: eta on its stochastic steps (all, without sde_steps), else 0."""
+    return eta if sde_steps is None or step in sde_steps else 0.0
+
+
+def trained_step_noise_level(extras: dict[str, Any], step: int) -> float:
+    """`step_noise_level` for a step whose log-probability is asked for: an error at a deterministic one."""
+    eta = step_noise_level(extras["eta"], extras.get("sde_steps"), step)
+    if eta <= 0:
+        raise ValueError(f"step {step} of this rollout is deterministic (its SDE steps: {extras.get('sde_steps')}; "
+                         f"eta {extras['eta']}): it has no log-probability")
+    return eta
 
 
 def _index_samples(s: Samples, idx: Tensor) -> Samples:

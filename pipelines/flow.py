@@ -69,7 +69,7 @@ from torch import Tensor, nn
 
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
-from mmalign.types import Rollout, Samples, per_sample_randn
+from mmalign.types import Rollout, Samples, per_sample_randn, step_noise_level, trained_step_noise_level
 
 # Attention projections of the MMDiT blocks (image and text streams); FLUX's single blocks
 # share the to_q/to_k/to_v names. peft matches by suffix, so absent names are simply skipped.
@@ -393,17 +393,21 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         latents: Tensor | None = None,
         need_log_probs: bool = True,
         decode: bool = True,
+        sde_steps: Sequence[int] | None = None,
     ) -> Rollout:
         """Sample with the config's SDE (`sde_type`, Flow-GRPO's by default; noise level `eta`);
         keep x_1..x_0 and each step's log-prob.
 
         eta = 0 is the deterministic Euler sampler of diffusers' pipelines. Noise is drawn per
         sample from `seeds` (default 0..B-1), so a sample does not depend on its batch. The SDE
-        type is stored in `extras`, so `step_log_prob` scores the step that was taken.
+        type is stored in `extras`, so `step_log_prob` scores the step that was taken. With
+        `sde_steps`, only those steps are stochastic and the others Euler steps (MixGRPO /
+        Flow-GRPO-Fast); their log-probs are NaN.
         """
-        if need_log_probs and eta <= 0:
-            raise ValueError("rollout: eta=0 is the deterministic ODE sampler and has no step log-probabilities; "
-                             "use eta>0 or need_log_probs=False")
+        sde_steps = None if sde_steps is None else tuple(sde_steps)
+        if need_log_probs and (eta <= 0 or sde_steps == ()):
+            raise ValueError("rollout: eta=0 is the deterministic ODE sampler and has no step log-probabilities "
+                             "(nor sde_steps=[]); use eta>0 or need_log_probs=False")
         prompts = list(prompts)
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
         dev, shape = self.device, self.latent_shape
@@ -416,20 +420,23 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         with torch.no_grad():
             for k, t in enumerate(timesteps):
                 v = self.guided_velocity(x, t, cond, uncond, guidance_scale)
-                mean, std = sde_step(v, x, sigmas[k], sigmas[k + 1], sigmas[1], eta, self.cfg.sde_type)
+                eta_k = step_noise_level(eta, sde_steps, k)
+                mean, std = sde_step(v, x, sigmas[k], sigmas[k + 1], sigmas[1], eta_k, self.cfg.sde_type)
                 if std > 0:
                     x = mean + std * per_sample_randn([s * 7919 + k + 1 for s in seeds], shape, dev)
                     if need_log_probs:
                         logps.append(gaussian_log_prob(x, mean, std))
                 else:
                     x = mean
+                    if need_log_probs and eta_k == 0:  # outside sde_steps
+                        logps.append(torch.full((len(x),), math.nan, device=dev))
                 traj.append(x)
             samples = self.decode(x) if decode else Samples()
         return Rollout(
             samples=samples, latents=torch.stack(traj, 1), timesteps=timesteps,
             log_probs=torch.stack(logps, 1) if logps else None, prompts=prompts,
             extras={"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "eta": eta,
-                    "num_steps": num_steps, "sde_type": self.cfg.sde_type},
+                    "num_steps": num_steps, "sde_type": self.cfg.sde_type, "sde_steps": sde_steps},
         )
 
     # ------------------------------------------------------------------ hooks of the guided samplers
@@ -515,7 +522,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         _, sigmas = self.sampling_schedule(int(ex["num_steps"]))
         sub = lambda d: None if d is None else {k: v[index] for k, v in d.items()}
         v = self.guided_velocity(x, rollout.timesteps[step], sub(ex["cond"]), sub(ex["uncond"]), ex["guidance_scale"])
-        mean, std = sde_step(v, x, sigmas[step], sigmas[step + 1], sigmas[1], ex["eta"],
+        mean, std = sde_step(v, x, sigmas[step], sigmas[step + 1], sigmas[1], trained_step_noise_level(ex, step),
                              ex.get("sde_type", self.cfg.sde_type))
         logp = gaussian_log_prob(x_next, mean, std)
         return (logp, mean, std) if return_mean else logp

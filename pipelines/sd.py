@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
-from mmalign.types import Rollout, Samples, per_sample_randn
+from mmalign.types import Rollout, Samples, per_sample_randn, step_noise_level, trained_step_noise_level
 
 
 @dataclass
@@ -236,20 +236,23 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         latents: Tensor | None = None,
         need_log_probs: bool = True,
         decode: bool = True,
+        sde_steps: Sequence[int] | None = None,
     ) -> Rollout:
         """Sample with DDIM; keep x_T..x_0 and log-probs of each stochastic step.
 
         Noise is drawn per sample from `seeds` (default 0..B-1), so a sample does not depend
         on the batch it is in. A latent consistency model samples with `lcm_rollout` instead
-        (eta is then unused; LCM steps have no log-probabilities).
+        (eta is then unused; LCM steps have no log-probabilities). With `sde_steps`, only those
+        steps are stochastic and the others DDIM steps at eta 0; their log-probs are NaN.
         """
         if self.lcm_scheduler is not None and not self._trained.use_ref:
             if need_log_probs:
                 raise ValueError("rollout: LCM sampling has no step log-probabilities; use need_log_probs=False")
             return self.lcm_rollout(prompts, num_steps, guidance_scale, seeds, latents, decode)
-        if need_log_probs and eta <= 0:
-            raise ValueError("rollout: eta=0 is deterministic DDIM and has no step log-probabilities; use eta>0 "
-                             "or need_log_probs=False")
+        sde_steps = None if sde_steps is None else tuple(sde_steps)
+        if need_log_probs and (eta <= 0 or sde_steps == ()):
+            raise ValueError("rollout: eta=0 is deterministic DDIM and has no step log-probabilities (nor "
+                             "sde_steps=[]); use eta>0 or need_log_probs=False")
         prompts = list(prompts)
         B = len(prompts)
         seeds = list(seeds) if seeds is not None else list(range(B))
@@ -266,7 +269,8 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         with torch.no_grad():
             for k, t in enumerate(timesteps.tolist()):
                 eps = self.guided_eps(x, torch.tensor(t, device=dev), cond, uncond, guidance_scale)
-                mean, std = self.ddim_step(eps, x, t, t - stride, eta)
+                eta_k = step_noise_level(eta, sde_steps, k)
+                mean, std = self.ddim_step(eps, x, t, t - stride, eta_k)
                 if std > 0:
                     noise = per_sample_randn([s * 7919 + k + 1 for s in seeds], shape, dev)
                     x = mean + std * noise
@@ -274,6 +278,8 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
                         logps.append(self.gaussian_log_prob(x, mean, std))
                 else:
                     x = mean
+                    if need_log_probs and eta_k == 0:  # outside sde_steps
+                        logps.append(torch.full((B,), math.nan, device=dev))
                 traj.append(x)
             samples = self.decode(x) if decode else Samples()
         return Rollout(
@@ -283,7 +289,7 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
             log_probs=torch.stack(logps, 1) if logps else None,
             prompts=prompts,
             extras={"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "eta": eta,
-                    "stride": stride},
+                    "stride": stride, "sde_steps": sde_steps},
         )
 
     @property
@@ -369,7 +375,7 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         sub = lambda d: None if d is None else _index_cond(d, index)
         eps = self.guided_eps(x, torch.tensor(t, device=self.device), sub(ex["cond"]), sub(ex["uncond"]),
                               ex["guidance_scale"])
-        mean, std = self.ddim_step(eps, x, t, t - ex["stride"], ex["eta"])
+        mean, std = self.ddim_step(eps, x, t, t - ex["stride"], trained_step_noise_level(ex, step))
         logp = self.gaussian_log_prob(x_next, mean, std)
         return (logp, mean, std) if return_mean else logp
 

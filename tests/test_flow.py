@@ -147,6 +147,31 @@ def test_step_log_prob_recomputes_the_stored_one(which, request):
                                    rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("which", ["gen", "flux"])
+def test_sde_steps_leave_the_other_steps_euler(which, request):
+    """rollout(sde_steps=...) (MixGRPO / Flow-GRPO-Fast): the listed steps are the full SDE's, bit for
+    bit; every other step is the Euler step from where the trajectory is; only SDE steps have log-probs."""
+    g = request.getfixturevalue(which)
+    scale = 2.0 if which == "gen" else 1.0
+    full = g.rollout(PROMPTS, num_steps=4, guidance_scale=scale, eta=0.8, seeds=[1, 2])
+    mixed = g.rollout(PROMPTS, num_steps=4, guidance_scale=scale, eta=0.8, seeds=[1, 2], sde_steps=[0, 1])
+    assert torch.equal(mixed.latents[:, :3], full.latents[:, :3])
+    assert torch.equal(mixed.log_probs[:, :2], full.log_probs[:, :2]) and mixed.log_probs[:, 2:].isnan().all()
+    assert not torch.equal(mixed.latents[:, 3], full.latents[:, 3])
+    _, sigmas = g.sampling_schedule(4)
+    for k in (2, 3):
+        with torch.no_grad():
+            v = g.guided_velocity(mixed.latents[:, k], mixed.timesteps[k], mixed.extras["cond"],
+                                  mixed.extras["uncond"], scale)
+        assert torch.equal(mixed.latents[:, k + 1], mixed.latents[:, k] + (sigmas[k + 1] - sigmas[k]) * v)
+    with torch.no_grad():
+        torch.testing.assert_close(g.step_log_prob(mixed, 1), mixed.log_probs[:, 1], rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="step 2 of this rollout is deterministic"):
+        g.step_log_prob(mixed, 2)
+    with pytest.raises(ValueError, match="sde_steps"):
+        g.rollout(PROMPTS, num_steps=4, eta=0.8, sde_steps=[])
+
+
 # ---------------------------------------------------------------- DanceGRPO's SDE (generator.sde_type)
 
 
@@ -477,6 +502,10 @@ METHODS = {
     "flow_grpo": {"name": "grpo", "kl_coef": 0.1, "timestep_fraction": 0.5,
                   "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 4, "eta": 0.7,
                               "steps_per_round": 2, "same_initial_noise": True}},
+    # SDE only on the first half of the steps, trained there (MixGRPO / Flow-GRPO-Fast)
+    "grpo_sde_window": {"name": "grpo", "kl_coef": 0.1, "timestep_fraction": 0.5, "timestep_window": [0.0, 0.5],
+                        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 4, "eta": 0.7,
+                                    "steps_per_round": 2, "sde_window": [0.0, 0.5]}},
     "diffusion_nft": {"name": "diffusion_nft", "kl_coef": 0.01,
                       "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "eta": 0.0,
                                   "steps_per_round": 2}},

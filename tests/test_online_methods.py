@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from mmalign.methods.grpo import GRPO, GRPOConfig, ppo_clip_loss
 from mmalign.methods.online import RolloutSettings, group_advantages, train_steps
 from mmalign.trainer import Trainer
 from tests.conftest import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ppo_clip_matches_float64_and_is_flat_outside_the_range():
@@ -42,6 +45,19 @@ def test_train_steps_stay_in_the_window():
     assert train_steps(3, 0.1, 0, [0.9, 1.0]) == [2]  # never empty
     with pytest.raises(ValueError, match="timestep_window"):
         GRPOConfig(timestep_window=[0.8, 0.2]).validate()
+
+
+def test_sde_window_must_hold_the_trained_steps():
+    rs = RolloutSettings(num_steps=10, sde_window=[0.0, 0.5])
+    assert rs.sde_steps() == [0, 1, 2, 3, 4] and RolloutSettings().sde_steps() is None
+    GRPOConfig(rollout=rs, timestep_window=[0.0, 0.5]).validate()
+    GRPOConfig(rollout=rs, timestep_window=[0.1, 0.3]).validate()
+    with pytest.raises(ValueError, match=r"steps \[0, 1, 2, 3, 4, 5\] of 10\) must lie inside rollout.sde_window"):
+        GRPOConfig(rollout=rs, timestep_window=[0.0, 0.6]).validate()
+    with pytest.raises(ValueError, match="sde_window"):
+        RolloutSettings(sde_window=[0.5, 0.5]).validate()
+    with pytest.raises(ValueError, match="D3PO trains on steps drawn from the whole trajectory"):
+        load_config(ROOT / "configs" / "toy" / "d3po.yaml", ["method.rollout.sde_window=[0.0, 0.5]"])
 
 
 def test_group_advantages_hand_computed():

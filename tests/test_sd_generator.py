@@ -61,6 +61,22 @@ def test_eta_zero_is_rejected_when_log_probs_are_needed(gen):
     assert ro.log_probs is None
 
 
+def test_sde_steps_leave_the_other_steps_deterministic_ddim(gen):
+    """rollout(sde_steps=...): the listed steps are the full rollout's, bit for bit, the others DDIM at
+    eta 0 (as the eta=0 rollout takes them) with NaN log-probs, and only SDE steps can be scored."""
+    prompts = ["a red circle", "a green square"]
+    full = gen.rollout(prompts, num_steps=4, guidance_scale=2.0, eta=1.0, seeds=[1, 2])
+    mixed = gen.rollout(prompts, num_steps=4, guidance_scale=2.0, eta=1.0, seeds=[1, 2], sde_steps=[1])
+    ode = gen.rollout(prompts, num_steps=4, guidance_scale=2.0, eta=0.0, seeds=[1, 2], need_log_probs=False)
+    assert torch.equal(mixed.latents[:, :2], ode.latents[:, :2])  # step 0 deterministic
+    torch.testing.assert_close(mixed.log_probs[:, 1], gen.step_log_prob(mixed, 1).detach(), rtol=1e-5, atol=1e-3)
+    assert mixed.log_probs[:, [0, 2, 3]].isnan().all() and mixed.log_probs[:, 1].isfinite().all()
+    assert not torch.equal(mixed.latents[:, 2], ode.latents[:, 2])  # step 1 stochastic
+    assert not torch.equal(mixed.latents[:, -1], full.latents[:, -1])
+    with pytest.raises(ValueError, match="step 0 of this rollout is deterministic"):
+        gen.step_log_prob(mixed, 0)
+
+
 def test_rollout_is_per_sample_deterministic(gen):
     a = gen.rollout(["a red circle", "a blue square"], num_steps=2, seeds=[5, 6]).latents
     b = gen.rollout(["a blue square"], num_steps=2, seeds=[6]).latents

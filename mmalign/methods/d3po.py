@@ -120,6 +120,9 @@ class D3POConfig:
             raise ValueError("rollout.same_initial_noise: D3PO pairs start from the same noise (set true)")
         if self.rollout.eta <= 0:
             raise ValueError("rollout.eta: D3PO needs stochastic steps (eta > 0)")
+        if self.rollout.sde_steps() is not None:
+            raise ValueError(f"rollout.sde_window: D3PO trains on steps drawn from the whole trajectory, so every "
+                             f"step must be stochastic (got {list(self.rollout.sde_window)}; use [0.0, 1.0])")
 
 
 class D3PO:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mmalign.methods.online import RolloutSettings, collect, group_advantages, train_steps
+from mmalign.methods.online import (RolloutSettings, check_window, collect, group_advantages, train_steps,
+                                    window_steps)
 from mmalign.registry import register_method
 
 
@@ -56,10 +57,15 @@ class GRPOConfig:
     def validate(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError("timestep_fraction: must be in (0, 1]")
-        if len(self.timestep_window) != 2 or not 0 <= self.timestep_window[0] < self.timestep_window[1] <= 1:
-            raise ValueError(f"timestep_window: need 0 <= start < end <= 1, got {list(self.timestep_window)}")
+        check_window("timestep_window", self.timestep_window)
         if self.rollout.eta <= 0:
             raise ValueError("rollout.eta: policy gradient needs stochastic steps (eta > 0)")
+        T = self.rollout.num_steps
+        trained, sde = window_steps(T, self.timestep_window), window_steps(T, self.rollout.sde_window)
+        if not set(trained) <= set(sde):
+            raise ValueError(f"timestep_window {list(self.timestep_window)} (steps {list(trained)} of {T}) must lie "
+                             f"inside rollout.sde_window {list(self.rollout.sde_window)} (steps {list(sde)}): "
+                             "the steps outside it are deterministic and have no log-probabilities")
 
 
 class GRPO:

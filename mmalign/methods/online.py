@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -37,10 +37,33 @@ class RolloutSettings:
     # x_0. The raw x_0 carries fine structure the denoiser does not predict (on the toy model
     # its error at t=20..300 is 2-3x that of encoded images) and fitting it degrades sampling.
     reencode: bool = True
+    # The part of the trajectory sampled with the SDE (fractions of num_steps; 0 = the first,
+    # noisiest step); the other steps are deterministic (ODE / DDIM eta 0) and have no
+    # log-probabilities. MixGRPO / Flow-GRPO-Fast: with SDE noise only where the policy trains, a
+    # group's reward differences come from the trained steps alone.
+    sde_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
     def validate(self) -> None:
         if self.samples_per_prompt < 1 or self.prompts_per_round < 1:
             raise ValueError("rollout: prompts_per_round and samples_per_prompt must be >= 1")
+        check_window("sde_window", self.sde_window)
+
+    def sde_steps(self) -> list[int] | None:
+        """The stochastic steps of a rollout (None: all of them)."""
+        if list(self.sde_window) == [0.0, 1.0]:
+            return None
+        return list(window_steps(self.num_steps, self.sde_window))
+
+
+def check_window(name: str, window: Sequence[float]) -> None:
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= 1:
+        raise ValueError(f"{name}: need [start, end] with 0 <= start < end <= 1, got {list(window)}")
+
+
+def window_steps(T: int, window: Sequence[float]) -> range:
+    """The steps of a T-step trajectory in the window [start, end) (fractions of T; at least one)."""
+    lo = min(int(window[0] * T), T - 1)
+    return range(lo, max(lo + 1, math.ceil(window[1] * T)))
 
 
 @torch.no_grad()
@@ -61,7 +84,7 @@ def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs:
         sl = slice(i, i + batch_size)
         ro = generator.rollout(rep[sl], num_steps=rs.num_steps, guidance_scale=rs.guidance_scale, eta=rs.eta,
                                seeds=sample_seeds[sl], latents=None if init is None else init[sl],
-                               need_log_probs=need_log_probs)
+                               need_log_probs=need_log_probs, sde_steps=rs.sde_steps())
         if reward is not None:
             ro.extras["rewards"] = reward(ro.samples, rep[sl]).float().detach()
         if rs.reencode:
@@ -91,11 +114,10 @@ def group_advantages(rewards: Tensor, group: Tensor, eps: float = 1e-4, std: boo
 def train_steps(T: int, fraction: float, seed: int, window: Sequence[float] = (0.0, 1.0)) -> list[int]:
     """A random `fraction` of the T denoising steps, drawn from the window [start, end) of the
     trajectory (as fractions of T; at least one step)."""
-    lo = min(int(window[0] * T), T - 1)
-    hi = max(lo + 1, math.ceil(window[1] * T))
+    steps = window_steps(T, window)
     n = max(1, math.ceil(fraction * T))
     g = torch.Generator().manual_seed(seed)
-    return sorted((lo + torch.randperm(hi - lo, generator=g)[:n]).tolist())
+    return sorted((steps.start + torch.randperm(len(steps), generator=g)[:n]).tolist())
 
 
 @contextlib.contextmanager
@@ -170,6 +192,8 @@ def load_buffer(path: Path, generator) -> Rollout:
     meta = json.loads((path / "buffer.json").read_text())
     extras = {k[len("extras."):]: v.to(generator.device) for k, v in t.items() if k.startswith("extras.")}
     extras.update(meta["scalars"])
+    if extras.get("sde_steps") is not None:  # a tuple: a list the length of the batch would be indexed per sample
+        extras["sde_steps"] = tuple(extras["sde_steps"])
     ro = Rollout(Samples(), t["latents"].to(generator.device), t["timesteps"], t.get("log_probs"), meta["prompts"],
                  extras)
     if ro.log_probs is not None:
