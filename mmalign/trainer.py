@@ -296,6 +296,8 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         t = self.cfg.train
+        if t.flush_denormal:
+            torch.set_flush_denormal(True)  # a process-wide CPU setting (see TrainConfig)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))

@@ -30,6 +30,21 @@ def test_every_trainable_parameter_changes(tmp_path, tiny_sd, tiny_clip, pairs_m
     assert load_config(tmp_path / "run" / "config.yaml").method.args.beta == 5000.0
 
 
+def test_training_flushes_float32_denormals_unless_told_not_to(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
+    denormal = lambda: torch.tensor([1e-39], dtype=torch.float32) * 1.0  # below float32's smallest normal
+    try:
+        torch.set_flush_denormal(False)
+        cfg = load_config(write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
+                                       train={"steps": 1, "flush_denormal": False}))
+        Trainer(cfg, run_dir=tmp_path / "off").fit()
+        assert denormal().item() > 0
+        cfg = load_config(write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 1}))
+        Trainer(cfg, run_dir=tmp_path / "on").fit()
+        assert denormal().item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_resume_is_bitwise_exact(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
     """4 steps straight == 2 steps, stop, resume for 2 more (with accumulation, warmup and EMA)."""
     train = {"steps": 4, "grad_accum": 2, "batch_size": 2, "warmup_steps": 2, "ema_decay": 0.9,
