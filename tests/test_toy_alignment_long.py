@@ -6,7 +6,7 @@ thread; none of the shorter recipes tried reaches +3 (README). CI does not run t
 """
 import pytest
 
-from tests.test_toy_alignment import METHODS, heldout_evals
+from tests.test_toy_alignment import METHODS, check_heldout_gain
 
 pytestmark = pytest.mark.long
 
@@ -17,12 +17,4 @@ assert not set(LONG_METHODS) & set(METHODS)
 
 @pytest.mark.parametrize("config", list(LONG_METHODS))
 def test_long_method_raises_heldout_gold(config, tmp_path):
-    before, after = heldout_evals(config, [], tmp_path / "run")
-    print(f"{config}: gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, proxy "
-          f"{before['reward']:.4f} -> {after['reward']:.4f}, diversity {before['diversity']:.3f} -> "
-          f"{after['diversity']:.3f}")
-    assert after["n_samples"] == before["n_samples"] == 808
-    assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
-    assert after["reward"] > before["reward"]
-    assert after["gold_accuracy"] >= before["gold_accuracy"] + LONG_METHODS[config], (before["gold_accuracy"],
-                                                                                      after["gold_accuracy"])
+    check_heldout_gain(config, LONG_METHODS[config], tmp_path / "run")
