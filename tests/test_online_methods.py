@@ -152,6 +152,7 @@ def test_stored_log_prob_equals_recomputed_before_update(tiny_sd, tiny_clip):
     m = GRPO(GRPOConfig(rollout=RolloutSettings(samples_per_prompt=3, num_steps=3), timestep_fraction=1.0,
                         filter_zero_std=False))
     buf = m.collect(gen, reward, ["a red circle", "a blue square"], [0, 1])
+    assert "x0" not in buf.extras  # no VAE round trip: the policy gradient needs log-probs only
     batch = m.batch(buf, list(range(6)), [5] * 6)
     loss, metrics = m.loss(batch, gen)
     assert metrics["abs_log_ratio"] < 1e-3  # ratio = 1

@@ -24,7 +24,7 @@ sigma 0.04 and 6-9x the weight of any other, so when drawn it dominates the upda
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -75,7 +75,8 @@ class GRPO:
         self.cfg, self.rollout = cfg, cfg.rollout
 
     def collect(self, generator, reward, prompts, seeds):
-        ro = collect(generator, reward, prompts, seeds, self.rollout)
+        # log-probs only: the re-encoded latents other online methods train on would go unused
+        ro = collect(generator, reward, prompts, seeds, replace(self.rollout, reencode=False))
         r, grp = ro.extras["rewards"], ro.extras["group"]
         adv = group_advantages(r, grp, std=self.cfg.group_std).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
         keep = torch.ones_like(r, dtype=torch.bool)
