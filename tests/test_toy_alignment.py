@@ -145,9 +145,9 @@ def heldout_evals(config: str, overrides: list[str], run_dir: Path) -> tuple[dic
 #
 # The order splits the slow tests into two equal halves for .ci/run's two workers: pytest-xdist's
 # worksteal hands the first half of the collection (tests/test_flow.py's base band test, the UNet
-# band test, the 20-step Flow-GRPO check, the demo, then the first two here: the flow tests, ~35 min)
+# band test, the 20-step Flow-GRPO check, the demo, then the first two here: the flow tests, ~31 min)
 # to one worker and the rest (the UNet methods and the VLM test, ~36 min) to the other, and each
-# worker evaluates one base model.
+# worker evaluates one base model (.ci/run at stop 22: slow tests 35.5 min).
 # A half that ends long before the other cannot steal a running test: keep the halves even.
 METHODS = {"flow_dpo.yaml": 0.03, "diffusion_nft.yaml": 0.03, "d3po.yaml": 0.03, "grpo.yaml": 0.02,
            "raft.yaml": 0.03, "online_dpo.yaml": 0.03, "diffusion_dro.yaml": 0.03}
