@@ -89,7 +89,7 @@ ADAPTERS = {
     # name: (reward spec factory, samples factory)
     "clip_hf": (lambda: {"name": "clip_hf", **fx.tiny("clip_hf")}, _images),
     "hps": (lambda: {"name": "hps", **fx.tiny("hps")}, _images),
-    "pickscore": (lambda: {"name": "pickscore", **fx.tiny("clip_hf")}, _images),
+    "pickscore": (lambda: {"name": "pickscore", **fx.tiny("clip_hf"), "processor": fx.tiny("clip_hf")["model"]}, _images),
     "aesthetic": (lambda: {"name": "aesthetic", **fx.tiny("aesthetic")}, _images),
     "image_reward": (lambda: {"name": "image_reward", **fx.tiny("image_reward")}, _images),
     "jpeg_compressibility": (lambda: {"name": "jpeg_compressibility"}, _images),
@@ -196,7 +196,8 @@ def build_real_hps(directory: Path, arch: str = "full") -> dict:
 
 def build_real_pickscore(directory: Path, arch: str = "full") -> dict:
     """A random CLIP-H/14 CLIPModel directory (model, tokenizer, processor), as PickScore_v1 loads."""
-    return {"model": _save_hf_clip(directory / "PickScore_v1", CLIP_H14 if arch == "full" else CLIP_TINY)}
+    path = _save_hf_clip(directory / "PickScore_v1", CLIP_H14 if arch == "full" else CLIP_TINY)
+    return {"model": path, "processor": path}
 
 
 def build_real_aesthetic(directory: Path, arch: str = "full") -> dict:

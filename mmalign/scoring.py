@@ -3,7 +3,7 @@
     mmalign score --reward NAME [--reward-args k=v ...] [--config reward.yaml]
                   (--prompts prompts.txt | --prompt TEXT | --manifest m.jsonl) [--out scores.jsonl] PATHS...
     mmalign score --list
-    mmalign eval-judge --reward NAME [--reward-args k=v ...] --pairs pairs.jsonl [--out judged.jsonl]
+    mmalign eval-judge --reward NAME [--reward-args k=v ...] --pairs pairs.jsonl [--pairwise] [--out judged.jsonl]
 
 Media: images (png/jpg/...), videos (a directory of frames, or .mp4 etc. when torchcodec or
 PyAV is installed) and audio (PCM .wav always; .flac etc. through soundfile / torchaudio).
@@ -351,10 +351,11 @@ def add_eval_judge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", required=True,
                         help="JSONL rows {prompt, chosen, rejected[, category]} (or {prompt, image0, image1, label})")
     parser.add_argument("--pairwise", action="store_true",
-                        help="use the judge's prefer(a, b) (VLM / audio judges) instead of comparing scores")
+                        help="ask the judge which of the two is better (VLM / audio judges), in both orders "
+                             "(chosen first, rejected first), instead of comparing scores; reports position_bias")
     parser.add_argument("--tie-eps", type=float, default=0.0,
                         help="a pair is a tie when |score(chosen) - score(rejected)| <= tie-eps "
-                             "(pairwise: |P(chosen first) - 0.5| <= tie-eps)")
+                             "(pairwise: an answer is a tie when |P(first better) - 0.5| <= tie-eps)")
     parser.add_argument("--out", help="write one JSON line per pair with the judge's scores and verdict")
 
 
@@ -403,22 +404,50 @@ def agreement(margins: Sequence[float], tie_eps: float = 0.0) -> dict[str, float
     }
 
 
-def judge_pairs(reward: Any, pairs: Sequence[dict], batch_size: int = 8, pairwise: bool = False) -> list[dict]:
-    """Per pair: the judge's scores (or P(chosen better)) and the margin used for agreement."""
+def both_orders_agreement(p_chosen_first: Sequence[float], p_rejected_first: Sequence[float],
+                          tie_eps: float = 0.0) -> dict[str, float]:
+    """Agreement and position bias of a pairwise judge shown every pair in both orders.
+
+    p_chosen_first[i] / p_rejected_first[i] are the judge's P(the first-shown item is better)
+    with pair i shown as (chosen, rejected) / (rejected, chosen). Each order is one decision,
+    with chosen-minus-rejected margin P - 0.5 and 0.5 - P respectively; acc_with_ties,
+    acc_without_ties and tie_rate are `agreement` over these 2n decisions (n = pairs).
+    position_bias = the fraction of decided answers (|P - 0.5| > tie_eps), over both orders,
+    that pick the first-shown item: 0.5 for a judge without position bias (a perfect judge
+    picks first in exactly one of the two orders), 1.0 for one that always answers "first"
+    (which then agrees half the time), 0.0 for one that always answers "second".
+    """
+    margins = [p - 0.5 for p in p_chosen_first] + [0.5 - p for p in p_rejected_first]
+    out = {**agreement(margins, tie_eps), "n": len(p_chosen_first)}
+    decided = [p - 0.5 for p in [*p_chosen_first, *p_rejected_first] if abs(p - 0.5) > tie_eps]
+    out["position_bias"] = sum(1 for m in decided if m > 0) / len(decided) if decided else math.nan
+    return out
+
+
+def _judge_pair_both_orders(reward: Any, p: dict) -> dict:
+    """One pair shown as (chosen, rejected) and as (rejected, chosen); the judge's `prefer_first`
+    (one order, its swap_average not applied) where it has one, else `prefer`."""
     import torch
 
-    results = []
+    ask = getattr(reward, "prefer_first", None) or reward.prefer
+    (tc, src), (tr, srr) = load_media(p["chosen"], reward.modality), load_media(p["rejected"], reward.modality)
+    c, r = _samples([tc], reward.modality, src), _samples([tr], reward.modality, srr)
+    with torch.no_grad():
+        p_cf, p_rf = float(ask(c, r, [p["prompt"]])[0]), float(ask(r, c, [p["prompt"]])[0])
+    p_chosen = 0.5 * (p_cf + 1.0 - p_rf)  # both orders averaged: P(chosen is better)
+    return {**p, "p_first_chosen_first": p_cf, "p_first_rejected_first": p_rf, "p_chosen": p_chosen,
+            "margin": p_chosen - 0.5}
+
+
+def judge_pairs(reward: Any, pairs: Sequence[dict], batch_size: int = 8, pairwise: bool = False) -> list[dict]:
+    """Per pair: the judge's scores (or, pairwise, P(first better) in both orders) and the margin."""
     usable = [p for p in pairs if not p["human_tie"]]
     if pairwise:
         if not hasattr(reward, "prefer"):
             raise ValueError(f"reward {getattr(reward, 'name', '?')!r} has no prefer(a, b); drop --pairwise")
-        for p in usable:  # the two media of a pair may differ in size: one pair per call
-            (ta, sra), (tb, srb) = load_media(p["chosen"], reward.modality), load_media(p["rejected"], reward.modality)
-            with torch.no_grad():
-                prob = float(reward.prefer(_samples([ta], reward.modality, sra), _samples([tb], reward.modality, srb),
-                                           [p["prompt"]])[0])
-            results.append({**p, "p_chosen": prob, "margin": prob - 0.5})
-        return results
+        # the two media of a pair may differ in size: one pair per call
+        return [_judge_pair_both_orders(reward, p) for p in usable]
+    results = []
     items = [(p["chosen"], p["prompt"]) for p in usable] + [(p["rejected"], p["prompt"]) for p in usable]
     scores = score_items(reward, items, batch_size)
     n = len(usable)
@@ -438,19 +467,29 @@ def run_eval_judge(args: argparse.Namespace) -> int:
         results = judge_pairs(reward, pairs, args.batch_size, args.pairwise)
     except (ConfigError, MediaError, OSError, ValueError, TypeError) as e:
         return _fail(str(e))
-    by_cat: dict[str, list[float]] = defaultdict(list)
+    by_cat: dict[str, list[dict]] = defaultdict(list)
     for r in results:
-        by_cat[r["category"]].append(r["margin"])
-    rows = []
-    if len(by_cat) > 1:
-        for cat in sorted(by_cat):
-            rows.append({"category": cat, **agreement(by_cat[cat], args.tie_eps)})
-    rows.append({"category": "overall", **agreement([r["margin"] for r in results], args.tie_eps)})
+        by_cat[r["category"]].append(r)
+    rows = [{"category": cat, **_agreement_row(by_cat[cat], args.pairwise, args.tie_eps)}
+            for cat in (sorted(by_cat) if len(by_cat) > 1 else [])]
+    rows.append({"category": "overall", **_agreement_row(results, args.pairwise, args.tie_eps)})
     human_ties = sum(1 for p in pairs if p["human_tie"])
     if args.out:
         with open(args.out, "w") as f:
             for r in results:
                 f.write(json.dumps({k: v for k, v in r.items() if k != "human_tie"}) + "\n")
     print(f"judge: {spec['name']}  pairs: {len(results)}" + (f"  (human ties skipped: {human_ties})" if human_ties else ""))
-    print(format_table(rows, ["category", "n", "acc_with_ties", "acc_without_ties", "tie_rate"]))
+    columns = ["category", "n", "acc_with_ties", "acc_without_ties", "tie_rate"]
+    if args.pairwise:
+        print("both orders per pair (2n answers); position_bias: fraction of decided answers picking the "
+              "first-shown item (0.5 none, 1.0 always first)")
+        columns.append("position_bias")
+    print(format_table(rows, columns))
     return 0
+
+
+def _agreement_row(results: Sequence[dict], pairwise: bool, tie_eps: float) -> dict[str, float]:
+    if pairwise:
+        return both_orders_agreement([r["p_first_chosen_first"] for r in results],
+                                     [r["p_first_rejected_first"] for r in results], tie_eps)
+    return agreement([r["margin"] for r in results], tie_eps)

@@ -12,6 +12,15 @@ chosen answer tokens at the last position.
 
 Each answer must be a single token *in context* (after the generation prompt); this is
 checked once at load time with a clear error.
+
+Pairwise position bias: chat judges favour the item shown first, so `swap_average: true` (the
+default) asks both orders and returns (P1(a, b) + 1 - P1(b, a)) / 2, where P1(x, y) =
+`prefer_first(x, y)` is P(first better) with x shown first. A judge that always answers "1"
+then gives 0.5 (no preference) instead of always preferring a.
+
+Precision: `dtype: auto` (the default) loads the judge in bfloat16 when it runs on CUDA (the
+chat models' released dtype; a 7B judge needs about 16 GB instead of 33 GB in float32) and
+float32 on CPU; an explicit dtype wins. The judge runs on `device`, or on CUDA when available.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from ._common import module_device, torch_dtype
+from ._common import check_batch, module_device, torch_dtype
 
 
 def check_template(template: str, field_name: str, needs: Sequence[str]) -> None:
@@ -33,6 +42,18 @@ def check_template(template: str, field_name: str, needs: Sequence[str]) -> None
         template.format(prompt="x", n=5)
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"{field_name}: bad template ({e}); only {{prompt}} and {{n}} are filled") from None
+
+
+def judge_device(device: str | None) -> str:
+    """Where the judge runs: `device` if given, else CUDA when available, else CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` -> bfloat16 on a CUDA device, float32 elsewhere; any other value is kept."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
 def _load_model(model_id: str, dtype: str, auto_classes: Sequence[str]):
@@ -64,9 +85,9 @@ class ChatJudge:
         if getattr(self.processor, "chat_template", None) is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"{processor or model}: neither the processor nor the tokenizer has a chat template")
         self.tokenizer.padding_side = "left"  # the last position is then the next-token position for every row
-        self.model = _load_model(model, dtype, auto_classes).eval().requires_grad_(False)
-        if device:
-            self.model.to(device)
+        device = judge_device(device)
+        self.dtype = resolve_dtype(dtype, device)
+        self.model = _load_model(model, self.dtype, auto_classes).eval().requires_grad_(False).to(device)
         self.media_item = media_item
         params = inspect.signature(self.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
@@ -171,10 +192,10 @@ class JudgeScoring:
     likert_n: int = 5
     rating_answers: list[str] | None = None  # default "1".."likert_n"
     pair_answers: list[str] = field(default_factory=lambda: ["1", "2"])  # answer meaning first / second
-    swap_average: bool = False  # pairwise: average P(a first) and 1 - P(b first) (position-bias debiasing)
+    swap_average: bool = True  # pairwise: average P(a first) and 1 - P(b first) (position-bias debiasing)
     batch_size: int = 8
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str | None = None  # default: CUDA when available
 
     def validate_scoring(self) -> None:
         for f in ("yes_answers", "no_answers", "pair_answers"):
@@ -221,10 +242,13 @@ class JudgeBase:
         no per-sample score, so evaluation reports no reward column for it."""
         return self.cfg.mode != "pairwise"
 
-    # subclasses: list of per-sample media objects, and processor kwargs for a flat list of them
+    # subclasses: list of per-sample media objects, processor kwargs for a flat list of them, and
+    # the device of the samples' tensor (scores are returned there)
     def media_list(self, samples: Any) -> list: ...
 
     def media_kwargs(self, flat_media: list) -> dict: ...
+
+    def sample_device(self, samples: Any) -> torch.device: ...
 
     def _question(self, template: str, prompt: str) -> str:
         return template.format(prompt=prompt, n=len(self.rating_ids))
@@ -249,11 +273,33 @@ class JudgeBase:
         raise ValueError(f"reward {self.name!r}: mode {mode!r} scores single samples only with yes_no or likert; "
                          f"use .prefer(a, b, prompts) for pairwise")
 
-    def prefer_media(self, media_a: list, media_b: list, prompts: Sequence[str]) -> Tensor:
-        """P(first is better) for each pair; with swap_average, averaged over both orders."""
+    def first_media(self, media_a: list, media_b: list, prompts: Sequence[str]) -> Tensor:
+        """P1(a, b): P(first is better) with a shown first, one order only."""
         texts = [self.judge.render(self._question(self.cfg.pairwise_template, p), 2, self.n_labels) for p in prompts]
-        p_ab = first_probability(self._batched(texts, [[a, b] for a, b in zip(media_a, media_b)]), self.pair_ids[:1], self.pair_ids[1:])
+        logp = self._batched(texts, [[a, b] for a, b in zip(media_a, media_b)])
+        return first_probability(logp, self.pair_ids[:1], self.pair_ids[1:])
+
+    def prefer_media(self, media_a: list, media_b: list, prompts: Sequence[str]) -> Tensor:
+        """P(a is better) for each pair: (P1(a, b) + 1 - P1(b, a)) / 2 with swap_average, else P1(a, b)."""
+        p_ab = self.first_media(media_a, media_b, prompts)
         if not self.cfg.swap_average:
             return p_ab
-        p_ba = first_probability(self._batched(texts, [[b, a] for a, b in zip(media_a, media_b)]), self.pair_ids[:1], self.pair_ids[1:])
-        return 0.5 * (p_ab + 1.0 - p_ba)
+        return 0.5 * (p_ab + 1.0 - self.first_media(media_b, media_a, prompts))
+
+    def _pair_media(self, samples_a: Any, samples_b: Any, prompts: Sequence[str]) -> tuple[list, list]:
+        a, b = self.media_list(samples_a), self.media_list(samples_b)
+        if len(a) != len(b):
+            raise ValueError(f"reward {self.name!r}: prefer() got {len(a)} and {len(b)} samples")
+        check_batch(self.name, len(a), prompts)
+        return a, b
+
+    def prefer(self, samples_a: Any, samples_b: Any, prompts: Sequence[str]) -> Tensor:
+        """[B] P(sample a is better than sample b for its prompt) (both orders with swap_average)."""
+        a, b = self._pair_media(samples_a, samples_b, prompts)
+        return self.prefer_media(a, b, prompts).to(self.sample_device(samples_a))
+
+    def prefer_first(self, samples_a: Any, samples_b: Any, prompts: Sequence[str]) -> Tensor:
+        """[B] P1(a, b): P(first is better) with a shown first; swap_average not applied. For
+        callers that ask both orders themselves (eval-judge, D3PO) and measure position bias."""
+        a, b = self._pair_media(samples_a, samples_b, prompts)
+        return self.first_media(a, b, prompts).to(self.sample_device(samples_a))

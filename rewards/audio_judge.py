@@ -7,7 +7,8 @@ VQAScore, Lin et al. 2024):
 
     yes_no:  P(Yes) / (P(Yes) + P(No)) after 'Does this audio match "{prompt}"? ...'
     likert:  sum_k k p_k / sum_k p_k over the rating tokens "1".."N"
-    prefer(samples_a, samples_b, prompts): P(first is better) = p("1") / (p("1") + p("2"))
+    prefer(samples_a, samples_b, prompts): P1 = P(first is better) = p("1") / (p("1") + p("2")),
+             both orders averaged with swap_average (default), prefer_first: one order
 
 Audio is mixed to mono and resampled (torchaudio) to the processor's feature-extractor rate
 (16 kHz for Qwen2-Audio's Whisper features) and passed to the processor with the rendered
@@ -77,13 +78,8 @@ class AudioJudge(JudgeBase):
         check_batch(self.name, len(media), prompts)
         return self.score_media(media, prompts).to(samples.audio.device)
 
-    def prefer(self, samples_a: Samples, samples_b: Samples, prompts: Sequence[str]) -> Tensor:
-        """[B] P(audio a is better than audio b for its prompt)."""
-        a, b = self.media_list(samples_a), self.media_list(samples_b)
-        if len(a) != len(b):
-            raise ValueError(f"reward {self.name!r}: prefer() got {len(a)} and {len(b)} samples")
-        check_batch(self.name, len(a), prompts)
-        return self.prefer_media(a, b, prompts).to(samples_a.audio.device)
+    def sample_device(self, samples: Samples):
+        return samples.audio.device
 
 
 @register_reward("audio_judge", AudioJudgeConfig)

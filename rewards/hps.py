@@ -14,12 +14,21 @@ Loading: the released checkpoints (`HPS_v2_compressed.pt`, `HPS_v2.1_compressed.
 the checkpoint's state_dict strictly. The architecture is configurable (`architecture` names
 an open_clip config, or `model_config` gives one inline) so tests run a tiny model.
 
-Preprocessing: the original uses open_clip's PIL transform (Resize(224, bicubic) on the
-shorter side, CenterCrop(224), ToTensor, Normalize(OpenAI mean/std)). We do the same in
-torch on float tensors (bicubic with antialias, long side truncated, crop offset rounded
-like torchvision's CenterCrop), which keeps the reward differentiable. The difference to
-the PIL path is PIL's 8-bit rounding after resizing (and PIL's own bicubic kernel support
-when downscaling); `preprocess_pil` runs the original path and the tests bound the gap.
+Preprocessing follows the reference scorer (tgxs002/HPSv2, hpsv2/img_score.py builds its
+transform with `light_augmentation=True`, so hpsv2/src/open_clip/factory.py passes
+`resize_longest_max=True` to transform.py's `image_transform`): ToTensor, then `ResizeMaxSize`
+on the float tensor (longest side to the model size, new side = Python round(side * size /
+longest), torchvision bicubic; zero padding to a square, pad // 2 before and the rest after on
+each axis, fill 0 in [0, 1] pixel space, i.e. before normalisation), then Normalize with the
+OpenAI CLIP mean/std. Square images are only resized; a 512x768 image is letterboxed, not
+cropped. `LetterboxTransform` does the same in torch on float tensors: on an 8-bit image it is
+the reference computation itself (not an approximation of a uint8 path), and it is
+differentiable in the pixels. Two notes: the reference's tensor resize antialiases only with
+torchvision >= 0.17 (its default changed then; we antialias, as a current install does), and
+for a non-square image whose longest side already equals the model size the reference skips
+the padding and the ViT then fails on the non-square input; we pad it.
+tests/fixtures/hps_reference.safetensors (scripts/make_hps_reference.py) holds the reference
+transform's outputs.
 """
 from __future__ import annotations
 
@@ -39,7 +48,6 @@ from mmalign.types import Samples
 from ._common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
-    ClipTransform,
     check_batch,
     check_file_spec,
     grad_mode,
@@ -55,6 +63,40 @@ HPS_CHECKPOINTS = {
     "v2": "hf-hub:xswu/HPSv2/HPS_v2_compressed.pt",
     "v2.1": "hf-hub:xswu/HPSv2/HPS_v2.1_compressed.pt",
 }
+
+
+@dataclass(frozen=True)
+class LetterboxTransform:
+    """HPSv2's eval transform (hpsv2/src/open_clip/transform.py ResizeMaxSize + Normalize) in torch.
+
+    B,3,H,W float in [0,1] -> B,3,size,size: bicubic (antialiased) resize of the longest side to
+    `size` with sides round(side * size / longest) (Python round, as the reference), zero padding
+    left/top = pad // 2, right/bottom = pad - pad // 2, then (x - mean) / std. No clamping: the
+    reference resizes float tensors, so bicubic overshoot is kept.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fill: float = 0.0
+
+    def resized_size(self, h: int, w: int) -> tuple[int, int]:
+        scale = self.size / float(max(h, w))
+        if scale == 1.0:
+            return h, w
+        return round(h * scale), round(w * scale)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        h, w = images.shape[-2:]
+        nh, nw = self.resized_size(h, w)
+        if (nh, nw) != (h, w):
+            images = F.interpolate(images, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        ph, pw = self.size - nh, self.size - nw
+        if ph or pw:
+            images = F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=self.fill)
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
 
 
 @dataclass
@@ -128,12 +170,12 @@ class HPSv2:
             self.model.to(cfg.device)
         size = self.model.visual.image_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if size[0] != size[1]:
+            raise ValueError(f"architecture: HPS letterboxes to a square; image_size {size} is not square")
         pp = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         mean = tuple(pp.get("mean", OPENAI_CLIP_MEAN))
         std = tuple(pp.get("std", OPENAI_CLIP_STD))
-        # open_clip: Resize(size[0]) on the shorter side (int size) then CenterCrop(size)
-        self.transform = ClipTransform(resize=size[0] if size[0] == size[1] else size, crop=size,  # type: ignore[arg-type]
-                                       mean=mean, std=std, crop_offset="round")
+        self.transform = LetterboxTransform(size=int(size[0]), mean=mean, std=std)  # type: ignore[arg-type]
         self.image_size = size
 
     @property
@@ -142,13 +184,6 @@ class HPSv2:
 
     def preprocess(self, images: Tensor) -> Tensor:
         return self.transform(images)
-
-    def preprocess_pil(self, pil_images: list) -> Tensor:
-        """The original (non-differentiable) PIL path: open_clip.image_transform(is_train=False)."""
-        import open_clip
-
-        tf = open_clip.image_transform(self.image_size, is_train=False, mean=self.transform.mean, std=self.transform.std)
-        return torch.stack([tf(im) for im in pil_images])
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         x = pixel_values.to(self.device, next(self.model.parameters()).dtype)

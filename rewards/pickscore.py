@@ -11,11 +11,12 @@ A CLIP-H model (transformers CLIPModel) fine-tuned on Pick-a-Pic. The original s
 So score = exp(logit_scale) * cos(text, image) (about 20-23 for real images), and
 `preference_probs` gives the softmax over the candidates of one prompt.
 
-Loads `model` ("yuvalkirstain/PickScore_v1" or a local directory) and the processor from
-`processor` ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K" on a real run, as the original does;
-default: the model directory). Preprocessing is the CLIPImageProcessor pipeline in torch
-(see rewards/clip_hf.py for the exact steps and the difference to the uint8 path), so the
-score is differentiable with respect to the pixels.
+Loads `model` ("yuvalkirstain/PickScore_v1" or a local directory) and the processor (tokenizer
+and image processor) from `processor`, by default "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" as
+the reference does (yuvalkirstain/PickScore README, "Inference with PickScore": the processor
+from the LAION CLIP-H repo, the model from PickScore_v1); offline, pass a local copy of it.
+Preprocessing is the CLIPImageProcessor pipeline in torch (see rewards/clip_hf.py for the exact
+steps and the difference to the uint8 path), so the score is differentiable in the pixels.
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ from mmalign.types import Samples
 from ._common import check_batch, check_model_spec, grad_mode, reward_info
 from .clip_hf import HFClip
 
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the reference's processor_name_or_path
+
 
 @dataclass
 class PickScoreConfig:
     model: str = "yuvalkirstain/PickScore_v1"
-    processor: str | None = None  # default: the model dir; the original uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+    processor: str | None = PICKSCORE_PROCESSOR  # tokenizer + image processor (hub id or dir); null: the model's
     batch_size: int = 32
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks

@@ -11,8 +11,9 @@ Three ways to read a scalar from the next-token distribution after a templated q
              Model Really a Good Judge for Text-to-Image Generation?"): score = expected
              rating sum_k k p_k / sum_k p_k over the tokens "1".."N".
     pairwise: `prefer(samples_a, samples_b, prompts)` shows both images and returns
-             P(first is better) = p("1") / (p("1") + p("2")) per pair, usable as a soft
-             preference label (swap_average: average over both presentation orders).
+             P(a is better) from P1 = p("1") / (p("1") + p("2")) per pair, usable as a soft
+             preference label; `swap_average: true` (default) averages both presentation
+             orders, (P1(a, b) + 1 - P1(b, a)) / 2; `prefer_first` gives P1 for one order.
 
 Loads with the Auto classes (AutoProcessor + AutoModelForImageTextToText) from a hub id or a
 local directory; the processor's chat template renders the question. Every answer string
@@ -71,13 +72,8 @@ class VLMJudge(JudgeBase):
         check_batch(self.name, len(media), prompts)
         return self.score_media(media, prompts).to(samples.images.device)
 
-    def prefer(self, samples_a: Samples, samples_b: Samples, prompts: Sequence[str]) -> Tensor:
-        """[B] P(sample a is better than sample b for its prompt)."""
-        a, b = self.media_list(samples_a), self.media_list(samples_b)
-        if len(a) != len(b):
-            raise ValueError(f"reward {self.name!r}: prefer() got {len(a)} and {len(b)} samples")
-        check_batch(self.name, len(a), prompts)
-        return self.prefer_media(a, b, prompts).to(samples_a.images.device)
+    def sample_device(self, samples: Samples):
+        return samples.images.device
 
 
 @register_reward("vlm_judge", VLMJudgeConfig)

@@ -58,8 +58,9 @@ def test_pairwise_winner_is_the_judges_preferred_sample(gen, judge):
     ro = _collect(m, gen, judge)
     a, b, prompts = _halves(ro)
     assert prompts == PROMPTS and ro.prompts[1::2] == PROMPTS  # samples 2j, 2j+1 are one prompt's pair
-    p_ab, p_ba = judge.prefer(a, b, prompts), judge.prefer(b, a, prompts)  # the judge asked directly
+    p_ab, p_ba = judge.prefer_first(a, b, prompts), judge.prefer_first(b, a, prompts)  # one order each, asked directly
     p = 0.5 * (p_ab + 1 - p_ba)  # both orders averaged (swap_average, the default)
+    torch.testing.assert_close(judge.prefer(a, b, prompts), p, rtol=1e-5, atol=1e-6)  # the judge's own default
     want = [[2 * j, 2 * j + 1] if p[j] >= 0.5 else [2 * j + 1, 2 * j] for j in range(len(PROMPTS))]
     assert ro.extras["pairs"].tolist() == want and ro.extras["ties"] == 0.0
     metrics = m.round_metrics(ro)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,17 +181,64 @@ def test_hps_loads_checkpoint_into_architecture_and_scores_cosine(hps):
     torch.testing.assert_close(s, torch.diagonal(img @ txt.T), rtol=1e-5, atol=1e-6)
 
 
-def test_hps_preprocessing_constants_and_pil_path_agree(hps):
-    assert hps.transform.mean == pytest.approx(OPENAI_CLIP_MEAN) and hps.transform.std == pytest.approx(OPENAI_CLIP_STD)
-    assert hps.transform.crop == (32, 32) and hps.transform.crop_offset == "round"
-    from mmalign.rewards._common import images_to_uint8_pil
+HPS_REFERENCE = Path(__file__).parent / "fixtures" / "hps_reference.safetensors"
 
-    for h, w in [(32, 32), (48, 60)]:
-        u8 = (rand_images(2, h, w, smooth=True) * 255).round() / 255
-        pil = hps.preprocess_pil(images_to_uint8_pil(u8))
-        ours = hps.preprocess(u8)
-        tol = 1e-5 if (h, w) == (32, 32) else 3.0 / 255 / min(OPENAI_CLIP_STD)
-        assert (ours - pil).abs().max() < tol
+
+def _hps_reference_cases():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_hps_reference", Path(__file__).parents[1] / "scripts" / "make_hps_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_hps_preprocessing_matches_the_hpsv2_reference_transform(hps):
+    """Against the outputs of HPSv2's own eval transform (hpsv2 1.2.0 transform.py, ResizeMaxSize:
+    letterbox, not crop), recorded by scripts/make_hps_reference.py on det_images inputs.
+    Tolerance 1e-5: the reference resizes the same float32 tensor with the same torch bicubic
+    kernel (identical here; 1e-5 allows other CPUs' kernels), far below one 8-bit level
+    after normalisation (1 / 255 / 0.26 = 0.015)."""
+    from safetensors.torch import load_file
+
+    from mmalign.rewards.hps import LetterboxTransform
+
+    assert hps.transform == LetterboxTransform(32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    ref, mk = load_file(str(HPS_REFERENCE)), _hps_reference_cases()
+    for h, w, size in mk.CASES:
+        name = mk.case_name(h, w, size)
+        x = fx.det_images(1, h, w, mk.SEED).float() / 255  # ToTensor of the same uint8 image
+        t = hps.transform if size == 32 else LetterboxTransform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        ours = t(torch.cat([x, x]))  # batched
+        assert ours.shape == (2, 3, size, size), name
+        ours = ours[1]
+        close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+        if size == 224:
+            close(ours[:, ::4, ::4], ref[f"{name}/sub4"])
+            close(ours.mean(2), ref[f"{name}/row_mean"])
+            close(ours.mean(1), ref[f"{name}/col_mean"])
+        elif (h, w) == (32, 20):  # longest side already 32: the reference leaves it 32x20, we pad it
+            r = ref[f"{name}/full"]
+            assert r.shape == (3, 32, 20)
+            close(ours[:, :, 6:26], r)
+            pad = (-torch.tensor(OPENAI_CLIP_MEAN) / torch.tensor(OPENAI_CLIP_STD)).view(3, 1, 1)
+            close(ours[:, :, :6], pad.expand(3, 32, 6))
+        else:
+            close(ours, ref[f"{name}/full"])
+    # the float64 path (gradient checks) computes the same transform
+    x = fx.det_images(1, 37, 53, mk.SEED).double() / 255
+    torch.testing.assert_close(hps.preprocess(x)[0].float(), ref["37x53_to_32/full"], rtol=0, atol=1e-5)
+
+
+def test_video_from_image_letterboxes_every_frame_like_hps(hps):
+    video = rand_images(6, 24, 40, smooth=True).view(2, 3, 3, 24, 40)  # B=2, F=3 non-square frames
+    v = build("video_from_image", image_reward={"name": "hps", **fx.tiny("hps")}, frames="all", consistency_weight=0.5)
+    with torch.no_grad():
+        got = v(Samples(video=video), PROMPTS[:2])
+        frames = hps(Samples(images=video.flatten(0, 1)), [p for p in PROMPTS[:2] for _ in range(3)]).view(2, 3)
+        emb = hps.image_features(hps.transform(video.flatten(0, 1))).view(2, 3, -1)
+    cons = (emb[:, 1:] * emb[:, :-1]).sum(-1).mean(1)
+    torch.testing.assert_close(got, frames.mean(1) + 0.5 * cons, rtol=1e-5, atol=1e-6)
 
 
 def test_hps_rejects_a_checkpoint_of_another_architecture(tmp_path):
@@ -208,16 +256,45 @@ def test_hps_rejects_a_checkpoint_of_another_architecture(tmp_path):
 
 def test_hps_is_differentiable_finite_difference_float64():
     r = build("hps", dtype="float64", **fx.tiny("hps"))
-    fd_check(lambda x: r(Samples(images=x), PROMPTS[:1]), rand_images(1, 36, 36, dtype=torch.float64))
+    fd_check(lambda x: r(Samples(images=x), PROMPTS[:1]), rand_images(1, 30, 36, dtype=torch.float64))  # letterboxed
 
 
 # --------------------------------------------------------------------------- PickScore
 
 
+def test_pickscore_processor_defaults_to_the_references_laion_repo(clip_dir, monkeypatch):
+    """The PickScore README loads the processor from laion/CLIP-ViT-H-14-laion2B-s32B-b79K and the
+    model from yuvalkirstain/PickScore_v1; an explicit `processor` is honoured. No network: the
+    processor loaders are redirected to the tiny model directory and record the id asked for."""
+    import transformers
+
+    from mmalign.rewards.pickscore import PickScoreConfig
+
+    assert PickScoreConfig().processor == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    assert PickScoreConfig().model == "yuvalkirstain/PickScore_v1"
+    asked = []
+    for cls in (transformers.AutoImageProcessor, transformers.AutoTokenizer):
+        real = cls.from_pretrained
+
+        def fake(src, *a, _real=real, **k):
+            asked.append(src)
+            return _real(clip_dir, *a, **k)
+
+        monkeypatch.setattr(cls, "from_pretrained", fake)
+    build("pickscore", model=clip_dir)
+    assert asked == ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K"] * 2
+    asked.clear()
+    build("pickscore", model=clip_dir, processor="my-org/my-processor")
+    assert asked == ["my-org/my-processor"] * 2
+    asked.clear()
+    build("pickscore", model=clip_dir, processor=None)  # null: the model directory's own processor
+    assert asked == [clip_dir] * 2
+
+
 def test_pickscore_is_logit_scale_times_cosine(clip_dir):
     from mmalign.rewards.pickscore import pickscore_formula, preference_probs
 
-    r = build("pickscore", model=clip_dir)
+    r = build("pickscore", model=clip_dir, processor=clip_dir)
     x = rand_images()
     s = r(Samples(images=x), PROMPTS)
     scale = r.clip.model.logit_scale.exp()

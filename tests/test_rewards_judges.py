@@ -82,10 +82,20 @@ def test_vlm_judge_likert_and_pairwise(vlm_dir):
     s = r(Samples(images=x), PROMPTS)
     assert s.shape == (3,) and ((s >= 1) & (s <= 5)).all()
     a, b = Samples(images=x[:2]), Samples(images=images(2, seed=1))
+    p1_ab, p1_ba = r.prefer_first(a, b, PROMPTS[:2]), r.prefer_first(b, a, PROMPTS[:2])  # one order each
+    assert p1_ab.shape == (2,) and ((p1_ab > 0) & (p1_ab < 1)).all()
+    # P1 is p("1") / (p("1") + p("2")) after the two images, as shown
+    text = r.judge.render(r.cfg.pairwise_template.format(prompt=PROMPTS[0]), 2, r.n_labels)
+    logp = r.judge.next_token_logprobs([text], {"images": r.media_list(a)[:1] + r.media_list(b)[:1]})
+    q1, q2 = logp[0, r.pair_ids[0]].exp(), logp[0, r.pair_ids[1]].exp()
+    assert p1_ab[0].item() == pytest.approx((q1 / (q1 + q2)).item(), rel=1e-4)
+    # swap_average is the default: both orders, P(a over b) + P(b over a) = 1 exactly
+    assert r.cfg.swap_average is True
     p = r.prefer(a, b, PROMPTS[:2])
-    assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
-    r.cfg.swap_average = True  # debiased: P(a over b) + P(b over a) = 1 exactly
-    torch.testing.assert_close(r.prefer(a, b, PROMPTS[:2]) + r.prefer(b, a, PROMPTS[:2]), torch.ones(2))
+    torch.testing.assert_close(p, 0.5 * (p1_ab + 1 - p1_ba), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p + r.prefer(b, a, PROMPTS[:2]), torch.ones(2))
+    r.cfg.swap_average = False  # one order: prefer is P1(a, b)
+    torch.testing.assert_close(r.prefer(a, b, PROMPTS[:2]), p1_ab, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pairwise"):
         build("vlm_judge", model=vlm_dir, mode="pairwise")(Samples(images=x), PROMPTS)
 
@@ -103,6 +113,35 @@ def test_vlm_judge_rejects_multi_token_answers_and_wrong_modality():
         r(Samples(images=images()), ["a"])
 
 
+def test_judge_dtype_auto_is_bfloat16_on_cuda_float32_on_cpu_explicit_wins(monkeypatch):
+    from mmalign.rewards import _judge
+    from mmalign.rewards.audio_judge import AudioJudgeConfig
+    from mmalign.rewards.vlm_judge import VLMJudgeConfig
+
+    assert VLMJudgeConfig().dtype == AudioJudgeConfig().dtype == "auto"
+    assert _judge.resolve_dtype("auto", "cpu") == "float32"
+    assert _judge.resolve_dtype("auto", "cuda") == _judge.resolve_dtype("auto", "cuda:1") == "bfloat16"
+    for explicit in ("float32", "float16", "bfloat16"):
+        assert _judge.resolve_dtype(explicit, "cuda") == _judge.resolve_dtype(explicit, "cpu") == explicit
+    # no device given: CUDA when available (where the model is then put), else CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _judge.judge_device(None) == "cuda" and _judge.judge_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _judge.judge_device(None) == "cpu"
+    with pytest.raises(Exception, match="dtype"):
+        build("vlm_judge", model=fx.tiny("llava")["model"], dtype="float64")
+
+
+def test_judge_loads_in_the_resolved_dtype_on_cpu():
+    d = fx.tiny("llava")["model"]
+    r = cached("vlm_judge", model=d)  # auto on CPU
+    assert r.judge.dtype == "float32" and r.judge.model.dtype == torch.float32
+    r16 = build("vlm_judge", model=d, dtype="bfloat16", device="cpu")  # explicit wins
+    assert r16.judge.dtype == "bfloat16" and r16.judge.model.dtype == torch.bfloat16
+    s = r16(Samples(images=images(2)), PROMPTS[:2])  # the bfloat16 forward runs; scores come back float32
+    assert s.dtype == torch.float32 and ((s > 0) & (s < 1)).all()
+
+
 # --------------------------------------------------------------------------- audio judge
 
 
@@ -115,8 +154,11 @@ def test_audio_judge_yes_no_likert_pairwise():
     r.cfg.mode = "likert"
     s = r(Samples(audio=a, sample_rate=22050), PROMPTS[:2])
     assert ((s >= 1) & (s <= 5)).all()
-    p = r.prefer(Samples(audio=a, sample_rate=22050), Samples(audio=a.flip(0), sample_rate=22050), PROMPTS[:2])
+    sa, sb = Samples(audio=a, sample_rate=22050), Samples(audio=a.flip(0), sample_rate=22050)
+    p = r.prefer(sa, sb, PROMPTS[:2])
     assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
+    p1_ab, p1_ba = r.prefer_first(sa, sb, PROMPTS[:2]), r.prefer_first(sb, sa, PROMPTS[:2])
+    torch.testing.assert_close(p, 0.5 * (p1_ab + 1 - p1_ba), rtol=1e-5, atol=1e-6)  # swap_average by default
     with pytest.raises(TypeError, match="audio_judge.*scores audio samples, but got image"):
         r(Samples(images=images(2)), PROMPTS[:2])
 

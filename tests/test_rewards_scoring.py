@@ -158,3 +158,103 @@ def test_eval_judge_pairwise_with_a_vlm_judge(tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
     assert eval_judge("--reward", "jpeg_compressibility", "--pairwise", "--pairs", pairs) == 2
     assert "has no prefer(a, b)" in capsys.readouterr().err
+
+
+def test_both_orders_agreement_hand_computed():
+    # pair i shown (chosen, rejected): P(first) cf[i]; shown (rejected, chosen): P(first) rf[i]
+    a = scoring.both_orders_agreement([0.9, 0.8, 0.5], [0.7, 0.2, 0.4])
+    # answers' chosen-minus-rejected margins .4 .3 0 | -.2 .3 .1: 4 right, 1 wrong, 1 tie of 6
+    assert a["n"] == 3 and a["acc_with_ties"] == pytest.approx(4 / 6) and a["acc_without_ties"] == pytest.approx(4 / 5)
+    assert a["tie_rate"] == pytest.approx(1 / 6)
+    assert a["position_bias"] == pytest.approx(3 / 5)  # first-shown picked in 3 of the 5 decided answers
+    assert scoring.both_orders_agreement([1.0, 1.0], [1.0, 1.0])["position_bias"] == 1.0
+    assert scoring.both_orders_agreement([1.0, 1.0], [0.0, 0.0])["position_bias"] == 0.5
+
+
+def _register_stub_judges():
+    """`test_first_judge` always answers "first" (P(first better) = 1, in whatever order it is
+    asked: no swap averaging); `test_bright_judge` is right for pairs whose chosen image is the
+    brighter: P(first better) = sigmoid(50 (mean(first) - mean(second)))."""
+    from dataclasses import dataclass
+
+    from mmalign import registry
+
+    if "test_first_judge" in registry.REWARDS:
+        return
+
+    @dataclass
+    class StubConfig:
+        pass
+
+    class Stub:
+        modality, differentiable = "image", False
+
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __call__(self, samples, prompts):
+            raise AssertionError("eval-judge --pairwise must not score single samples")
+
+        def prefer(self, a, b, prompts):
+            return self.fn(a.images.flatten(1).mean(1), b.images.flatten(1).mean(1))
+
+    for name, fn in (("test_first_judge", lambda ma, mb: torch.ones_like(ma)),
+                     ("test_bright_judge", lambda ma, mb: torch.sigmoid(50 * (ma - mb)))):
+        def build(cfg, name=name, fn=fn):
+            """Test pairwise judge."""
+            return Stub(name, fn)
+
+        build.modality, build.differentiable, build.loads = "image", False, "nothing (test judge)"
+        registry.register_reward(name, StubConfig)(build)
+
+
+def _bright_pairs(tmp_path):
+    write_images(tmp_path / "img", [0.9, 0.1, 0.7, 0.3, 0.6, 0.2], size=16)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "x", "chosen": f"img/img{2 * i}.png", "rejected": f"img/img{2 * i + 1}.png"} for i in range(3)]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows))
+    return pairs
+
+
+def _overall(text):
+    head = next(ln.split() for ln in text.splitlines() if ln.split()[:1] == ["category"])
+    row = next(ln.split() for ln in text.splitlines() if ln.split()[:1] == ["overall"])
+    return dict(zip(head, row))
+
+
+def test_eval_judge_pairwise_shows_both_orders_and_reports_position_bias(tmp_path, capsys):
+    """A judge that always answers "first" agrees on half the answers with position bias 1.0
+    (shown chosen-first only, it would score 100%); a right judge agrees on all with bias 0.5."""
+    _register_stub_judges()
+    pairs, out = _bright_pairs(tmp_path), tmp_path / "judged.jsonl"
+    assert eval_judge("--reward", "test_first_judge", "--pairwise", "--pairs", pairs, "--out", out) == 0
+    row = _overall(capsys.readouterr().out)
+    assert row["n"] == "3" and row["acc_with_ties"] == "0.5000" and row["position_bias"] == "1.0000"
+    lines = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [(r["p_first_chosen_first"], r["p_first_rejected_first"], r["p_chosen"]) for r in lines] == [(1, 1, 0.5)] * 3
+    assert eval_judge("--reward", "test_bright_judge", "--pairwise", "--pairs", pairs) == 0
+    row = _overall(capsys.readouterr().out)
+    assert row["acc_with_ties"] == row["acc_without_ties"] == "1.0000" and row["position_bias"] == "0.5000"
+
+
+def test_eval_judge_pairwise_asks_a_vlm_judge_one_order_at_a_time(tmp_path, capsys, monkeypatch):
+    """A real VLM judge whose next-token distribution always says "1": eval-judge asks each order
+    separately (prefer_first), so it reads 50% and bias 1.0, while the judge's own prefer()
+    (swap_average, the default) gives exactly no preference."""
+    from mmalign.rewards._judge import ChatJudge
+
+    def always_one(self, texts, media_kwargs):
+        logp = torch.full((len(texts), len(self.tokenizer)), -30.0)
+        logp[:, self.answer_id("1")] = 0.0
+        return logp
+
+    monkeypatch.setattr(ChatJudge, "next_token_logprobs", always_one)
+    d = fx.tiny("llava")["model"]
+    pairs = _bright_pairs(tmp_path)
+    assert eval_judge("--reward", "vlm_judge", "--reward-args", f"model={d}", "--pairwise", "--pairs", pairs) == 0
+    row = _overall(capsys.readouterr().out)
+    assert row["acc_with_ties"] == "0.5000" and row["position_bias"] == "1.0000"
+    judge = build_reward({"name": "vlm_judge", "model": d}, "reward")
+    a, b = Samples(images=torch.rand(2, 3, 32, 32)), Samples(images=torch.rand(2, 3, 32, 32))
+    torch.testing.assert_close(judge.prefer(a, b, ["x", "y"]), torch.full((2,), 0.5))
+    assert (judge.prefer_first(a, b, ["x", "y"]) > 0.999).all()

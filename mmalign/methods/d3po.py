@@ -28,8 +28,8 @@ pair (a, b) = samples (2j, 2j+1) is shown as (a, b) and, with `swap_average: tru
 default), also as (b, a): p = (P1(a, b) + 1 - P1(b, a)) / 2; without it p = P1(a, b). A chat
 judge tends to prefer the image it sees first; the two samples of a pair are exchangeable, so
 that bias is label noise rather than a systematic shift, and averaging the orders removes it at
-twice the judge's cost. The judge's own `swap_average: true` does the same inside prefer(): turn
-one of the two on, not both (same p, 4 forwards per pair, and the metric below reads 0). The
+twice the judge's cost. Each order is asked on its own (the judge's `prefer_first` where it has
+one, so the judge's own `swap_average` is not applied on top; else its `prefer`). The
 round metric `position_bias` = mean(P1(a, b) + P1(b, a) - 1) (0: none; > 0: the judge favours
 the first image), `judge_margin` = mean |p - 0.5|. Sample a wins when p >= 0.5; pairs with
 |p - 0.5| <= tie_threshold are ties (counted, skipped), so tie_threshold is in [0, 0.5) here.
@@ -247,16 +247,18 @@ def _every_other(s: Samples, start: int) -> Samples:
 @torch.no_grad()
 def judge_pairs(judge, samples: Samples, prompts: Sequence[str], swap_average: bool = True
                 ) -> tuple[Tensor, float | None]:
-    """p[j] = P(sample 2j beats sample 2j+1) from judge.prefer, and the judge's position bias
-    mean(P1(a, b) + P1(b, a) - 1) (None without swap_average; P1(x, y) = prefer(x, y)).
+    """p[j] = P(sample 2j beats sample 2j+1) from the judge, and its position bias
+    mean(P1(a, b) + P1(b, a) - 1) (None without swap_average; P1(x, y) = prefer_first(x, y), or
+    prefer(x, y) for a judge without prefer_first).
 
     With swap_average the judge sees both orders: p = (P1(a, b) + 1 - P1(b, a)) / 2.
     """
     a, b, pr = _every_other(samples, 0), _every_other(samples, 1), list(prompts[0::2])
-    p_ab = judge.prefer(a, b, pr).float()
+    ask = getattr(judge, "prefer_first", None) or judge.prefer  # one order per call
+    p_ab = ask(a, b, pr).float()
     if not swap_average:
         return p_ab, None
-    p_ba = judge.prefer(b, a, pr).float().to(p_ab.device)
+    p_ba = ask(b, a, pr).float().to(p_ab.device)
     return 0.5 * (p_ab + 1.0 - p_ba), float((p_ab + p_ba - 1.0).mean())
 
 
