@@ -465,7 +465,7 @@ def test_nft_method_moves_towards_rewarded_samples(gen, tiny_sd3):
 
     lora = LoraSettings(rank=4, alpha=4, target_modules=list(FLOW_LORA_TARGETS))
     g = FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), lora=lora, max_sequence_length=4))
-    m = DiffusionNFT(DiffusionNFTConfig(timesteps_per_sample=2))
+    m = DiffusionNFT(DiffusionNFTConfig(timesteps="training_density", timesteps_per_sample=2))
     x0 = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     ro = Rollout(Samples(), x0, torch.zeros(0), None, ["a red circle"] * 2,
                  {"optimality": torch.tensor([1.0, 0.0])})

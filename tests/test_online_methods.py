@@ -265,7 +265,7 @@ def test_raft_trains_on_reencoded_samples_above_min_timestep(tiny_sd, tiny_clip)
 def test_diffusion_nft_resume_keeps_the_old_policy(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
     """DiffusionNFT's old policy (an EMA of the trained weights) and its round counter are saved in
     method.pt: a run stopped in the middle of round 1 and resumed equals an uninterrupted one,
-    through round 2's EMA update (eta = 2 * 0.3) after the resume."""
+    through round 2's EMA update (eta = min(0.3 * 4, 0.9) after 4 optimizer steps) after the resume."""
     from safetensors.torch import load_file
 
     method = {"name": "diffusion_nft", "kl_coef": 0.01, "old_decay_rate": 0.3, "old_decay_max": 0.9,

@@ -11,10 +11,19 @@ per-step DPO loss is
     L_k = -log sigmoid( beta * [ clip(log rho_w,k) - clip(log rho_l,k) ] ),
     log rho_k = log p_theta(x_{k+1} | x_k, c) - log p_ref(x_{k+1} | x_k, c)
 
-averaged over a random subset of steps (`timestep_fraction`). As in the paper's code the
-reference is the policy that sampled the round (`reference: sampler`, no extra forward) and
-log rho is clipped to [log(1-eps), log(1+eps)], a PPO-like trust region; `reference: base`
-uses the frozen base model (LoRA disabled) instead, the textbook DPO reference.
+averaged over a random subset of steps (`timestep_fraction`), with log rho clipped to
+[log(1-eps), log(1+eps)] (the code clamps the ratio rho to [1-eps, 1+eps] before its log).
+
+The reference p_ref (`reference:`):
+- `base` (default; the paper's code, yk7333/d3po scripts/rm/train_d3po.py): the frozen
+  *initial* model for the whole run. The code deep-copies the UNet before adding the LoRA
+  layers, freezes the copy and never updates it; here `generator.reference()` is that model
+  (LoRA adapters disabled, or with full fine-tuning the frozen copy the generator makes when
+  it loads). One extra no-grad forward per trained step.
+- `sampler`: the policy that sampled the round (its stored log-probs, no extra forward).
+  log rho then measures only the change since the round's sampling, so the clip acts as a
+  PPO-like trust region around the sampler rather than a bound on the distance to the
+  initial model: a trust-region variant, not the paper's objective.
 
 Log-probs are summed over latent dimensions (preference.py), so log rho is not the tiny
 per-dimension mean that leaves the original loss at log 2 ("loss stays 0.693"); beta is
@@ -42,9 +51,9 @@ samples the pairs and writes the buffer (trajectories and log-probs), each sampl
 images/<sample id>.png and a pairs.jsonl template; a labeller fills in `choice` / `tie`
 (`read_labels` documents the format). With `method.buffer` and `method.labels` set, D3PO
 samples nothing and uses no reward: every round trains on the stored trajectories with the
-labelled pairs. With `reference: sampler` the reference is the stored log-probs, i.e. the
-policy that sampled the buffer (so sample with the model you train); `base` recomputes them
-with the frozen base model. Labelled ties contribute nothing and are counted.
+labelled pairs. With `reference: base` the reference log-probs are recomputed with the frozen
+initial model; with `sampler` they are the stored log-probs, i.e. the policy that sampled the
+buffer (so sample with the model you train). Labelled ties contribute nothing and are counted.
 """
 from __future__ import annotations
 
@@ -66,7 +75,8 @@ from mmalign.types import Rollout, Samples
 
 def d3po_step_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float,
                    eps: float | None) -> Tensor:
-    """Per-pair loss at one step; eps=None disables the log-ratio clipping."""
+    """Per-pair loss at one step, -log sigmoid(beta [clip(log rho_w) - clip(log rho_l)]) with
+    log rho = logp - ref clipped to [log(1-eps), log(1+eps)]; eps=None disables the clipping."""
     lw, ll = logp_w - ref_w, logp_l - ref_l
     if eps is not None:
         lo, hi = math.log(1 - eps), math.log(1 + eps)
@@ -80,7 +90,8 @@ class D3POConfig:
                                                                              same_initial_noise=True))
     beta: float = 1.0
     clip_eps: float | None = 0.5  # |log rho| <= log(1 + eps); None: no clipping
-    reference: Literal["sampler", "base"] = "sampler"
+    # base: the frozen initial model (the paper's code); sampler: the round's sampler (a trust-region variant)
+    reference: Literal["base", "sampler"] = "base"
     timestep_fraction: float = 0.5
     # Where a round's preferences come from: `reward` ranks the pair by the reward's scores;
     # `pairwise` asks the reward's prefer(a, b, prompts) (a pairwise judge: vlm_judge, audio_judge).
@@ -198,17 +209,22 @@ class D3PO:
         total, acc, lr_abs = 0.0, 0.0, 0.0
         for k in steps:
             logp = generator.step_log_prob(both, k)  # winners and losers in one batched forward
-            if self.cfg.reference == "base":
-                with torch.no_grad(), generator.reference():
-                    ref = generator.step_log_prob(both, k)
-            else:
-                ref = both.log_probs[:, k].to(logp.device)
+            ref = self.reference_log_prob(both, k, generator).to(logp.device)
             per = d3po_step_loss(logp[:B], logp[B:], ref[:B], ref[B:], self.cfg.beta, self.cfg.clip_eps)
             total = total + per.mean() / len(steps)
             d = ((logp[:B] - ref[:B]) - (logp[B:] - ref[B:])).detach()
             acc += float((d > 0).float().mean()) / len(steps)
             lr_abs += float((logp - ref).detach().abs().mean()) / len(steps)
         return total, {"implicit_acc": acc, "abs_log_ratio": lr_abs}
+
+    @torch.no_grad()
+    def reference_log_prob(self, ro: Rollout, k: int, generator) -> Tensor:
+        """log p_ref(x_{k+1} | x_k, c) of every sample of `ro` at step k: the frozen initial model
+        (`base`) or the stored log-probs of the round's sampler (`sampler`)."""
+        if self.cfg.reference == "base":
+            with generator.reference():
+                return generator.step_log_prob(ro, k)
+        return ro.log_probs[:, k]
 
 
 def pairs_from_margin(margin: Tensor, tie_threshold: float) -> tuple[Tensor, int]:
