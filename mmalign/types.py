@@ -5,6 +5,7 @@ and three protocols. Everything else is an implementation detail of one adapter.
 """
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
@@ -61,7 +62,8 @@ class Rollout:
     latents: B, T+1, C, h, w -- x_T ... x_0 of the sampler (index k is the input of step k)
     timesteps: T -- the scheduler timestep used at step k
     log_probs: B, T -- log p(latents[:, k+1] | latents[:, k], c) of the stochastic step
-                 (full Gaussian log-density summed over latent dimensions); None when eta=0,
+                 (`step_gaussian_log_prob`: the Gaussian log-density per latent dimension, i.e. its
+                 mean over dimensions, float64); None when eta=0,
                  NaN at the deterministic steps of a rollout with `sde_steps`
     extras["sde_steps"]: the stochastic steps (a tuple) when only some are; None when all are
     """
@@ -106,6 +108,22 @@ class Rollout:
 def step_noise_level(eta: float, sde_steps: Sequence[int] | None, step: int) -> float:
     """The noise level of a rollout's step: eta on its stochastic steps (all, without sde_steps), else 0."""
     return eta if sde_steps is None or step in sde_steps else 0.0
+
+
+def step_gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
+    """Per-sample log N(x; mean, std^2 I) *averaged* over all non-batch dimensions (float64):
+
+        mean_d [ -(x_d - mean_d)^2 / (2 std^2) - log std - log sqrt(2 pi) ]
+
+    the per-dimension mean of ddpo-pytorch's `ddim_step_with_logprob`, flow_grpo's
+    `sde_step_with_logprob` and DanceGRPO's `flux_step`, so clip ranges and KL / DPO weights
+    carry over from their configs. The squares and their mean are taken in float64 (from the
+    float32 inputs): a log-ratio of two such values, exp(logp_new - logp_old), then has no
+    float32 rounding of a D-term sum in it (at D = 262,144 that error would be ~1e-2 on a sum,
+    ~1e-7 on a float32 mean, against clip ranges of 1e-4).
+    """
+    sq = (x.double() - mean.double()).pow(2).flatten(1).mean(1)
+    return -sq / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
 
 
 def trained_step_noise_level(extras: dict[str, Any], step: int) -> float:

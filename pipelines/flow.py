@@ -35,8 +35,9 @@ Generator interface with the flow-matching conventions (sigma in [0, 1], sigma =
 
       mean = x + dt [v + sigma_t^2 / (2 sigma) (x + (1 - sigma) v)],   std = sigma_t sqrt(-dt)
 
-  and x_next ~ N(mean, std^2 I). Log-probs are full Gaussian log-densities *summed* over
-  latent dimensions, in float32 (as in sd.py). a = 0 is exactly diffusers'
+  and x_next ~ N(mean, std^2 I). Log-probs are Gaussian log-densities *averaged* over latent
+  dimensions, as the paper's `sde_step_with_logprob` returns them (computed in float64, as in
+  sd.py: `mmalign.types.step_gaussian_log_prob`). a = 0 is exactly diffusers'
   FlowMatchEulerDiscreteScheduler Euler step x + dt v. `eta` is the name the online methods
   already use for the sampler's noise level, so a GRPO config runs unchanged here.
 - `sde_type: dance_grpo` (config) swaps in DanceGRPO's SDE step (Xue et al., "DanceGRPO:
@@ -44,8 +45,8 @@ Generator interface with the flow-matching conventions (sigma in [0, 1], sigma =
   score correction -1/2 eta^2 s dt, s = -(x - (1 - sigma) x0_hat) / sigma^2 and
   x0_hat = x - sigma v, and std eta sqrt(-dt). Since s = -(x + (1 - sigma) v) / sigma, that is
   the mean above with sigma_t = eta (constant) in place of a sqrt(sigma / (1 - sigma)). Its
-  log-probs follow the convention above (summed, full Gaussian, float32), not the reference
-  code's per-dimension mean. Rollout, `step_log_prob` (hence KL on the step means) and the
+  log-probs are per-dimension means as in its code (`flux_step`). Rollout, `step_log_prob`
+  (hence KL on the step means) and the
   guided samplers' `sampler_step` all take the same step.
 - `reference()`: LoRA adapters disabled (or a frozen copy with full fine-tuning).
 - `predict_x0(...)`: the model's clean-sample estimate x0_hat = x_sigma - sigma v_theta
@@ -69,7 +70,8 @@ from torch import Tensor, nn
 
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
-from mmalign.types import Rollout, Samples, per_sample_randn, step_noise_level, trained_step_noise_level
+from mmalign.types import (Rollout, Samples, per_sample_randn, step_gaussian_log_prob, step_noise_level,
+                           trained_step_noise_level)
 
 # Attention projections of the MMDiT blocks (image and text streams); FLUX's single blocks
 # share the to_q/to_k/to_v names. peft matches by suffix, so absent names are simply skipped.
@@ -155,29 +157,28 @@ def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: f
     log_term = -1/2 eta^2 score and dsigma = dt < 0). Both: std = sigma_t sqrt(-dt).
     noise_level = 0 is the Euler ODE step for both.
     """
-    check_choice("sde_type", sde_type, SDE_TYPES)
     dt = sigma_next - sigma
     if noise_level == 0:
+        check_choice("sde_type", sde_type, SDE_TYPES)
         return x + dt * v, 0.0
-    if sde_type == "dance_grpo":
-        std_t = noise_level
-    else:
-        denom = 1 - (sigma_max if sigma >= 1 else sigma)
-        std_t = noise_level * math.sqrt(sigma / denom)
+    std_t = sde_noise_level(sigma, sigma_max, noise_level, sde_type)
     mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     return mean, std_t * math.sqrt(-dt)
 
 
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
-    """Per-sample log N(x; mean, std^2 I), summed over all non-batch dimensions (float32).
-
-    Summed for both SDE types, as mmalign's log-probs are everywhere (methods/preference.py).
-    DanceGRPO's reference code averages over dimensions instead: its log-ratios are 1/d of
-    these, so its clip ranges and KL weights do not carry over unchanged.
-    """
-    d = x[0].numel()
-    sq = (x.float() - mean.float()).pow(2).flatten(1).sum(1)
-    return -sq / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
+def sde_noise_level(sigma: float, sigma_max: float, noise_level: float, sde_type: str = "flow_grpo") -> float:
+    """sigma_t of the SDE step at sigma (its std is sigma_t sqrt(-dt)): flow_grpo's `std_dev_t`,
+    noise_level sqrt(sigma / (1 - sigma)) with sigma_max (the grid's second value, flow_grpo's
+    `sigmas[1]`) in the denominator at sigma = 1; DanceGRPO's noise_level. It is what
+    flow_grpo's KL divides by (`step_log_prob(..., return_mean=True)`'s third value)."""
+    check_choice("sde_type", sde_type, SDE_TYPES)
+    if sde_type == "dance_grpo":
+        return noise_level
+    denom = 1 - (sigma_max if sigma >= 1 else sigma)
+    if denom <= 0:
+        raise ValueError(f"flow_grpo SDE: sigma_max={sigma_max} at sigma={sigma} makes sqrt(sigma / (1 - sigma)) "
+                         "infinite; the grid's second sigma must be < 1")
+    return noise_level * math.sqrt(sigma / denom)
 
 
 class FlowMatchingGenerator(TrainedAdapterMixin):
@@ -425,11 +426,11 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
                 if std > 0:
                     x = mean + std * per_sample_randn([s * 7919 + k + 1 for s in seeds], shape, dev)
                     if need_log_probs:
-                        logps.append(gaussian_log_prob(x, mean, std))
+                        logps.append(step_gaussian_log_prob(x, mean, std))
                 else:
                     x = mean
                     if need_log_probs and eta_k == 0:  # outside sde_steps
-                        logps.append(torch.full((len(x),), math.nan, device=dev))
+                        logps.append(torch.full((len(x),), math.nan, device=dev, dtype=torch.float64))
                 traj.append(x)
             samples = self.decode(x) if decode else Samples()
         return Rollout(
@@ -453,7 +454,7 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         timesteps, sigmas = self.sampling_schedule(num_steps)
         ts = [float(t) for t in timesteps] + [0.0]
         self._guided_sigmas = {ts[k]: (sigmas[k], sigmas[k + 1]) for k in range(num_steps)}
-        self._guided_sigma_max = sigmas[1] if num_steps > 1 else sigmas[0]
+        self._guided_sigma_max = sigmas[1]  # as `rollout` (flow_grpo's sigmas[1]; 0 with one step)
         return [(ts[k], ts[k + 1]) for k in range(num_steps)]
 
     def _step_sigmas(self, t: float) -> tuple[float, float]:
@@ -513,8 +514,10 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
                       return_mean: bool = False):
         """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model.
 
-        With `return_mean`, also the step's Gaussian mean and std (for KL penalties). The SDE is
-        the one the rollout was sampled with (its extras' sde_type; the config's when absent).
+        With `return_mean`, also the step's Gaussian mean and sigma_t (`sde_noise_level`; the
+        step's std is sigma_t sqrt(-dt)): flow_grpo's KL is mean_d (mu - mu_ref)^2 / (2 sigma_t^2)
+        (train_sd3.py). The SDE is the one the rollout was sampled with (its extras' sde_type;
+        the config's when absent).
         """
         ex = rollout.extras
         x = rollout.latents[index, step].to(self.device).float()
@@ -522,10 +525,10 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         _, sigmas = self.sampling_schedule(int(ex["num_steps"]))
         sub = lambda d: None if d is None else {k: v[index] for k, v in d.items()}
         v = self.guided_velocity(x, rollout.timesteps[step], sub(ex["cond"]), sub(ex["uncond"]), ex["guidance_scale"])
-        mean, std = sde_step(v, x, sigmas[step], sigmas[step + 1], sigmas[1], trained_step_noise_level(ex, step),
-                             ex.get("sde_type", self.cfg.sde_type))
-        logp = gaussian_log_prob(x_next, mean, std)
-        return (logp, mean, std) if return_mean else logp
+        eta, sde_type = trained_step_noise_level(ex, step), ex.get("sde_type", self.cfg.sde_type)
+        mean, std = sde_step(v, x, sigmas[step], sigmas[step + 1], sigmas[1], eta, sde_type)
+        logp = step_gaussian_log_prob(x_next, mean, std)
+        return (logp, mean, sde_noise_level(sigmas[step], sigmas[1], eta, sde_type)) if return_mean else logp
 
     # ------------------------------------------------------------------ saving
     def save_trained(self, out_dir: str | Path) -> Path:

@@ -8,8 +8,9 @@ LoRA (peft) or fully, and implements the Generator interface:
 - `rollout(prompts, ...)`: DDIM sampling with eta and classifier-free guidance, returning
   every latent x_T..x_0, the timesteps, and per-step log p(x_{t-1} | x_t, c) of the
   stochastic DDIM step (Song et al., "Denoising Diffusion Implicit Models", eq. 12, as
-  DDPO (Black et al.) uses it). Log-probs are full Gaussian log-densities *summed* over
-  latent dimensions; methods that want a per-dimension scale divide explicitly.
+  DDPO (Black et al.) uses it). Log-probs are Gaussian log-densities *averaged* over latent
+  dimensions, as ddpo-pytorch's `ddim_step_with_logprob` returns them (computed in float64,
+  `mmalign.types.step_gaussian_log_prob`).
 - `reference()`: the frozen reference policy. With LoRA the adapters are disabled (no
   second model); with full fine-tuning a frozen copy is made once.
 """
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
-from mmalign.types import Rollout, Samples, per_sample_randn, step_noise_level, trained_step_noise_level
+from mmalign.types import (Rollout, Samples, per_sample_randn, step_gaussian_log_prob, step_noise_level,
+                           trained_step_noise_level)
 
 
 @dataclass
@@ -219,13 +221,6 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         mean = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps
         return mean, std
 
-    @staticmethod
-    def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
-        """Per-sample log N(x; mean, std^2 I), summed over all non-batch dimensions (float32)."""
-        d = x[0].numel()
-        sq = (x.float() - mean.float()).pow(2).flatten(1).sum(1)
-        return -sq / (2 * std**2) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
-
     def rollout(
         self,
         prompts: Sequence[str],
@@ -275,11 +270,11 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
                     noise = per_sample_randn([s * 7919 + k + 1 for s in seeds], shape, dev)
                     x = mean + std * noise
                     if need_log_probs:
-                        logps.append(self.gaussian_log_prob(x, mean, std))
+                        logps.append(step_gaussian_log_prob(x, mean, std))
                 else:
                     x = mean
                     if need_log_probs and eta_k == 0:  # outside sde_steps
-                        logps.append(torch.full((B,), math.nan, device=dev))
+                        logps.append(torch.full((B,), math.nan, device=dev, dtype=torch.float64))
                 traj.append(x)
             samples = self.decode(x) if decode else Samples()
         return Rollout(
@@ -366,7 +361,9 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
                       return_mean: bool = False):
         """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model.
 
-        With `return_mean`, also the step's Gaussian mean and std (for KL penalties).
+        With `return_mean`, also the step's Gaussian mean and the std a KL penalty divides by:
+        here the DDIM step's std itself (ddpo-pytorch's `std_dev_t`; ddpo has no KL term, and
+        GRPO's mean_d (mu - mu_ref)^2 / (2 std^2) is then the exact KL per dimension).
         """
         ex = rollout.extras
         x = rollout.latents[index, step].to(self.device)
@@ -376,7 +373,7 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         eps = self.guided_eps(x, torch.tensor(t, device=self.device), sub(ex["cond"]), sub(ex["uncond"]),
                               ex["guidance_scale"])
         mean, std = self.ddim_step(eps, x, t, t - ex["stride"], trained_step_noise_level(ex, step))
-        logp = self.gaussian_log_prob(x_next, mean, std)
+        logp = step_gaussian_log_prob(x_next, mean, std)
         return (logp, mean, std) if return_mean else logp
 
     # ------------------------------------------------------------------ latent consistency models

@@ -150,7 +150,8 @@ def test_labelled_loss_is_d3po_on_stored_trajectories_in_labelled_order(round_di
                 ref = buf.log_probs[:, k]
             want += d3po_step_loss(logp[w], logp[l], ref[w], ref[l], 0.5, None).mean() / 3
             gaps.append(((logp - ref)[w] - (logp - ref)[l]).abs())
-    assert float(torch.cat(gaps).min()) > 1e-2  # the policy differs from the sampler: not log 2 by construction
+    # the policy differs from the sampler: not log 2 by construction (per-dimension means over 4x8x8 latents)
+    assert float(torch.cat(gaps).min()) > 1e-2 / 256
     torch.testing.assert_close(loss.detach(), want, rtol=1e-4, atol=1e-5)
 
 

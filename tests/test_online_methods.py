@@ -155,7 +155,7 @@ def test_stored_log_prob_equals_recomputed_before_update(tiny_sd, tiny_clip):
     assert "x0" not in buf.extras  # no VAE round trip: the policy gradient needs log-probs only
     batch = m.batch(buf, list(range(6)), [5] * 6)
     loss, metrics = m.loss(batch, gen)
-    assert metrics["abs_log_ratio"] < 1e-3  # ratio = 1
+    assert metrics["abs_log_ratio"] < 1e-6  # ratio = 1 (per-dimension mean log-probs, float64)
     assert metrics["clipfrac"] == 0.0
 
 
@@ -396,8 +396,9 @@ def test_raft_baseline_weights_are_group_centred_and_share_noise(tiny_sd, mode):
 
 
 def test_grpo_kl_matches_float64_gaussian_kl(tiny_sd, tiny_clip):
-    """GRPO's KL term: per step, KL(N(mu_theta, s^2 I) || N(mu_ref, s^2 I)) = ||mu_theta - mu_ref||^2 / (2 s^2)
-    summed over latent dimensions, averaged over the batch and the trained steps. The DDIM step
+    """GRPO's KL term on the UNet: per step, KL(N(mu_theta, s^2 I) || N(mu_ref, s^2 I)) per latent
+    dimension, mean_d (mu_theta - mu_ref)_d^2 / (2 s^2) with s the DDIM step std (flow_grpo's KL form,
+    whose std_dev_t is the step function's), averaged over the batch and the trained steps. The DDIM step
     Gaussians are rebuilt here in float64 from the two models' epsilon predictions; the loss
     with kl_coef = c exceeds the one with kl_coef = 0 by c * KL."""
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
@@ -437,9 +438,9 @@ def test_grpo_kl_matches_float64_gaussian_kl(tiny_sd, tiny_clip):
         # mu = sqrt(a_prev) (x - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev - var) eps: affine in eps
         coef = math.sqrt(1 - a_prev - var) - math.sqrt(a_prev) * math.sqrt(1 - a_t) / math.sqrt(a_t)
         d_mu = coef * (eps - eps_ref)
-        kls.append(float((d_mu**2).flatten(1).sum(1).div(2 * var).mean()))
+        kls.append(float((d_mu**2).flatten(1).mean(1).div(2 * var).mean()))
     want = sum(kls) / len(kls)
-    assert want > 1e-2
+    assert want > 1e-4
     assert met1["kl"] == pytest.approx(want, rel=1e-5)
     assert (loss1 - loss0).item() == pytest.approx(c * want, rel=1e-5)
 

@@ -2,29 +2,37 @@
 
 DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning", 2023) treats
 denoising as an MDP whose actions are the stochastic DDIM steps, and maximises the reward
-of the final sample with PPO's clipped surrogate; GRPO-style training (as in Flow-GRPO /
-DanceGRPO) samples a group of G images per prompt and normalises rewards within the group:
+of the final sample with PPO's clipped surrogate; GRPO-style training (Flow-GRPO, Liu et al.
+2025; DanceGRPO, Xue et al. 2025) samples a group of G images per prompt and centres each
+reward on its prompt's mean. As flow_grpo's train_sd3.py with its configs' stat tracker
+(`PerPromptStatTracker(global_std=True)`):
 
-    A_i = (r_i - mean_group(r)) / (std_group(r) + eps),  clipped to [-adv_clip, adv_clip]
+    A_i = (r_i - mean_group(r)) / (std_round(r) + 1e-4),  clipped to [-adv_clip, adv_clip]
     L   = E_{i,k} max( -A_i rho_ik, -A_i clip(rho_ik, 1 - c, 1 + c) ) + kl_coef * KL_ik
     rho_ik = exp( log p_theta(x_{k+1} | x_k, c) - log p_old(x_{k+1} | x_k, c) )
+    KL_ik  = mean_d (mu_theta - mu_ref)_d^2 / (2 s_k^2)
 
-with log-probs of the full step Gaussian *summed* over latent dimensions (see
-preference.py: one convention everywhere). Because the summed log-ratio is D times the
-per-dimension mean that DDPO's code uses, the clip range here is an ordinary PPO one
-(DDPO's 1e-4 on means corresponds to ~1e-4*D on sums). KL is the closed form between the
-policy's and the reference's step Gaussians (same std): ||mu_theta - mu_ref||^2 / (2 sigma^2).
-Groups whose rewards are all equal carry no signal and are dropped (counted). Only a
-fraction of the denoising steps is trained per sample (timestep subsampling), optionally
-drawn from a window of the trajectory (`timestep_window`, as MixGRPO / TempFlow-GRPO restrict
-training to the early steps). The score of a step scales with |d mean / d eps| / sigma, which
-is not flat along a trajectory: with 10 DDIM steps at eta 1 the step from t=101 to t=1 has
-sigma 0.04 and 6-9x the weight of any other, so when drawn it dominates the update;
-[0, 0.8] leaves it out.
+std_round is the population std of all of the round's rewards (over every process);
+`advantage_std: group` divides by each group's own std instead (DanceGRPO, and GRPO as
+usually written), `none` only centres. Log-probs are per-dimension means of the step's
+Gaussian log-density (ddpo-pytorch, flow_grpo and DanceGRPO code), so the defaults are
+theirs: clip_range 1e-4, adv_clip 5, all steps trained (timestep_fraction 1), no KL. s_k is
+what the reference's step function returns as std_dev_t: on the flow SDE sigma_t, the step
+std without its sqrt(-dt) (flow_grpo's KL, so kl_coef 0.04 is its `beta` 0.04); on DDIM the
+step std (DDPO has no KL term; this makes it the exact KL per dimension). The loss is the
+mean over the trained steps of each step's batch mean, as flow_grpo's per-step backward with
+gradient accumulation over the steps. Groups whose rewards are all equal carry no signal and
+are dropped (counted). Only a fraction of the denoising steps is trained per sample
+(timestep subsampling, a random subset per batch), optionally drawn from a window of the
+trajectory (`timestep_window`, as MixGRPO / TempFlow-GRPO restrict training to the early
+steps). The score of a step scales with |d mean / d eps| / sigma, which is not flat along a
+trajectory: with 10 DDIM steps at eta 1 the step from t=101 to t=1 has sigma 0.04 and 6-9x
+the weight of any other, so when drawn it dominates the update; [0, 0.8] leaves it out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -45,16 +53,23 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
 @dataclass
 class GRPOConfig:
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
-    clip_range: float = 0.2
+    clip_range: float = 1e-4  # on the ratio of per-dimension mean log-probs (ddpo / flow_grpo)
     adv_clip: float = 5.0
-    kl_coef: float = 0.0
-    timestep_fraction: float = 0.5  # train on this fraction of the denoising steps per sample
+    kl_coef: float = 0.0  # flow_grpo's train.beta (0.04 in its GRPO configs)
+    timestep_fraction: float = 1.0  # train on this fraction of the denoising steps per sample
     # the part of the trajectory those steps are drawn from, as fractions (0 = the first, noisiest step)
     timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    group_std: bool = True  # GRPO: divide by the group std; false: mean-centred only
+    # the std advantages are divided by: the whole round's (flow_grpo's global_std), each group's, or none
+    advantage_std: Literal["global", "group", "none"] = "global"
     filter_zero_std: bool = True
 
     def validate(self) -> None:
+        if not 0 < self.clip_range < 1:
+            raise ValueError(f"clip_range: must be in (0, 1), got {self.clip_range}")
+        if not self.adv_clip > 0:
+            raise ValueError(f"adv_clip: must be > 0, got {self.adv_clip}")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef: must be >= 0, got {self.kl_coef}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError("timestep_fraction: must be in (0, 1]")
         check_window("timestep_window", self.timestep_window)
@@ -78,7 +93,9 @@ class GRPO:
         # log-probs only: the re-encoded latents other online methods train on would go unused
         ro = collect(generator, reward, prompts, seeds, replace(self.rollout, reencode=False))
         r, grp = ro.extras["rewards"], ro.extras["group"]
-        adv = group_advantages(r, grp, std=self.cfg.group_std).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
+        a_std = self.cfg.advantage_std
+        adv = group_advantages(r, grp, std=a_std != "none", global_std=a_std == "global")
+        adv = adv.clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
         keep = torch.ones_like(r, dtype=torch.bool)
         if self.cfg.filter_zero_std:
             for g in grp.unique():
@@ -117,7 +134,7 @@ class GRPO:
             if self.cfg.kl_coef:
                 with torch.no_grad(), generator.reference():
                     _, ref_mean, _ = generator.step_log_prob(ro, k, return_mean=True)
-                kl = ((mean - ref_mean) ** 2).flatten(1).sum(1) / (2 * std**2)
+                kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)  # flow_grpo's train_sd3.py
                 loss_k = loss_k + self.cfg.kl_coef * kl.mean()
                 kl_sum += float(kl.detach().mean())
             total = total + loss_k / len(steps)
@@ -131,5 +148,5 @@ class GRPO:
 
 @register_method("grpo", GRPOConfig)
 def build_grpo(cfg: GRPOConfig) -> GRPO:
-    """DDPO/GRPO: PPO-clip on per-step log-prob ratios with group-normalised advantages."""
+    """DDPO/GRPO: PPO-clip on per-step log-prob ratios with group-centred advantages."""
     return GRPO(cfg)

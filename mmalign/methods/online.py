@@ -98,17 +98,33 @@ def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs:
     return ro
 
 
-def group_advantages(rewards: Tensor, group: Tensor, eps: float = 1e-4, std: bool = True) -> Tensor:
-    """(r - mean_g) / (std_g + eps) within each prompt group (GRPO / DDPO per-prompt stat tracking)."""
-    adv = torch.zeros_like(rewards)
+def group_advantages(rewards: Tensor, group: Tensor, eps: float = 1e-4, std: bool = True,
+                     global_std: bool = False) -> Tensor:
+    """(r - mean_g) / (std_g + eps) within each prompt group (GRPO / DDPO per-prompt stat tracking);
+    with `global_std`, (r - mean_g) / (std_all + eps), std_all over every reward of the round on all
+    processes (flow_grpo's `PerPromptStatTracker(global_std=True)`). Population stds, float64."""
+    r64 = rewards.double()
+    adv = torch.zeros_like(r64)
+    s_all = round_std(r64) if global_std else None
     for g in group.unique():
         m = group == g
-        r = rewards[m]
+        r = r64[m]
         a = r - r.mean()
         if std:
-            a = a / (r.std(unbiased=False) + eps)
+            a = a / ((s_all if global_std else r.std(unbiased=False)) + eps)
         adv[m] = a
-    return adv
+    return adv.to(rewards.dtype)
+
+
+def round_std(rewards: Tensor) -> Tensor:
+    """Population std of the rewards of every process (equal counts per process, as rounds are split)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(rewards) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rewards.contiguous())
+        rewards = torch.cat(parts)
+    return rewards.std(unbiased=False)
 
 
 def train_steps(T: int, fraction: float, seed: int, window: Sequence[float] = (0.0, 1.0)) -> list[int]:

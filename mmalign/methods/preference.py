@@ -23,8 +23,8 @@ Likelihood semantics (one convention for every modality):
   difference is -T omega(lambda) D/2 times the summed error; beta absorbs T omega(lambda)
   and the dimension count D. Diffusion-DPO's "-beta/2 (...)" is `dpo` with beta/2 on these
   scores, so its beta = 5000 (SD1.5/SDXL) is the paper's number.
-- Trajectory methods (D3PO, DDPO/GRPO) use per-step Gaussian log-densities *summed* over
-  latent dimensions (what `Generator.rollout` stores).
+- Trajectory methods (D3PO, DDPO/GRPO) use per-step Gaussian log-densities *averaged* over
+  latent dimensions (what `Generator.rollout` stores; the reference codes' convention).
 """
 from __future__ import annotations
 
