@@ -1,7 +1,7 @@
 """Reward adapter throughput: samples/s at batch 1 / 8 / 32 versus a per-sample loop.
 
 Tiny mode (the default; CPU): every adapter runs on its tiny random model
-(mmalign/rewards/_fixtures.py, the configs of shared/TINY_MODELS.md), so the numbers measure
+(mmalign/rewards/_fixtures.py; sizes in docs/tiny_models.md), so the numbers measure
 the adapters' overhead and batching, not the real models' cost. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/reward_throughput.py [--adapters clip_hf,hps,...] [--batches 1,8,32]
@@ -156,7 +156,7 @@ CLIP_L14 = {
                           num_hidden_layers=24, num_attention_heads=16, hidden_act="quick_gelu", layer_norm_eps=1e-5),
     "projection_dim": 768,
 }
-# --arch tiny: the same builders at the shared/TINY_MODELS.md sizes (checks the harness in seconds).
+# --arch tiny: the same builders at the docs/tiny_models.md sizes (checks the harness in seconds).
 CLIP_TINY = {"text_config": dict(fx.TINY_CLIP_TEXT), "vision_config": dict(fx.TINY_CLIP_VISION), "projection_dim": 16}
 
 REAL_ADAPTERS = ("hps", "pickscore", "aesthetic", "image_reward")
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['speedup']:8.2f}")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "note": "tiny random models (shared/TINY_MODELS.md); CPU; loop = one call per sample"}
+            "note": "tiny random models (docs/tiny_models.md); CPU; loop = one call per sample"}
     out = Path(args.out or "runs/bench/reward_throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

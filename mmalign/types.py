@@ -1,4 +1,4 @@
-"""The interfaces every reward, generator and method speaks (see ARCHITECTURE.md).
+"""The interfaces every reward, generator and method speaks (see docs/architecture.md).
 
 Kept deliberately small: a media batch (`Samples`), what a rollout returns (`Rollout`),
 and three protocols. Everything else is an implementation detail of one adapter.

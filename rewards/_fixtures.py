@@ -3,7 +3,7 @@
 Used by tests/test_rewards*.py and benchmarks/reward_throughput.py (nothing here downloads).
 Each `make_*` writes what a user's hub id / local path / checkpoint file would hold and
 returns the config arguments that load it through the adapter's normal code path.
-Configs follow shared/TINY_MODELS.md.
+The sizes are listed in docs/tiny_models.md.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ How it was run (the package needs transformers < 5; nothing here touches the pro
     pip download image-reward==1.5 --no-deps -d /tmp/ir && unzip /tmp/ir/*.whl -d /tmp/ir/src
     python -m venv /tmp/irvenv
     # reuse the project's torch/torchvision/numpy/PIL; the venv's own packages shadow the rest
-    echo /work/main/.venv/lib/python3.11/site-packages > /tmp/irvenv/lib/python3.11/site-packages/zz_main.pth
+    # (run from the repository root)
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/irvenv/lib/python3.11/site-packages/zz_main.pth
     /tmp/irvenv/bin/pip install --no-deps transformers==4.46.3 tokenizers==0.20.3 huggingface_hub==0.26.5 timm==0.6.13
     /tmp/irvenv/bin/pip install wheel setuptools
     /tmp/irvenv/bin/pip install --no-deps --no-build-isolation fairscale==0.4.13
