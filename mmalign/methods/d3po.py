@@ -25,9 +25,9 @@ The reference p_ref (`reference:`):
   PPO-like trust region around the sampler rather than a bound on the distance to the
   initial model: a trust-region variant, not the paper's objective.
 
-Log-probs are summed over latent dimensions (preference.py), so log rho is not the tiny
-per-dimension mean that leaves the original loss at log 2 ("loss stays 0.693"); beta is
-set for sums. Pairs whose rewards differ by <= tie_threshold are ties: they contribute
+Log-probs are per-dimension means of the step Gaussian (as in the paper's code, which is
+built on ddpo-pytorch), so log rho is small and the defaults beta = 0.1, eps = 0.1 are the
+code's (config/base.py). Pairs whose rewards differ by <= tie_threshold are ties: they contribute
 nothing and are counted.
 
 Pairwise judge (`preference: pairwise`): the reward must have `prefer(samples_a, samples_b,
@@ -88,11 +88,11 @@ def d3po_step_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor,
 class D3POConfig:
     rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(samples_per_prompt=2,
                                                                              same_initial_noise=True))
-    beta: float = 1.0
-    clip_eps: float | None = 0.5  # |log rho| <= log(1 + eps); None: no clipping
+    beta: float = 0.1  # the reference code's config/base.py
+    clip_eps: float | None = 0.1  # rho clamped to [1 - eps, 1 + eps]; None: no clipping
     # base: the frozen initial model (the paper's code); sampler: the round's sampler (a trust-region variant)
     reference: Literal["base", "sampler"] = "base"
-    timestep_fraction: float = 0.5
+    timestep_fraction: float = 1.0  # the reference code trains on every step
     # Where a round's preferences come from: `reward` ranks the pair by the reward's scores;
     # `pairwise` asks the reward's prefer(a, b, prompts) (a pairwise judge: vlm_judge, audio_judge).
     preference: Literal["reward", "pairwise"] = "reward"
