@@ -56,9 +56,15 @@ Classifier-free guidance is the pipelines' (uncond, cond batch; applied when sca
 FLUX.1-dev style models with a guidance embedding get the scale through the embedding and
 no CFG batch. Latents are kept unpacked (B, C, h, w) for both families; FLUX packing into
 2x2 patches happens inside `model_output`.
+
+SD3 without T5 (`drop_t5`, or a folder saved without it, like the toy model): the pipeline
+conditions on `max_sequence_length` (default 256) zero "T5 tokens" after the CLIP tokens.
+`model_output` runs them as one token whose attention logit is raised by log(n)
+(RepeatedTokenJointAttnProcessor): the same velocities up to float rounding, at the cost of one token.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -66,6 +72,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
@@ -110,8 +117,8 @@ class FlowGeneratorConfig:
     # as the denoiser was trained, or the posterior mean (see `encode_images`).
     vae_latents: Literal["sample", "mean"] = "sample"
     drop_t5: bool = False  # SD3: load without text_encoder_3 (T5); its tokens become zeros
-    # T5 tokens (zeros when there is no T5). None: the model folder's train_info.json
-    # "max_sequence_length" if it has one (mmalign's toy models), else the pipelines' 256.
+    # T5 tokens (zeros when there is no T5). None: the pipeline's own default (SD3 256, FLUX 512),
+    # so samples match the stock pipeline called with default arguments.
     max_sequence_length: int | None = None
     timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # training-time sigma density
     logit_mean: float = 0.0
@@ -142,6 +149,47 @@ class FlowGeneratorConfig:
         """The string options (also checked by the generator itself, before anything loads)."""
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+
+
+class RepeatedTokenJointAttnProcessor:
+    """diffusers' JointAttnProcessor2_0, where the last text token may stand for n identical ones.
+
+    Without T5, StableDiffusion3Pipeline appends `max_sequence_length` zero "T5 tokens" to the
+    CLIP tokens. Every per-token op of SD3's joint blocks keeps identical tokens identical, so
+    in each joint attention they are n equal keys with equal values: one of them with its logit
+    raised by log(n) gives the same softmax. Called with `last_token_repeats=n` (through the
+    transformer's `joint_attention_kwargs`) it computes that; without it, it is the stock
+    processor. The flow generator runs the toy model's 256 zero tokens as one this way.
+    """
+
+    def __init__(self):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        self.stock = JointAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, last_token_repeats: int | None = None, **kwargs) -> Any:
+        if encoder_hidden_states is None or not last_token_repeats or last_token_repeats == 1:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        B, n_image = hidden_states.shape[:2]
+
+        def heads(x: Tensor, norm: nn.Module | None) -> Tensor:
+            x = x.view(B, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return x if norm is None else norm(x)
+
+        q = torch.cat([heads(attn.to_q(hidden_states), attn.norm_q),
+                       heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], 2)
+        k = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
+                       heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], 2)
+        v = torch.cat([heads(attn.to_v(hidden_states), None), heads(attn.add_v_proj(encoder_hidden_states), None)], 2)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = math.log(last_token_repeats)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
+        out = out.transpose(1, 2).reshape(B, -1, q.shape[1] * q.shape[3]).to(q.dtype)
+        image, text = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text
 
 
 def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: float, noise_level: float,
@@ -235,9 +283,12 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         self.compute_dtype = DTYPES[cfg.dtype]
         self.max_sequence_length = cfg.max_sequence_length
         if self.max_sequence_length is None:
-            info = Path(cfg.pretrained).expanduser() / "train_info.json"
-            hint = json.loads(info.read_text()).get("max_sequence_length") if info.is_file() else None
-            self.max_sequence_length = 256 if hint is None else int(hint)
+            self.max_sequence_length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+        # SD3 without T5: its max_sequence_length zero tokens run as one (RepeatedTokenJointAttnProcessor)
+        self.zero_tokens = 0
+        if not self.is_flux and getattr(pipe, "text_encoder_3", None) is None and self.max_sequence_length > 1:
+            self.zero_tokens = self.max_sequence_length
+            self.transformer.set_attn_processor(RepeatedTokenJointAttnProcessor())
         self._trained = TrainedModule(self.transformer, cfg.finetune, cfg.lora, DTYPES[cfg.dtype])
 
     # ------------------------------------------------------------------ plumbing
@@ -281,8 +332,12 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         emb = cond["encoder_hidden_states"].to(dtype)
         pooled = cond["pooled_projections"].to(dtype)
         if not self.is_flux:
+            kw = None
+            if self.zero_tokens and emb.shape[1] == self.pipe.tokenizer_max_length + self.zero_tokens:
+                emb = emb[:, : emb.shape[1] - self.zero_tokens + 1]  # the zero tokens as one
+                kw = {"last_token_repeats": self.zero_tokens}
             return model(hidden_states=latents.to(dtype), timestep=t, encoder_hidden_states=emb,
-                         pooled_projections=pooled, return_dict=False)[0].float()
+                         pooled_projections=pooled, joint_attention_kwargs=kw, return_dict=False)[0].float()
         from diffusers import FluxPipeline
 
         C, h, w = latents.shape[1:]

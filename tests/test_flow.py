@@ -104,7 +104,8 @@ def test_noise_level_zero_is_diffusers_euler_sampler_exactly(gen, sde_type, monk
     with torch.no_grad():
         ref = gen.pipe(PROMPTS, num_inference_steps=5, guidance_scale=3.0, latents=x_T.clone(),
                        output_type="latent", max_sequence_length=gen.max_sequence_length).images
-    assert torch.equal(ro.latents[:, -1], ref)
+    # without T5 the generator runs the identical zero tokens as one (RepeatedTokenJointAttnProcessor)
+    torch.testing.assert_close(ro.latents[:, -1], ref, rtol=0, atol=1e-5)
     # and every step is diffusers' FlowMatchEulerDiscreteScheduler.step on the same velocity
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -560,10 +561,10 @@ def test_shipped_sd3_toy_loads_in_diffusers_and_the_adapter():
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.dtype == torch.float32 and pipe.text_encoder_2.dtype == torch.float32
     out = pipe(PROMPTS, num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
-               max_sequence_length=0, output_type="np")
+               output_type="np")
     assert out.images.shape == (2, 32, 32, 3)
     g = FlowMatchingGenerator(FlowGeneratorConfig(pretrained="toy:sd3_toy", finetune="none"))
-    assert g.max_sequence_length == 0 and g.latent_shape == (4, 8, 8)  # from the folder's train_info.json
+    assert g.max_sequence_length == 256 and g.latent_shape == (4, 8, 8)  # the pipeline's default
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size < 17e6
 

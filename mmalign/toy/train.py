@@ -9,7 +9,9 @@ Stages (the UNet stage reads the VAE stage from --work):
   proxy  tiny open_clip model, contrastive with hard negatives       -> <out>/proxy_clip/
   flow   SD3Transformer2DModel (rectified flow) + 2x CLIPTextModelWithProjection on cached
          latents of the shipped sd_toy VAE                             -> <out>/sd3_toy/
-         (StableDiffusion3Pipeline layout without T5, fp16 weights; --device cuda recommended)
+         (StableDiffusion3Pipeline layout without T5, fp16 weights; --device cuda recommended).
+         It trains without the pipeline's zero "T5 tokens"; the shipped weights are then
+         distilled onto its default 256 of them: python -m mmalign.toy.distill_flow distill
   vlm    tiny LLaVA (CLIP vision tower + Llama LM) answering questions about
          rendered scenes, stopped early on purpose (mmalign/toy/vlm_train.py) -> <out>/vlm_toy/
 
@@ -401,7 +403,7 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
 # ------------------------------------------------------------------ flow (SD3 layout)
 
 FLOW_TEXT_LEN = 16  # CLIP tokens (the longest toy caption is 12); the tokenizer's model_max_length
-FLOW_T5_LEN = 0  # no T5: the pipeline's zero "T5 tokens"; pass max_sequence_length=0 when sampling
+FLOW_T5_LEN = 0  # no T5 and none of the pipeline's zero "T5 tokens" here (distill_flow.py adds them)
 FLOW_CFG = dict(
     sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
     num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
