@@ -16,10 +16,13 @@ costs. Text encoders, VAE and scheduler are unchanged; the folder's train_info.j
 the run under "distill" (its history: the student's relative error
 mean |v_student - v_teacher|^2 / mean |v_teacher|^2 on a fixed draw of 512).
 
-    python -m mmalign.toy.distill_flow distill --model TEACHER --out mmalign/toy/assets/sd3_toy
+    python -m mmalign.toy.distill_flow distill --model TEACHER --out /tmp/sd3_toy_d1
+    python -m mmalign.toy.distill_flow distill --model TEACHER --init /tmp/sd3_toy_d1 --lr 1e-4 --seed 1 \
+        --out mmalign/toy/assets/sd3_toy
 
-TEACHER is the folder `python -m mmalign.toy.train flow` wrote. The defaults (300 steps of
-batch 64, lr 3e-4 with a cosine decay, seed 0) are the shipped run: one CPU thread, about 10 min.
+TEACHER is the folder `python -m mmalign.toy.train flow` wrote. These two runs of 300 steps
+(batch 64, cosine decay from lr 3e-4, then from 1e-4) are the shipped weights: one CPU thread,
+about 10 min each.
 
     python -m mmalign.toy.distill_flow eval --model DIR --sampler {mmalign,pipeline} [--max-sequence-length N]
 
