@@ -121,9 +121,12 @@ def round_std(rewards: Tensor) -> Tensor:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [torch.empty_like(rewards) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, rewards.contiguous())
-        rewards = torch.cat(parts)
+        # NCCL gathers only CUDA tensors; the round's rewards may live on the CPU
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else rewards.device
+        local = rewards.to(dev).contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        rewards = torch.cat(parts).to(rewards.device)
     return rewards.std(unbiased=False)
 
 
