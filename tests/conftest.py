@@ -52,25 +52,3 @@ def pairs_manifest(tmp_path_factory):
         rows.append({"prompt": f"a red square number {i}", "chosen": f"img/{i}_w.png", "rejected": f"img/{i}_l.png"})
     (d / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d / "pairs.jsonl"
-
-
-def write_config(path, sd, clip, manifest, **sections):
-    """A small Diffusion-DPO run config; `sections` override keys (dicts are merged, `method` replaced)."""
-    import yaml
-
-    cfg = {
-        "run": {"name": "test", "seed": 0},
-        "generator": {"name": "sd", "pretrained": str(sd), "lora": {"rank": 4, "alpha": 4}},
-        "reward": {"name": "clip", "model": f"local-dir:{clip}"},
-        "method": {"name": "diffusion_dpo", "beta": 5000},
-        "data": {"kind": "manifest", "path": str(manifest)},
-        "train": {"steps": 3, "batch_size": 2, "lr": 1e-3},
-        "eval": {"enabled": False, "prompts": ["a red square"], "num_steps": 3},
-    }
-    for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k != "method":
-            cfg[k] = {**cfg[k], **v}
-        else:
-            cfg[k] = v
-    path.write_text(yaml.safe_dump(cfg))
-    return path
