@@ -9,7 +9,7 @@ directories of the repository:
 
 Every directory below them that holds an `__init__.py` is found by `setuptools.find_packages`,
 so a new subpackage cannot be left out of the wheel by a hand-kept list
-(tests/test_packaging.py checks the mapping). Non-Python files that must ship are declared
+(tests/integration/test_packaging.py checks the mapping). Non-Python files that must ship are declared
 as package data in pyproject.toml (the toy assets).
 """
 from __future__ import annotations

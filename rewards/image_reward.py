@@ -59,7 +59,7 @@ pixel before normalisation (tested; `preprocess_pil` runs the original path).
 Verified against the original code: scripts/make_image_reward_reference.py builds the original
 ImageReward class (image-reward 1.5, under transformers 4.46 in a throwaway venv) at the tiny
 sizes of rewards/_fixtures.py, loads a deterministic state dict into it strictly, and records
-its scores; tests/test_rewards_image_reward.py checks that this adapter, loading the same
+its scores; tests/unit/rewards/test_rewards_image_reward.py checks that this adapter, loading the same
 state dict through the key mapping, gives the same scores.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reference outputs of the original Audiobox Aesthetics code on a tiny random model.
 
-Writes tests/fixtures/audiobox/ (checked by tests/test_rewards_audiobox.py):
+Writes tests/fixtures/audiobox/ (checked by tests/unit/rewards/test_rewards_audiobox.py):
 
     checkpoint_a.pt        model A in the released checkpoint.pt layout: {"state_dict": {"model.<key>": ...},
                            "model_cfg": {...}, "target_transform": {...}} (loads with weights_only=True)

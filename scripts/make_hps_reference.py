@@ -1,4 +1,4 @@
-"""Record the ORIGINAL HPSv2 eval transform's outputs, for tests/test_rewards.py.
+"""Record the ORIGINAL HPSv2 eval transform's outputs, for tests/unit/rewards/test_rewards.py.
 
 Writes tests/fixtures/hps_reference.safetensors: for each case (input height x width, model
 size) the tensor that HPSv2's preprocessing produces from a deterministic uint8 image

@@ -1,4 +1,4 @@
-"""Record the ORIGINAL ImageReward's scores on a tiny model, for tests/test_rewards_image_reward.py.
+"""Record the ORIGINAL ImageReward's scores on a tiny model, for tests/unit/rewards/test_rewards_image_reward.py.
 
 Writes tests/fixtures/image_reward_reference.json: the original model's state_dict key names
 and shapes, the prompts, the token ids its tokenizer produced, and its scores. The weights

@@ -53,7 +53,7 @@ coefficient train.beta = 1e-4: for a flow model that is this one divided by t^2)
 
 The old-policy EMA and the round counter live in the method; `state_dict` /
 `load_state_dict` put them in every checkpoint (method.pt), so a resumed run continues the same
-EMA (tests/test_online_methods.py: a resumed run equals an uninterrupted one).
+EMA (tests/unit/methods/test_online_methods.py: a resumed run equals an uninterrupted one).
 """
 from __future__ import annotations
 
