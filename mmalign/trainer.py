@@ -246,13 +246,19 @@ class Trainer:
         if not self.resume:
             return None
         if self.resume == "latest":
-            p = ckpt.latest_checkpoint(self.ckpt_root)
+            p, skipped = ckpt.latest_intact(self.ckpt_root)
+            for bad, why in skipped:
+                self._print(f"--resume latest: skipping {bad}: {why}")
             if p is None:
-                raise TrainingError(f"--resume latest: no complete checkpoint in {self.ckpt_root}")
+                damaged = f" ({len(skipped)} damaged, skipped)" if skipped else ""
+                raise TrainingError(f"--resume latest: no intact checkpoint in {self.ckpt_root}{damaged}")
             return p
         p = Path(self.resume)
         if not (p / "state.json").is_file():
             raise TrainingError(f"--resume {p}: not a complete checkpoint directory (no state.json)")
+        why = ckpt.verify(p)
+        if why is not None:
+            raise TrainingError(f"--resume {p}: damaged checkpoint: {why}")
         return p
 
     # ------------------------------------------------------------------ evaluation

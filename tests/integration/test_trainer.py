@@ -137,9 +137,30 @@ def test_nan_loss_is_a_clear_error_and_keeps_checkpoints(tmp_path, tiny_sd, tiny
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000002"
 
 
+def test_resume_latest_skips_a_damaged_checkpoint_and_matches_an_uninterrupted_run(
+        tmp_path, tiny_sd, tiny_clip, pairs_manifest, capsys):
+    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
+                     train={"steps": 4, "checkpoint_every": 1, "keep_last": 3})
+    Trainer(load_config(p), run_dir=tmp_path / "full").fit()
+    Trainer(load_config(p, ["train.steps=3"]), run_dir=tmp_path / "split").fit()
+    newest = ckpt.step_dir(tmp_path / "split" / "checkpoints", 3)
+    (newest / "optimizer.pt").write_bytes((newest / "optimizer.pt").read_bytes()[:-10])  # truncated
+    capsys.readouterr()
+    Trainer(load_config(p), run_dir=tmp_path / "split", resume="latest").fit()
+    out = capsys.readouterr().out
+    assert "skipping" in out and "step_0000003" in out and "optimizer.pt has" in out
+    assert "resumed from" in out and "step_0000002" in out
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainingError, match="damaged checkpoint: optimizer.pt"):
+        bad = ckpt.step_dir(tmp_path / "split" / "checkpoints", 4)
+        (bad / "optimizer.pt").write_bytes(b"")
+        Trainer(load_config(p), run_dir=tmp_path / "split", resume=str(bad)).fit()
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
     p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest)
-    with pytest.raises(TrainingError, match="no complete checkpoint"):
+    with pytest.raises(TrainingError, match="no intact checkpoint"):
         Trainer(load_config(p), run_dir=tmp_path / "run", resume="latest").fit()
 
 
