@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 
@@ -14,7 +14,16 @@ class MediaError(ValueError):
 
 
 def open_image(source, name: str | None = None) -> Image.Image:
-    """Open and fully decode an image (path, bytes or file object) as RGB PIL."""
+    """Open and fully decode an image (path, bytes or file object) as 8-bit RGB PIL.
+
+    - EXIF orientation is applied (`ImageOps.exif_transpose`), as viewers show the photo.
+    - 16-bit greyscale (modes I;16*, and I holding 16-bit PNG values) is scaled to 8 bits (v / 257),
+      instead of Pillow's `convert("RGB")`, which clips it to white.
+    - Transparency (RGBA, LA, P or L with a transparent colour) is composited over white.
+    - Palette and CMYK images go through Pillow's own conversion to RGB.
+    - A decompression bomb (more than `PIL.Image.MAX_IMAGE_PIXELS` x 2 pixels) and a floating-point
+      image are refused with a `MediaError`, like any unreadable image (so `skip_bad` skips them).
+    """
     import io
 
     name = name or str(source)
@@ -29,9 +38,26 @@ def open_image(source, name: str | None = None) -> Image.Image:
     try:
         with Image.open(fp) as im:
             im.load()  # decode now: a truncated file fails here, not mid-training
-            return im.convert("RGB")
+            return _to_rgb(ImageOps.exif_transpose(im), name)
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{name}: refused as a decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"{name}: not a readable image ({e})") from None
+
+
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        raise MediaError(f"{name}: floating-point image (mode F); save it as 8- or 16-bit first")
+    if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def pil_to_tensor(im: Image.Image) -> Tensor:
