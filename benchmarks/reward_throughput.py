@@ -1,7 +1,7 @@
 """Reward adapter throughput: samples/s at batch 1 / 8 / 32 versus a per-sample loop.
 
 Tiny mode (the default; CPU): every adapter runs on its tiny random model
-(mmalign/rewards/_fixtures.py; sizes in docs/tiny_models.md), so the numbers measure
+(mmalign/rewards/fixtures.py; sizes in docs/tiny_models.md), so the numbers measure
 the adapters' overhead and batching, not the real models' cost. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/reward_throughput.py [--adapters clip_hf,hps,...] [--batches 1,8,32]
@@ -67,8 +67,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from mmalign.rewards import _fixtures as fx  # noqa: E402
-from mmalign.rewards._common import build_reward  # noqa: E402
+from mmalign.rewards import fixtures as fx  # noqa: E402
+from mmalign.rewards.common import build_reward  # noqa: E402
 from mmalign.types import Samples  # noqa: E402
 
 

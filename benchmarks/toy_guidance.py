@@ -104,7 +104,7 @@ def run_method(name: str, gen, proxy, prompts: list[str], seeds: list[int], a: a
 def score(row: dict, proxy, prompts: list[str]) -> dict:
     import torch
 
-    from mmalign.rewards.rules import gold_to_score
+    from mmalign.toy.reward import gold_to_score
     from mmalign.toy.evaluate import gold_report
     from mmalign.types import Samples
 
@@ -190,7 +190,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from mmalign.data.generated import load_prompts
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
-    from mmalign.rewards._common import build_reward
+    from mmalign.rewards.common import build_reward
 
     captions = load_prompts(a.captions)[: a.max_captions]
     prompts = [c for c in captions for _ in range(a.seeds)]

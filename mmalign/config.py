@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from mmalign import registry
+from mmalign import registry, sources
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,8 @@ class DataConfig:
     max_samples: int | None = None
     random_flip: bool = False  # never for captions with left/right relations
     num_workers: int = 0
-    # kind=prompts (online methods) and kind=generated: a .txt file (one per line) or "toy:train"
+    # kind=prompts (online methods) and kind=generated: a .txt file (one per line) or a
+    # registered prompt set "prefix:name" (mmalign.sources)
     prompts: str | None = None
     # kind=generated: on-policy pairs, sampled once from the generator and ranked by the reward
     candidates: int = 4  # samples per prompt; the best and the worst make a pair
@@ -63,12 +64,12 @@ class DataConfig:
     def validate(self) -> None:
         if self.kind in ("manifest", "pickapic", "vlm") and not self.path:
             raise ValueError(f"path: required for data.kind={self.kind}")
-        toy = self.kind == "vlm" and bool(self.path) and self.path.startswith("toy:")  # toy:vlm_pairs (built on use)
-        if self.path and self.kind in ("manifest", "pickapic", "vlm") and not toy and not Path(self.path).exists():
+        named = self.kind == "vlm" and sources.is_spec(self.path)  # a preference source, built on use
+        if self.path and self.kind in ("manifest", "pickapic", "vlm") and not named and not Path(self.path).exists():
             raise ValueError(f"path: {self.path} not found")
         if self.kind in ("generated", "prompts") and not self.prompts:
-            raise ValueError(f"prompts: required for data.kind={self.kind} (a .txt file or 'toy:train')")
-        if self.prompts and not self.prompts.startswith("toy:") and not Path(self.prompts).is_file():
+            raise ValueError(f"prompts: required for data.kind={self.kind} (a .txt file or a prompt set 'prefix:name')")
+        if self.prompts and not sources.is_spec(self.prompts) and not Path(self.prompts).is_file():
             raise ValueError(f"prompts: {self.prompts} not found")
         if self.candidates < 2:
             raise ValueError("candidates: need at least 2 to make a pair")
@@ -78,9 +79,9 @@ class DataConfig:
 class EvalConfig:
     every: int = 0  # steps; 0 = only before training and at the end
     prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
-    prompts_from: str | None = None  # instead of `prompts`: "toy:heldout" or a .txt file
+    prompts_from: str | None = None  # instead of `prompts`: a prompt set "prefix:name" or a .txt file
     max_prompts: int | None = None
-    gold: bool = False  # also report the toy world's gold accuracy (toy captions only)
+    gold: bool = False  # also report gold accuracy by the registered gold evaluator (the toy world's)
     enabled: bool = True
     at_start: bool = True  # also evaluate before training (false: the caller has the base numbers)
     seed: int = 1234
@@ -183,7 +184,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is list:
         return _convert(list[Any], value, where)
     if dataclasses.is_dataclass(tp):
-        return _parse_dataclass(tp, value, where)
+        return parse_dataclass(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -208,7 +209,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {tp}")
 
 
-def _parse_component(kind: str, value: Any, where: str) -> Component:
+def parse_component(kind: str, value: Any, where: str) -> Component:
+    """A `{name: ..., **args}` section -> Component(name, args parsed by the registered config class)."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping with a 'name' key, got {value!r}")
     if "name" not in value:
@@ -219,10 +221,12 @@ def _parse_component(kind: str, value: Any, where: str) -> Component:
     except KeyError as e:
         raise ConfigError(f"{where}.name: {e.args[0]}") from None
     rest = {k: v for k, v in value.items() if k != "name"}
-    return Component(name, _parse_dataclass(entry.config, rest, where))
+    return Component(name, parse_dataclass(entry.config, rest, where))
 
 
-def _parse_dataclass(cls: type, data: Any, where: str) -> Any:
+def parse_dataclass(cls: type, data: Any, where: str) -> Any:
+    """A mapping -> an instance of the config dataclass `cls`: unknown keys, missing required keys,
+    wrong types and failed `validate()` checks raise ConfigError naming the key path under `where`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -242,7 +246,7 @@ def _parse_dataclass(cls: type, data: Any, where: str) -> Any:
             continue
         kind = f.metadata.get("component")
         if kind is not None:
-            kwargs[name] = None if data[name] is None else _parse_component(kind, data[name], path)
+            kwargs[name] = None if data[name] is None else parse_component(kind, data[name], path)
         else:
             kwargs[name] = _convert(hints[name], data[name], path)
     try:
@@ -293,7 +297,7 @@ def config_from_dict(data: dict, overrides: list[str] | None = None, source: str
 
     data = apply_overrides(copy.deepcopy(data), overrides or [])
     try:
-        return _parse_dataclass(RunConfig, data, "")
+        return parse_dataclass(RunConfig, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

@@ -1,15 +1,13 @@
-"""Names for the assets mmalign ships: `toy:NAME` is mmalign/toy/assets/NAME, wherever the
-package is installed, so configs work from any working directory."""
+"""Names for shipped assets: `prefix:NAME` with a prefix that a plug-in registered as an asset
+root (mmalign.sources.register_asset_root; the toy world registers `toy`, so `toy:sd_toy` is
+its installed assets/sd_toy), wherever the package is installed, so configs work from any
+working directory."""
 from __future__ import annotations
 
-from pathlib import Path
-
-TOY_ASSETS = Path(__file__).resolve().parent / "toy" / "assets"
+from mmalign import sources
 
 
 def resolve(path: str) -> str:
-    """`toy:sd_toy` (or `toy:sd3_toy`, `toy:proxy_clip`) -> the installed asset directory;
-    anything else is returned unchanged."""
-    if path.startswith("toy:"):
-        return str(TOY_ASSETS / path[len("toy:"):])
-    return path
+    """`toy:sd_toy` (any registered asset prefix) -> the installed asset path; anything else is
+    returned unchanged."""
+    return sources.resolve_asset(path)

@@ -2,12 +2,16 @@
 
 A config names its generator, reward(s) and method by registry name; the rest of that
 section is validated against the registered config dataclass. Modules register
-themselves on import; `load_builtins()` imports the ones shipped with mmalign.
+themselves on import; `load_builtins()` imports the ones shipped with mmalign (found by
+walking their packages) and `load_plugins()` runs the plug-ins installed under the
+`mmalign.plugins` entry-point group (the toy world is one: mmalign.toy.plugin).
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 @dataclass(frozen=True)
@@ -24,34 +28,13 @@ METHODS: dict[str, Entry] = {}
 
 KINDS = {"generator": GENERATORS, "reward": REWARDS, "method": METHODS}
 
-# Modules that register built-in components. New files add themselves here.
-BUILTIN_MODULES = [
-    "mmalign.pipelines.sd",
-    "mmalign.pipelines.flow",
-    "mmalign.rewards.clip",
-    "mmalign.rewards.clip_hf",
-    "mmalign.rewards.hps",
-    "mmalign.rewards.pickscore",
-    "mmalign.rewards.aesthetic",
-    "mmalign.rewards.image_reward",
-    "mmalign.rewards.rules",
-    "mmalign.rewards.mix",
-    "mmalign.rewards.vlm_judge",
-    "mmalign.rewards.audio_judge",
-    "mmalign.rewards.clap",
-    "mmalign.rewards.audiobox",
-    "mmalign.rewards.video",
-    "mmalign.methods.diffusion_dpo",
-    "mmalign.methods.online_dpo",
-    "mmalign.methods.grpo",
-    "mmalign.methods.diffusion_nft",
-    "mmalign.methods.raft",
-    "mmalign.methods.d3po",
-    "mmalign.methods.diffusion_dro",
-    "mmalign.pipelines.vlm",
-    "mmalign.methods.vlm_dpo",
-    "mmalign.methods.rg_lcd",
-]
+# Packages whose modules register the built-in components; every public module below them
+# is imported by load_builtins(), so a new file registers itself without being listed anywhere.
+BUILTIN_PACKAGES = ("mmalign.pipelines", "mmalign.rewards", "mmalign.methods")
+
+# Entry-point group of plug-ins: `[project.entry-points."mmalign.plugins"] NAME = "pkg.module:register"`;
+# each `register()` adds components to these tables and sources to mmalign.sources.
+PLUGIN_GROUP = "mmalign.plugins"
 
 
 def _register(table: dict[str, Entry], name: str, config: type) -> Callable:
@@ -76,25 +59,46 @@ def register_method(name: str, config: type) -> Callable:
     return _register(METHODS, name, config)
 
 
+def builtin_modules() -> list[str]:
+    """The public modules of BUILTIN_PACKAGES (names with a part starting with `_` are skipped)."""
+    found = []
+    for pkg_name in BUILTIN_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + "."):
+            if not any(part.startswith("_") for part in info.name.split(".")):
+                found.append(info.name)
+    return sorted(found)
+
+
 _loaded = False
+_plugins_loaded = False
 
 
 def load_builtins() -> None:
+    """Import every built-in module once, so that its components are registered."""
     global _loaded
     if _loaded:
         return
-    for mod in BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a module listed before its file lands
-            if e.name != mod:
-                raise
+    for mod in builtin_modules():
+        importlib.import_module(mod)
     _loaded = True
+
+
+def load_plugins() -> None:
+    """Call each installed plug-in's `register()` once (entry-point group PLUGIN_GROUP)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group=PLUGIN_GROUP):
+        ep.load()()
 
 
 def lookup(kind: str, name: str) -> Entry:
     load_builtins()
     table = KINDS[kind]
+    if name not in table:
+        load_plugins()
     if name not in table:
         raise KeyError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table)) or '(none)'}")
     return table[name]

@@ -1,4 +1,5 @@
-"""`mmalign score` and `mmalign eval-judge`: any registered reward over media files.
+"""Scoring media with any registered reward, and a judge's agreement with human labels
+(the library behind `mmalign score` and `mmalign eval-judge`, mmalign/cli/):
 
     mmalign score --reward NAME [--reward-args k=v ...] [--config reward.yaml]
                   (--prompts prompts.txt | --prompt TEXT | --manifest m.jsonl) [--out scores.jsonl] PATHS...
@@ -15,23 +16,26 @@ the registry entry's config dataclass, exactly as in a run config.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import torch
+import yaml
+
+from mmalign import registry
+from mmalign.config import ConfigError, parse_dataclass
+from mmalign.data.preference import jsonl_rows
+from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind
+from mmalign.rewards.common import build_reward
+from mmalign.types import Samples
 
 # --------------------------------------------------------------------------- reward from CLI
 
 
 def parse_reward_args(pairs: Sequence[str] | None) -> dict[str, Any]:
     """['k=v', ...] -> dict, values parsed as YAML (numbers, booleans, lists, mappings)."""
-    import yaml
-
-    from mmalign.config import ConfigError
-
     out: dict[str, Any] = {}
     for item in pairs or []:
         if "=" not in item:
@@ -51,10 +55,6 @@ def parse_reward_args(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 def reward_spec(name: str | None, args: Sequence[str] | None = None, config: str | None = None) -> dict[str, Any]:
     """Merge --config (a reward section or a run config's `reward:`), --reward and --reward-args."""
-    import yaml
-
-    from mmalign.config import ConfigError
-
     spec: dict[str, Any] = {}
     if config:
         p = Path(config)
@@ -79,33 +79,40 @@ def reward_spec(name: str | None, args: Sequence[str] | None = None, config: str
 
 def build_reward_from_spec(spec: dict[str, Any], where: str = "reward") -> Any:
     """Validate the arguments with the entry's config dataclass, then build."""
-    from mmalign.rewards._common import build_reward
-
     return build_reward(spec, where)
 
 
 def validate_reward_spec(spec: dict[str, Any], where: str = "reward") -> Any:
     """The entry's validated config object (raises ConfigError naming the bad key)."""
-    from mmalign import registry
-    from mmalign.config import ConfigError, _parse_dataclass
-
     try:
         entry = registry.lookup("reward", spec["name"])
     except KeyError as e:
         raise ConfigError(f"{where}.name: {e.args[0]}") from None
-    return _parse_dataclass(entry.config, {k: v for k, v in spec.items() if k != "name"}, where)
+    return parse_dataclass(entry.config, {k: v for k, v in spec.items() if k != "name"}, where)
 
 
-# For entries whose builder carries no `reward_info` (rewards/_common.py) attributes.
+# For entries whose builder carries no `reward_info` (rewards/common.py) attributes.
 _KNOWN_INFO = {
     "clip": ("image", "config (default yes)", "open_clip model (name / local-dir: / hf-hub:) + weights"),
 }
 
 
-def list_rewards() -> list[dict[str, str]]:
-    from mmalign import registry
+def build_scoring_reward(name: str | None, reward_args: Sequence[str] | None = None, config: str | None = None,
+                         device: str | None = None) -> tuple[Any, dict]:
+    """The reward a `--reward NAME --reward-args k=v --config FILE --device D` spec names, validated
+    before any model loads; returns (reward, spec)."""
+    spec = reward_spec(name, reward_args, config)
+    if device:
+        entry = registry.lookup("reward", spec["name"])
+        if "device" in getattr(entry.config, "__dataclass_fields__", {}):
+            spec.setdefault("device", device)
+    validate_reward_spec(spec)  # clear error before any model loads
+    return build_reward_from_spec(spec), spec
 
+
+def list_rewards() -> list[dict[str, str]]:
     registry.load_builtins()
+    registry.load_plugins()
     rows = []
     for name in sorted(registry.REWARDS):
         e = registry.REWARDS[name]
@@ -135,8 +142,6 @@ def read_jsonl(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: file not found")
-    from mmalign.data.preference import jsonl_rows
-
     rows = jsonl_rows(p)
     for where, row in rows:
         if not isinstance(row, dict):
@@ -152,28 +157,29 @@ def _resolve(base: Path, value: str) -> str:
 MEDIA_KEYS = ("path", "file", "image", "video", "audio")
 
 
-def items_from_args(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(path, prompt) pairs from PATHS + prompts, or from a manifest."""
-    if args.manifest:
-        if args.paths:
+def media_items(paths: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
+                prompts_file: str | None = None, manifest: str | None = None) -> list[tuple[str, str]]:
+    """(path, prompt) pairs from media paths + prompts (and/or a prompts file), or from a manifest."""
+    if manifest:
+        if paths:
             raise ValueError("give media PATHS or --manifest, not both")
-        base = Path(args.manifest).parent
+        base = Path(manifest).parent
         items = []
-        for i, row in enumerate(read_jsonl(args.manifest), 1):
+        for i, row in enumerate(read_jsonl(manifest), 1):
             key = next((k for k in MEDIA_KEYS if k in row), None)
             if key is None:
-                raise ValueError(f"{args.manifest}:{i}: no media key (one of {', '.join(MEDIA_KEYS)})")
+                raise ValueError(f"{manifest}:{i}: no media key (one of {', '.join(MEDIA_KEYS)})")
             prompt = row.get("prompt", row.get("caption", ""))
             items.append((_resolve(base, str(row[key])), str(prompt)))
         if not items:
-            raise ValueError(f"{args.manifest}: no rows")
+            raise ValueError(f"{manifest}: no rows")
         return items
-    paths = list(args.paths or [])
+    paths = list(paths or [])
     if not paths:
         raise ValueError("give media PATHS (or --manifest m.jsonl)")
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        prompts += read_prompts_file(args.prompts)
+    prompts = list(prompts or [])
+    if prompts_file:
+        prompts += read_prompts_file(prompts_file)
     if not prompts:
         prompts = [""]
     if len(prompts) == 1:
@@ -185,8 +191,6 @@ def items_from_args(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def load_media(path: str, modality: str, num_frames: int | None = None):
     """One file -> (tensor, sample_rate or None) for the reward's modality, errors naming the file."""
-    from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind
-
     p = Path(path)
     if not p.exists():
         raise MediaError(f"{p}: file not found")
@@ -201,10 +205,6 @@ def load_media(path: str, modality: str, num_frames: int | None = None):
 
 
 def _samples(tensors: list, modality: str, sample_rate: int | None):
-    import torch
-
-    from mmalign.types import Samples
-
     x = torch.stack(tensors)
     if modality == "image":
         return Samples(images=x)
@@ -216,8 +216,6 @@ def _samples(tensors: list, modality: str, sample_rate: int | None):
 def score_items(reward: Any, items: Sequence[tuple[str, str]], batch_size: int = 8,
                 num_frames: int | None = None) -> list[float]:
     """Score (path, prompt) items, batching files of equal shape (and sample rate) together."""
-    import torch
-
     modality = reward.modality if reward.modality in ("image", "video", "audio") else None
     scores: list[float] = [math.nan] * len(items)
     pending: dict[tuple, list[tuple[int, Any, str]]] = defaultdict(list)
@@ -229,8 +227,6 @@ def score_items(reward: Any, items: Sequence[tuple[str, str]], batch_size: int =
             out = reward(_samples([t for _, t, _ in group], kind, sr), [p for _, _, p in group])
         for (i, _, _), s in zip(group, out.detach().float().cpu().tolist()):
             scores[i] = float(s)
-
-    from mmalign.media import media_kind
 
     for i, (path, prompt) in enumerate(items):
         tensor, sr = load_media(path, modality or media_kind(path), num_frames)
@@ -266,97 +262,7 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- score command
-
-
-def _add_reward_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reward", help="registered reward name (see --list)")
-    parser.add_argument("--reward-args", nargs="*", default=[], metavar="K=V",
-                        help="reward config fields, values parsed as YAML (validated like a run config)")
-    parser.add_argument("--config", help="YAML with a reward section ({name: ..., ...} or a run config's reward:)")
-    parser.add_argument("--device", help="put the reward on this device (if its config has a device field)")
-    parser.add_argument("--batch-size", type=int, default=8, help="files per reward call")
-
-
-def add_score_args(parser: argparse.ArgumentParser) -> None:
-    _add_reward_args(parser)
-    parser.add_argument("--list", action="store_true", help="list every registered reward and exit")
-    parser.add_argument("--prompts", help="text file, one prompt per line (one per file, or one for all)")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeatable; one for all files)")
-    parser.add_argument("--manifest", help="JSONL rows {path, prompt} (paths relative to the manifest)")
-    parser.add_argument("--out", help="write one JSON line per file: path, prompt, score")
-    parser.add_argument("--num-frames", type=int, default=None, help="videos: keep this many evenly spaced frames")
-    parser.add_argument("paths", nargs="*", help="media files (images, videos or frame folders, audio)")
-
-
-def _split_reward_args(args: argparse.Namespace) -> None:
-    """`--reward-args k=v ... PATHS`: argparse hands the trailing paths to --reward-args; an
-    item without '=' is a path, so move it back to PATHS."""
-    extra = [a for a in args.reward_args or [] if "=" not in a]
-    if extra and hasattr(args, "paths"):
-        args.reward_args = [a for a in args.reward_args if "=" in a]
-        args.paths = extra + list(args.paths or [])
-
-
-def _build(args: argparse.Namespace) -> tuple[Any, dict]:
-    spec = reward_spec(args.reward, args.reward_args, args.config)
-    if getattr(args, "device", None):
-        from mmalign import registry
-
-        entry = registry.lookup("reward", spec["name"])
-        if "device" in getattr(entry.config, "__dataclass_fields__", {}):
-            spec.setdefault("device", args.device)
-    validate_reward_spec(spec)  # clear error before any model loads
-    return build_reward_from_spec(spec), spec
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
-def run_score(args: argparse.Namespace) -> int:
-    from mmalign.config import ConfigError
-    from mmalign.media import MediaError
-
-    if args.list:
-        rows = list_rewards()
-        print(format_table(rows, ["name", "modality", "differentiable", "loads", "description"]))
-        return 0
-    try:
-        _split_reward_args(args)
-        items = items_from_args(args)
-        reward, spec = _build(args)
-        scores = score_items(reward, items, args.batch_size, args.num_frames)
-    except (ConfigError, MediaError, OSError, ValueError, TypeError) as e:
-        return _fail(str(e))
-    rows = [{"path": p, "prompt": pr, "score": s} for (p, pr), s in zip(items, scores)]
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    summary = {"reward": spec["name"], **summarize(scores)}
-    print(format_table([summary], ["reward", "n", "mean", "std", "min", "max"]))
-    if args.out:
-        print(f"wrote {len(rows)} scores to {args.out}")
-    return 0
-
-
 # --------------------------------------------------------------------------- eval-judge
-
-
-def add_eval_judge_args(parser: argparse.ArgumentParser) -> None:
-    _add_reward_args(parser)
-    parser.add_argument("--pairs", required=True,
-                        help="JSONL rows {prompt, chosen, rejected[, category]} (or {prompt, image0, image1, label})")
-    parser.add_argument("--pairwise", action="store_true",
-                        help="ask the judge which of the two is better (VLM / audio judges), in both orders "
-                             "(chosen first, rejected first), instead of comparing scores; reports position_bias")
-    parser.add_argument("--tie-eps", type=float, default=0.0,
-                        help="a pair is a tie when |score(chosen) - score(rejected)| <= tie-eps "
-                             "(pairwise: an answer is a tie when |P(first better) - 0.5| <= tie-eps)")
-    parser.add_argument("--out", help="write one JSON line per pair with the judge's scores and verdict")
 
 
 def read_pairs(path: str) -> list[dict]:
@@ -427,8 +333,6 @@ def both_orders_agreement(p_chosen_first: Sequence[float], p_rejected_first: Seq
 def _judge_pair_both_orders(reward: Any, p: dict) -> dict:
     """One pair shown as (chosen, rejected) and as (rejected, chosen); the judge's `prefer_first`
     (one order, its swap_average not applied) where it has one, else `prefer`."""
-    import torch
-
     ask = getattr(reward, "prefer_first", None) or reward.prefer
     (tc, src), (tr, srr) = load_media(p["chosen"], reward.modality), load_media(p["rejected"], reward.modality)
     c, r = _samples([tc], reward.modality, src), _samples([tr], reward.modality, srr)
@@ -457,38 +361,8 @@ def judge_pairs(reward: Any, pairs: Sequence[dict], batch_size: int = 8, pairwis
     return results
 
 
-def run_eval_judge(args: argparse.Namespace) -> int:
-    from mmalign.config import ConfigError
-    from mmalign.media import MediaError
-
-    try:
-        pairs = read_pairs(args.pairs)
-        reward, spec = _build(args)
-        results = judge_pairs(reward, pairs, args.batch_size, args.pairwise)
-    except (ConfigError, MediaError, OSError, ValueError, TypeError) as e:
-        return _fail(str(e))
-    by_cat: dict[str, list[dict]] = defaultdict(list)
-    for r in results:
-        by_cat[r["category"]].append(r)
-    rows = [{"category": cat, **_agreement_row(by_cat[cat], args.pairwise, args.tie_eps)}
-            for cat in (sorted(by_cat) if len(by_cat) > 1 else [])]
-    rows.append({"category": "overall", **_agreement_row(results, args.pairwise, args.tie_eps)})
-    human_ties = sum(1 for p in pairs if p["human_tie"])
-    if args.out:
-        with open(args.out, "w") as f:
-            for r in results:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "human_tie"}) + "\n")
-    print(f"judge: {spec['name']}  pairs: {len(results)}" + (f"  (human ties skipped: {human_ties})" if human_ties else ""))
-    columns = ["category", "n", "acc_with_ties", "acc_without_ties", "tie_rate"]
-    if args.pairwise:
-        print("both orders per pair (2n answers); position_bias: fraction of decided answers picking the "
-              "first-shown item (0.5 none, 1.0 always first)")
-        columns.append("position_bias")
-    print(format_table(rows, columns))
-    return 0
-
-
-def _agreement_row(results: Sequence[dict], pairwise: bool, tie_eps: float) -> dict[str, float]:
+def agreement_row(results: Sequence[dict], pairwise: bool, tie_eps: float) -> dict[str, float]:
+    """Agreement of judged pairs (judge_pairs) with the human labels: scores or both-order answers."""
     if pairwise:
         return both_orders_agreement([r["p_first_chosen_first"] for r in results],
                                      [r["p_first_rejected_first"] for r in results], tie_eps)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from ._common import check_batch, module_device, torch_dtype
+from .common import check_batch, module_device, torch_dtype
 
 
 def check_template(template: str, field_name: str, needs: Sequence[str]) -> None:

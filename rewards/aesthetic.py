@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import check_batch, check_file_spec, check_model_spec, grad_mode, load_state_dict, load_strict, resolve_file, reward_info
+from .common import check_batch, check_file_spec, check_model_spec, grad_mode, load_state_dict, load_strict, resolve_file, reward_info
 from .clip_hf import HFClip
 
 

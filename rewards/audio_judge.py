@@ -27,7 +27,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import check_batch, check_model_spec, reward_info
+from .common import check_batch, check_model_spec, reward_info
 from ._judge import ChatJudge, JudgeBase, JudgeScoring
 from .clap import audio_to_mono, resample
 

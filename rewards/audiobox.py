@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import (
+from .common import (
     HF_PREFIX,
     check_batch,
     check_model_spec,

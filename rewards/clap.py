@@ -34,7 +34,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import as_features, check_batch, check_model_spec, grad_mode, module_device, reward_info, torch_dtype
+from .common import as_features, check_batch, check_model_spec, grad_mode, module_device, reward_info, torch_dtype
 
 
 def audio_to_mono(audio: Tensor, who: str) -> Tensor:

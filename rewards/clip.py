@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.registry import register_reward
-from mmalign.rewards._common import reward_info
+from mmalign.paths import resolve
+from mmalign.rewards.common import reward_info
 from mmalign.types import Samples
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,9 +48,7 @@ class ClipRewardConfig:
     device: str | None = None  # default: the trainer's device
 
     def validate(self) -> None:
-        from mmalign.paths import resolve
-
-        if self.model is not None and self.model.startswith("toy:"):  # a shipped toy-world reward
+        if self.model is not None and resolve(self.model) != self.model:  # a shipped asset, e.g. toy:proxy_clip
             self.model = "local-dir:" + resolve(self.model)
         if (self.model is None) == (self.model_config is None):
             raise ValueError("model: give exactly one of `model` or `model_config`")

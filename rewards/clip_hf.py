@@ -30,7 +30,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import (
+from .common import (
     as_features,
     check_batch,
     check_model_spec,

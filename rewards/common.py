@@ -230,7 +230,7 @@ def build_reward(spec: Mapping[str, Any] | Any, where: str = "reward") -> Any:
     Also accepts a `mmalign.config.Component` (already validated) or a built reward object.
     """
     from mmalign import registry
-    from mmalign.config import Component, ConfigError, _parse_dataclass
+    from mmalign.config import Component, ConfigError, parse_dataclass
 
     if callable(spec) and hasattr(spec, "modality"):
         return spec
@@ -243,7 +243,7 @@ def build_reward(spec: Mapping[str, Any] | Any, where: str = "reward") -> Any:
     except KeyError as e:
         raise ConfigError(f"{where}.name: {e.args[0]}") from None
     args = {k: v for k, v in spec.items() if k != "name"}
-    return entry.build(_parse_dataclass(entry.config, args, where))
+    return entry.build(parse_dataclass(entry.config, args, where))
 
 
 def reward_info(modality: str, differentiable: bool | str, loads: str):

@@ -1,6 +1,7 @@
 """Tiny random models of the real classes each reward adapter loads, saved to a directory.
 
-Used by tests/unit/rewards/ and benchmarks/reward_throughput.py (nothing here downloads).
+A public testing API: used by tests/unit/rewards/ and benchmarks/reward_throughput.py, not
+by any reward at run time (nothing here downloads).
 Each `make_*` writes what a user's hub id / local path / checkpoint file would hold and
 returns the config arguments that load it through the adapter's normal code path.
 The sizes are listed in docs/tiny_models.md.

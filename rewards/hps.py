@@ -45,7 +45,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import (
+from .common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     check_batch,

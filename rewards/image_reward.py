@@ -58,7 +58,7 @@ pixel before normalisation (tested; `preprocess_pil` runs the original path).
 
 Verified against the original code: scripts/make_image_reward_reference.py builds the original
 ImageReward class (image-reward 1.5, under transformers 4.46 in a throwaway venv) at the tiny
-sizes of rewards/_fixtures.py, loads a deterministic state dict into it strictly, and records
+sizes of rewards/fixtures.py, loads a deterministic state dict into it strictly, and records
 its scores; tests/unit/rewards/test_rewards_image_reward.py checks that this adapter, loading the same
 state dict through the key mapping, gives the same scores.
 """
@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import (
+from .common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ClipTransform,

@@ -31,7 +31,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import build_reward, reward_info
+from .common import build_reward, reward_info
 
 
 def _float(x: Tensor) -> Tensor:

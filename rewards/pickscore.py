@@ -29,7 +29,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import check_batch, check_model_spec, grad_mode, reward_info
+from .common import check_batch, check_model_spec, grad_mode, reward_info
 from .clip_hf import HFClip
 
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the reference's processor_name_or_path

@@ -1,4 +1,4 @@
-"""Rule rewards: JPEG (in)compressibility and the toy world's gold evaluator.
+"""Rule rewards: JPEG (in)compressibility.
 
 JPEG compressibility / incompressibility (Black et al. 2023, "Training Diffusion Models with
 Reinforcement Learning", DDPO): each image is quantised to uint8, saved as JPEG at quality
@@ -8,17 +8,12 @@ Reinforcement Learning", DDPO): each image is quantised to uint8, saved as JPEG 
     jpeg_compressibility(x)   = -size_kB(JPEG_95(x))
 
 Both ignore the prompt and are not differentiable.
-
-toy_gold: the exact evaluator of the shapes world, `mmalign.toy.gold.gold_score(image,
-caption)`, which returns per-constraint booleans and `correct`. The score is either
-`correct` as 0/1 (mode "correct") or the fraction of the caption's constraints satisfied
-(mode "fraction"; the booleans other than `correct`).
 """
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -26,7 +21,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import check_batch, images_to_uint8_pil, reward_info
+from .common import check_batch, images_to_uint8_pil, reward_info
 
 
 @dataclass
@@ -73,42 +68,3 @@ def build_jpeg_compressibility(cfg: JpegConfig) -> JpegReward:
 def build_jpeg_incompressibility(cfg: JpegConfig) -> JpegReward:
     """DDPO JPEG incompressibility: size in kB of the JPEG at quality 95; prompt unused."""
     return JpegReward(cfg, 1.0, "jpeg_incompressibility")
-
-
-@dataclass
-class ToyGoldConfig:
-    mode: Literal["fraction", "correct"] = "fraction"
-
-
-def gold_to_score(result: dict, mode: str) -> float:
-    """Reduce one gold_score() dict: `correct` as 0/1, or the fraction of constraints satisfied."""
-    if mode == "correct":
-        return float(bool(result["correct"]))
-    flags = [bool(v) for k, v in result.items() if k != "correct" and isinstance(v, bool)]
-    if not flags:
-        raise ValueError(f"gold_score returned no per-constraint booleans: {sorted(result)}")
-    return sum(flags) / len(flags)
-
-
-class ToyGold:
-    modality = "image"
-    differentiable = False
-
-    def __init__(self, cfg: ToyGoldConfig, name: str = "toy_gold"):
-        self.cfg, self.name = cfg, name
-
-    def __call__(self, samples: Samples, prompts: Sequence[str]) -> Tensor:
-        from mmalign.toy.gold import gold_score  # lazy: the toy world is optional here
-
-        images = samples.require("image", f"reward {self.name!r}")
-        check_batch(self.name, len(images), prompts)
-        x = images.detach().float().clamp(0, 1).cpu()
-        scores = [gold_to_score(gold_score(x[i], prompts[i]), self.cfg.mode) for i in range(len(x))]
-        return torch.tensor(scores, dtype=torch.float32, device=images.device)
-
-
-@register_reward("toy_gold", ToyGoldConfig)
-@reward_info("image", False, "nothing (mmalign.toy.gold exact evaluator)")
-def build_toy_gold(cfg: ToyGoldConfig) -> ToyGold:
-    """Toy-world gold score: fraction of caption constraints satisfied, or `correct` (0/1)."""
-    return ToyGold(cfg)

@@ -31,7 +31,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import build_reward, check_batch, grad_mode, reward_info
+from .common import build_reward, check_batch, grad_mode, reward_info
 
 
 def segment_indices(num_frames: int, segments: int, pick: str = "first", generator: torch.Generator | None = None,

@@ -30,7 +30,7 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from ._common import check_batch, check_model_spec, images_to_uint8_pil, reward_info
+from .common import check_batch, check_model_spec, images_to_uint8_pil, reward_info
 from ._judge import ChatJudge, JudgeBase, JudgeScoring
 
 VQASCORE_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'

@@ -2,7 +2,7 @@
 
 Writes tests/fixtures/hps_reference.safetensors: for each case (input height x width, model
 size) the tensor that HPSv2's preprocessing produces from a deterministic uint8 image
-(`det_images(1, h, w, seed)` from rewards/_fixtures.py: a splitmix64 hash, the same in any
+(`det_images(1, h, w, seed)` from rewards/fixtures.py: a splitmix64 hash, the same in any
 environment, so the inputs are rebuilt by the test instead of stored).
 
 What runs is the released code of the `hpsv2` package (1.2.0; identical to tgxs002/HPSv2 at
@@ -56,8 +56,8 @@ def case_name(h: int, w: int, size: int) -> str:
 
 
 def load_fixtures():
-    """rewards/_fixtures.py by path (its top level imports only json, pathlib and torch)."""
-    spec = importlib.util.spec_from_file_location("mmalign_fixtures", ROOT / "rewards" / "_fixtures.py")
+    """rewards/fixtures.py by path (its top level imports only json, pathlib and torch)."""
+    spec = importlib.util.spec_from_file_location("mmalign_fixtures", ROOT / "rewards" / "fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"{name}: output {tuple(out.shape)}, mean {out.mean().item():.6f}")
     meta = {
         "about": "HPSv2 eval transform (hpsv2 1.2.0 transform.py image_transform, resize_longest_max=True) "
-                 "on det_images(1, h, w, seed) from rewards/_fixtures.py; made by scripts/make_hps_reference.py",
+                 "on det_images(1, h, w, seed) from rewards/fixtures.py; made by scripts/make_hps_reference.py",
         "seed": str(SEED),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

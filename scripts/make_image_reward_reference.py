@@ -2,7 +2,7 @@
 
 Writes tests/fixtures/image_reward_reference.json: the original model's state_dict key names
 and shapes, the prompts, the token ids its tokenizer produced, and its scores. The weights
-themselves are not stored: they are `det_state_dict(keys, seed)` from rewards/_fixtures.py
+themselves are not stored: they are `det_state_dict(keys, seed)` from rewards/fixtures.py
 (a splitmix64 hash of the key name and element index, the same in any environment), which
 the test rebuilds, saves as an ImageReward.pt and loads through the adapter's key mapping.
 
@@ -58,8 +58,8 @@ SEED = 0
 
 
 def load_fixtures():
-    """rewards/_fixtures.py by path (its top level imports only json, pathlib and torch)."""
-    spec = importlib.util.spec_from_file_location("mmalign_fixtures", ROOT / "rewards" / "_fixtures.py")
+    """rewards/fixtures.py by path (its top level imports only json, pathlib and torch)."""
+    spec = importlib.util.spec_from_file_location("mmalign_fixtures", ROOT / "rewards" / "fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -146,7 +146,7 @@ def main() -> None:
 
     ref = {
         "about": "Scores of the original ImageReward code (image-reward 1.5) on a tiny model; "
-                 "made by scripts/make_image_reward_reference.py. Weights: rewards/_fixtures.py "
+                 "made by scripts/make_image_reward_reference.py. Weights: rewards/fixtures.py "
                  "det_state_dict(keys, seed) in the original key layout.",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
                      "timm": importlib.import_module("timm").__version__, "image-reward": "1.5"},

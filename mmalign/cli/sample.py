@@ -1,4 +1,4 @@
-"""`mmalign sample`: images from prompts, with plain or reward-aware guidance.
+"""`mmalign sample`: images from prompts, with plain or reward-aware guidance (mmalign.guidance).
 
     mmalign sample --model PATH_OR_ID [--lora CKPT] --prompts FILE --out DIR
                    [--guidance {cfg,dynamic-cfg,reward,best-of-n,beam} | --guidance SCALE]
@@ -26,8 +26,37 @@ from typing import Any
 MODES = ("cfg", "dynamic-cfg", "reward", "best-of-n", "beam")
 
 
-def add_sample_args(p: argparse.ArgumentParser) -> None:
-    """The guidance flags of `mmalign sample` (the model / prompt / output flags live in cli.py)."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the `sample` subcommand: model, prompt and output flags, then the guidance flags."""
+    p = sub.add_parser("sample", help="generate images from prompts (optionally with trained weights)",
+                       description="Generate images; --guidance cfg | dynamic-cfg | reward | best-of-n | beam "
+                                   "(rewards by --reward NAME[:WEIGHT]). Writes PNGs, grid.png, samples.jsonl; with "
+                                   "--label-pairs, a D3PO round for human labelling instead.")
+    p.add_argument("--model", "--pretrained", dest="pretrained", help="hub id or local diffusers directory")
+    p.add_argument("--config", help="take the generator from a run config instead")
+    p.add_argument("--generator", default="sd", help="generator registry name (default: sd)")
+    p.add_argument("--lora", "--weights", dest="weights",
+                   help="trained weights: a run's final/ directory (LoRA or UNet) or its LoRA .safetensors")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a text file, one prompt per line (or toy:heldout / toy:train)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", default=None, metavar="{cfg,dynamic-cfg,reward,best-of-n,beam}",
+                   help="guidance method (default cfg); a number N is short for `cfg --cfg-scale N`")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device")
+    p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--label-pairs", action="store_true",
+                   help="write a round for human labelling (D3PO) instead: 2 trajectories per prompt (x --n) from one "
+                        "initial noise; OUT/buffer.safetensors + buffer.json, OUT/images/<sample id>.png and an "
+                        "OUT/pairs.jsonl template (needs --eta > 0)")
+    add_guidance_args(p)
+
+
+def add_guidance_args(p: argparse.ArgumentParser) -> None:
+    """The guidance flags of `mmalign sample`."""
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="CFG scale for cfg / reward / best-of-n / beam (default 5.0)")
     p.add_argument("--reward", action="append", default=None, metavar="NAME[:WEIGHT]",
@@ -109,7 +138,7 @@ def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> 
     from mmalign import registry
     from mmalign.config import ConfigError
     from mmalign.guidance.common import Evaluator, as_evaluators
-    from mmalign.rewards._common import build_reward
+    from mmalign.rewards.common import build_reward
 
     out = []
     for spec, weight in specs:
@@ -218,3 +247,76 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
     print(f"wrote {len(rows)} images, grid.png and samples.jsonl to {out} (guidance {mode}"
           + "".join(f", mean {k} {v:.4f}" for k, v in means.items()) + ")")
     return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt (repeatable) + --prompts (a text file or a registered prompt set such as toy:heldout)."""
+    from mmalign import sources
+    from mmalign.data.generated import load_prompts
+
+    prompts = list(args.prompt or [])
+    if args.prompts and sources.is_spec(args.prompts) and not Path(args.prompts).is_file():  # a prompt set
+        try:
+            prompts += load_prompts(args.prompts)
+        except ValueError as e:
+            raise SystemExit(f"error: --prompts: {e}") from None
+    elif args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise SystemExit(f"error: {p}: prompts file not found")
+        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the generator (and weights), then sample, or write a D3PO labelling round."""
+    # deferred: torch and the model libraries load only when the command runs (a fast `mmalign --help`)
+    import torch
+
+    from mmalign import registry
+    from mmalign.config import load_config, parse_dataclass
+    from mmalign.methods.d3po import write_for_labelling
+
+    prompts = _read_prompts(args)  # bad input fails before any model loads
+    validate_sample_args(args)
+    label_scale = _check_label_pairs(args) if args.label_pairs else None
+    if args.config:
+        cfg = load_config(args.config)
+        gen_cfg = cfg.generator.args
+        name = cfg.generator.name
+    else:
+        if not args.pretrained:
+            raise SystemExit("error: give --model MODEL (or --pretrained MODEL) or --config RUN_CONFIG")
+        name = args.generator
+        gen_cfg = parse_dataclass(registry.lookup("generator", name).config,
+                                   {"pretrained": args.pretrained, "finetune": "none"}, "generator")
+    gen = registry.lookup("generator", name).build(gen_cfg)
+    if args.weights:
+        w = Path(args.weights)
+        gen.load_trained(w.parent if w.is_file() else w)  # a LoRA file or its directory
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen.to(device)
+    if args.label_pairs:
+        reps = [p for p in prompts for _ in range(args.n)]
+        ro = write_for_labelling(gen, reps, [args.seed + i for i in range(len(reps))], args.out, args.steps,
+                                 label_scale, args.eta, args.batch_size)
+        print(f"wrote {len(reps)} pairs ({len(ro)} samples) to {args.out}: buffer.safetensors, images/, pairs.jsonl. "
+              f"Set choice (0|1) or tie: true on every line of pairs.jsonl, then train D3PO with "
+              f"method.buffer={args.out} method.labels={Path(args.out) / 'pairs.jsonl'} reward=null")
+        return 0
+    return run_sample(args, gen, prompts, device)
+
+
+def _check_label_pairs(args: argparse.Namespace) -> float:
+    """--label-pairs: plain CFG sampling with stochastic steps; returns the CFG scale."""
+    from mmalign.config import ConfigError
+
+    mode, scale = parse_guidance(args.guidance, args.cfg_scale)
+    if mode != "cfg" or args.reward:
+        raise ConfigError("--label-pairs: samples with plain CFG (--cfg-scale) and no --reward; "
+                          "the preferences come from the labeller")
+    if args.eta <= 0:
+        raise ConfigError("--label-pairs: D3PO trains on the stochastic sampling steps; give --eta > 0 (e.g. 1.0)")
+    return scale

@@ -18,17 +18,15 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
+from mmalign import sources
+
 
 def load_prompts(spec: str) -> list[str]:
-    """'toy:train' / 'toy:heldout' / 'toy:all', or a text file with one prompt per line."""
-    if spec.startswith("toy:"):
-        from mmalign.toy import world
-
-        sets = {"train": world.train_captions, "heldout": world.heldout_captions, "all": world.all_captions}
-        if spec[4:] not in sets:
-            raise ValueError(f"unknown prompt set {spec!r} (toy:train, toy:heldout, toy:all)")
-        return list(sets[spec[4:]]())
+    """A registered prompt set (`prefix:name`, e.g. the toy world's "toy:heldout"; see mmalign.sources)
+    or a text file with one prompt per line."""
     p = Path(spec)
+    if sources.is_spec(spec) and not p.is_file():
+        return list(sources.resolve("prompt_set", spec))
     if not p.is_file():
         raise FileNotFoundError(f"{p}: prompts file not found")
     prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]

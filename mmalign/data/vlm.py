@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmalign import sources
 from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.media import MediaError, open_image
 
@@ -121,11 +122,13 @@ def normalize_row(raw: dict, where: str, base: Path | None = None) -> VLMRow | N
 
 def read_rows(path: str | Path, max_samples: int | None = None) -> VLMRowSet:
     """Read preference rows from a .jsonl/.json file, a .parquet file or a directory of parquet
-    (or `toy:vlm_pairs`: pairs from the toy VLM world, materialised on first use)."""
-    if str(path).startswith("toy:"):
-        from mmalign.toy.vlm_pairs import materialize
-
-        path = materialize(str(path))
+    (or a registered preference source `prefix:name`, such as the toy world's `toy:vlm_pairs`,
+    materialised on first use; see mmalign.sources)."""
+    if sources.is_spec(str(path)) and not Path(path).exists():
+        try:
+            path = sources.resolve("preference_source", str(path))
+        except ValueError as e:
+            raise DataError(f"data.path: {e}") from None
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: data file not found")

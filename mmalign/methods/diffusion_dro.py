@@ -26,9 +26,9 @@ timesteps shifted by a random offset per trajectory, and its buffer is a FIFO of
 `buffer_size` trajectories, refreshed at every forward/backward pass by a copy of the policy
 synced every 16 passes (one optimizer step at its default gradient accumulation of 16).
 
-Experts: `experts: toy:render` draws the toy world's correct scene for each caption (the
-toy world's demonstrations); otherwise a JSONL manifest of {prompt, image} (paths
-relative to the manifest), read once and VAE-encoded when first needed.
+Experts (required): a registered expert source `prefix:name` (mmalign.sources; the toy world's
+`toy:render` draws the correct scene for each caption), or a JSONL manifest of {prompt,
+image} (paths relative to the manifest), read once and VAE-encoded when first needed.
 No reward model is used.
 """
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mmalign import sources
 from mmalign.guidance.common import cfg_combine, make_rollout
 from mmalign.methods.online import RolloutSettings
 from mmalign.registry import register_method
@@ -92,9 +93,9 @@ def policy_target(ro: Rollout, k: Tensor, alphas_cumprod: Tensor, mode: str) -> 
 
 @dataclass
 class DiffusionDROConfig:
+    experts: str  # a registered expert source "prefix:name" (e.g. toy:render) or a JSONL manifest of {prompt, image}
     rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(samples_per_prompt=1, eta=0.0,
                                                                              guidance_scale=1.0))
-    experts: str = "toy:render"  # or a JSONL manifest of {prompt, image}
     margin: float = 0.001
     expert_seed: int = 0
     # sampler_prediction: the sampler's own noise prediction at the step (the paper's code);
@@ -102,7 +103,7 @@ class DiffusionDROConfig:
     policy_target: Literal["sampler_prediction", "final_sample"] = "sampler_prediction"
 
     def validate(self) -> None:
-        if not self.experts.startswith("toy:") and not Path(self.experts).is_file():
+        if not sources.is_spec(self.experts) and not Path(self.experts).is_file():
             raise ValueError(f"experts: {self.experts} not found")
         if self.margin < 0:
             raise ValueError(f"margin: must be >= 0, got {self.margin}")
@@ -119,9 +120,8 @@ class DiffusionDRO:
     def _expert_images(self, prompts: list[str], seeds: list[int]) -> Tensor:
         from mmalign.media import load_image, pil_to_tensor
 
-        if self.cfg.experts == "toy:render":
-            from mmalign.toy.world import render
-
+        if sources.is_spec(self.cfg.experts) and not Path(self.cfg.experts).is_file():
+            render = sources.lookup("expert_source", self.cfg.experts)  # fn(prompt, seed) -> PIL image
             return torch.stack([pil_to_tensor(render(p, self.cfg.expert_seed * 100_003 + s))
                                 for p, s in zip(prompts, seeds)])
         if self._manifest is None:

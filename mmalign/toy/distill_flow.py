@@ -187,7 +187,7 @@ def evaluate(model: Path, sampler: str, max_sequence_length: int | None = None, 
     from mmalign.data.generated import load_prompts
     from mmalign.evaluation import evaluate_generator
     from mmalign.pipelines.flow import FlowGeneratorConfig, FlowMatchingGenerator
-    from mmalign.rewards._common import build_reward
+    from mmalign.rewards.common import build_reward
     from mmalign.toy.evaluate import diversity, gold_report
     from mmalign.types import Samples, per_sample_randn
 

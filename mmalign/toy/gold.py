@@ -35,7 +35,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+
+from mmalign.evaluation import to_array
 
 from .world import BACKGROUND, COLORS, PALETTE, Parsed, parse
 
@@ -55,22 +56,6 @@ class Obj:
     cy: float
     area: int
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 inclusive
-
-
-def to_array(image) -> np.ndarray:
-    """PIL image, HxWx3 uint8 array, or 3xHxW float tensor/array in [0,1] -> HxWx3 float32 0..255."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32)
-    if hasattr(image, "detach"):  # torch tensor
-        image = image.detach().float().cpu().numpy()
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
-        a = a.transpose(1, 2, 0)
-    if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image, got array of shape {a.shape}")
-    if a.dtype != np.uint8 and a.max() <= 1.0 + 1e-6:
-        a = a * 255.0
-    return a.astype(np.float32)
 
 
 def segment(rgb: np.ndarray) -> np.ndarray:

@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageFilter
 
+from .sampling import sample
 from .world import extra_object_scene, heldout_captions, layout, perturb_caption, render, render_objects, train_captions
+
+PROXY_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
+}
+PROXY_MEAN = [0.5, 0.5, 0.5]
+PROXY_STD = [0.5, 0.5, 0.5]
 
 NEG_MODES = ("color", "shape", "count", "swap", "relation")
 
@@ -168,7 +177,6 @@ def best_of_k(score_fn, sd_path, captions, k=4, seeds_per=1, steps=20, cfg=4.0) 
     from diffusers import StableDiffusionPipeline
 
     from .gold import gold_score
-    from .train import sample
 
     pipe = StableDiffusionPipeline.from_pretrained(sd_path)
     pipe.set_progress_bar_config(disable=True)
@@ -225,8 +233,6 @@ def scene_negatives(score_fn, captions, seeds=(100_000, 100_001)) -> dict:
 def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = None,
                 n_pairs: int = 96, lr: float = 1e-3, extra_negatives: float = 0.0):
     from safetensors.torch import save_file
-
-    from .train import PROXY_CFG, PROXY_MEAN, PROXY_STD
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

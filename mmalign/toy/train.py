@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import proxy
+from .sampling import sample
 from .world import SIZE, caption_kind, heldout_captions, perturb_caption, render, train_captions
 
 HERE = Path(__file__).parent
@@ -65,13 +67,6 @@ SCHED_CFG = dict(
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
 KIND_SHARE = {"single": 0.15, "count": 0.19, "and": 0.22, "left": 0.22, "above": 0.22}
-PROXY_CFG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 4},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
-}
-PROXY_MEAN = [0.5, 0.5, 0.5]
-PROXY_STD = [0.5, 0.5, 0.5]
 
 
 def log(*a):
@@ -215,20 +210,6 @@ def save_pipe(pipe, path: Path, info: dict):
         if tj.exists():
             tj.write_text(json.dumps(json.loads(tj.read_text()), separators=(",", ":"), ensure_ascii=False))
     (path / "train_info.json").write_text(json.dumps(info, indent=2))
-
-
-@torch.no_grad()
-def sample(pipe, captions, seeds, steps=20, cfg=4.0, batch=64):
-    images = []
-    for i in range(0, len(captions), batch):
-        cs, ss = captions[i : i + batch], seeds[i : i + batch]
-        gens = [torch.Generator().manual_seed(int(s)) for s in ss]
-        out = pipe(
-            list(cs), num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-            height=SIZE, width=SIZE, output_type="pil",
-        )
-        images += out.images
-    return images
 
 
 def heldout_samples(seeds) -> tuple[list[str], list[int]]:
@@ -592,9 +573,7 @@ def final_report_flow(out: Path, seeds=(0, 1), steps=20, cfg=4.0, device: str = 
 
 
 def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = None, extra_negatives: float = 0.0):
-    from .proxy import train_proxy as _train
-
-    return _train(out, minutes, seed, max_steps, extra_negatives=extra_negatives)
+    return proxy.train_proxy(out, minutes, seed, max_steps, extra_negatives=extra_negatives)
 
 
 # ------------------------------------------------------------------ report

@@ -20,6 +20,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from . import ASSETS
 from .vlm_world import QA, Scene, answer_questions, check_answer, questions_for, split_scenes, wrong_answer
 
 VERSION = "toy-vlm-pairs-v1"
@@ -53,8 +56,6 @@ def build_pairs(model, processor, recipe: PairRecipe) -> list[tuple[Scene, QA, s
              for qa in questions_for(sc, rng)]
     sampled: list[list[str]] = [[] for _ in items]
     if recipe.rejected == "self":
-        import torch
-
         torch.manual_seed(recipe.seed)
         ims = [sc.render() for sc, _ in items]
         qs = [qa.question for _, qa in items]
@@ -92,12 +93,10 @@ def write_pairs(out_dir: str | Path, pairs: list[tuple[Scene, QA, str, str, str]
 
 def materialize(spec: str, model_dir: str | Path | None = None, cache: str | Path | None = None) -> Path:
     """`toy:vlm_pairs` / `toy:vlm_pairs_perturbed` -> the path of a cached pairs.jsonl (built on first use)."""
-    from mmalign.paths import resolve
-
     if spec not in SPECS:
         raise ValueError(f"data.path: unknown toy data {spec!r}; choose from {sorted(SPECS)}")
     recipe = SPECS[spec]
-    model_dir = Path(model_dir or resolve("toy:vlm_toy"))
+    model_dir = Path(model_dir or ASSETS / "vlm_toy")
     weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: the toy VLM is missing (python -m mmalign.toy.train vlm)")

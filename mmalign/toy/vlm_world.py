@@ -24,7 +24,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from PIL import Image
+
+from mmalign.data.vlm import VLMEncoder, build_sequences
 
 from .world import (COLORS, SHAPES, heldout_captions, layout, parse, perturb_caption, render_objects,
                     train_captions)
@@ -214,10 +217,6 @@ def answer_questions(model, processor, images: Sequence[Image.Image], questions:
                      temperature: float = 1.0) -> list[str]:
     """Answers of an image-text-to-text model (greedy by default), through the same chat
     template and encoding the preference data uses (mmalign.data.vlm.VLMEncoder)."""
-    import torch
-
-    from mmalign.data.vlm import VLMEncoder, build_sequences
-
     enc = VLMEncoder(processor)
     tok = enc.tok
     eos = model.generation_config.eos_token_id

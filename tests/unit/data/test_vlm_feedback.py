@@ -46,8 +46,8 @@ def generator():
 
 @pytest.fixture(scope="module")
 def judge():
-    from mmalign.rewards import _fixtures as fx
-    from mmalign.rewards._common import build_reward
+    from mmalign.rewards import fixtures as fx
+    from mmalign.rewards.common import build_reward
 
     d = fx.tiny("llava")["model"]
     return d, build_reward({"name": "vlm_judge", "model": d, "yes_no_template": "{prompt}"}, "reward")

@@ -29,7 +29,7 @@ def gen(tiny_sd):
 @pytest.fixture(scope="module")
 def toy():
     """The shipped toy-world model and its proxy CLIP reward (differentiable)."""
-    from mmalign.rewards._common import build_reward
+    from mmalign.rewards.common import build_reward
 
     return _gen("toy:sd_toy"), build_reward({"name": "clip", "model": "toy:proxy_clip"}, "reward")
 
@@ -113,7 +113,8 @@ def test_dynamic_cfg_with_image_rewards_reports_a_schedule(gen):
 def test_dynamic_cfg_bad_input(gen):
     with pytest.raises(ValueError, match="at least one evaluator"):
         dynamic_cfg_sample(gen, PROMPTS, [], candidates=[1.0, 2.0], num_steps=2)
-    audio = type("A", (), {"name": "clap", "modality": "audio", "differentiable": False})()
+    audio = type("A", (), {"name": "clap", "modality": "audio", "differentiable": False,
+                           "__call__": lambda self, samples, prompts: None})()
     with pytest.raises(TypeError, match="scores audio samples"):
         dynamic_cfg_sample(gen, PROMPTS, audio, candidates=[1.0, 2.0], num_steps=2)
 
@@ -169,7 +170,7 @@ def test_reward_guidance_raises_the_proxy_reward_on_the_toy_world(toy):
 
 
 def test_reward_guidance_refuses_a_non_differentiable_reward(gen):
-    from mmalign.rewards.rules import ToyGold, ToyGoldConfig
+    from mmalign.toy.reward import ToyGold, ToyGoldConfig
 
     with pytest.raises(ValueError, match="'toy_gold' is not differentiable"):
         reward_guided_sample(gen, PROMPTS, ToyGold(ToyGoldConfig()), num_steps=2)

@@ -9,8 +9,8 @@ import torch
 from mmalign.config import ConfigError, load_config
 from mmalign.methods.d3po import D3PO, D3POConfig, check_pairwise, judge_pairs, pairs_from_margin
 from mmalign.methods.online import RolloutSettings
-from mmalign.rewards import _fixtures as fx
-from mmalign.rewards._common import build_reward
+from mmalign.rewards import fixtures as fx
+from mmalign.rewards.common import build_reward
 from mmalign.trainer import Trainer
 from mmalign.types import Samples
 from tests.helpers import write_config

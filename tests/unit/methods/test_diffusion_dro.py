@@ -70,7 +70,7 @@ def test_loss_scores_the_policy_sample_against_its_target(gen, mode):
     """The hinge loss equals a float64 recomputation of the reference code's formula,
     max(0, [e_theta(x^E) - e_ref(x^E)] - [e_theta(x^P) - e_ref(x^P)] + margin), with the
     policy target of `mode` at the step the method draws from each item's seed."""
-    m = DiffusionDRO(DiffusionDROConfig(rollout=RolloutSettings(samples_per_prompt=1, num_steps=4, eta=0.0,
+    m = DiffusionDRO(DiffusionDROConfig(experts="toy:render", rollout=RolloutSettings(samples_per_prompt=1, num_steps=4, eta=0.0,
                                                                 guidance_scale=2.0),
                                         margin=0.01, policy_target=mode))
     ro = m.collect(gen, None, PROMPTS, [5, 6])
@@ -107,7 +107,7 @@ def test_loss_scores_the_policy_sample_against_its_target(gen, mode):
 
 
 def test_policy_target_option_is_read_and_checked():
-    assert DiffusionDROConfig().policy_target == "sampler_prediction"
+    assert DiffusionDROConfig(experts="toy:render").policy_target == "sampler_prediction"
     path = ROOT / "configs" / "toy" / "diffusion_dro.yaml"
     assert load_config(path).method.args.policy_target == "sampler_prediction"
     assert load_config(path, ["method.policy_target=final_sample"]).method.args.policy_target == "final_sample"
@@ -121,6 +121,6 @@ def test_refuses_a_non_epsilon_generator():
     class Flow:
         prediction_type = "flow"
 
-    m = DiffusionDRO(DiffusionDROConfig())
+    m = DiffusionDRO(DiffusionDROConfig(experts="toy:render"))
     with pytest.raises(ValueError, match="epsilon-prediction models"):
         m.collect(Flow(), None, PROMPTS, [0, 1])

@@ -552,7 +552,7 @@ def test_toy_configs_validate():
 def test_shipped_sd3_toy_loads_in_diffusers_and_the_adapter():
     from diffusers import StableDiffusion3Pipeline
 
-    from mmalign.paths import TOY_ASSETS
+    from mmalign.toy import ASSETS as TOY_ASSETS
 
     path = TOY_ASSETS / "sd3_toy"
     pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mmalign.rewards._common import build_reward
+from mmalign.rewards.common import build_reward
 from mmalign.types import Samples
 from tests.helpers import ROOT
 

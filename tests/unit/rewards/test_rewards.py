@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from mmalign import registry
-from mmalign.config import ConfigError, _parse_dataclass
-from mmalign.rewards import _fixtures as fx
-from mmalign.rewards._common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_reward
+from mmalign.config import ConfigError, parse_dataclass
+from mmalign.rewards import fixtures as fx
+from mmalign.rewards.common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_reward
 from mmalign.types import Samples
 from tests.helpers import ROOT
 
@@ -66,6 +66,7 @@ def hps():
 
 def test_every_reward_is_registered_with_its_description():
     registry.load_builtins()
+    registry.load_plugins()  # toy_gold comes from the toy world's plug-in
     want = {"clip_hf", "hps", "pickscore", "aesthetic", "vlm_judge", "audio_judge", "clap", "video_from_image",
             "jpeg_compressibility", "jpeg_incompressibility", "toy_gold", "mix", "ensemble"}
     assert want <= set(registry.REWARDS)
@@ -77,17 +78,17 @@ def test_every_reward_is_registered_with_its_description():
 def test_configs_validate_with_clear_errors(tmp_path):
     entry = registry.lookup("reward", "hps")
     with pytest.raises(ConfigError, match="checkpoint: file .*missing.pt not found"):
-        _parse_dataclass(entry.config, {"checkpoint": str(tmp_path / "missing.pt")}, "reward")
+        parse_dataclass(entry.config, {"checkpoint": str(tmp_path / "missing.pt")}, "reward")
     with pytest.raises(ConfigError, match="reward.batch_sizee: unknown key"):
-        _parse_dataclass(registry.lookup("reward", "clip_hf").config, {"batch_sizee": 3}, "reward")
+        parse_dataclass(registry.lookup("reward", "clip_hf").config, {"batch_sizee": 3}, "reward")
     with pytest.raises(ConfigError, match="head: missing required key"):
-        _parse_dataclass(registry.lookup("reward", "aesthetic").config, {}, "reward")
+        parse_dataclass(registry.lookup("reward", "aesthetic").config, {}, "reward")
     with pytest.raises(ConfigError, match="weights: 1 weights for 2 rewards"):
         build("mix", rewards=[{"name": "jpeg_compressibility"}, {"name": "jpeg_incompressibility"}], weights=[1.0])
     with pytest.raises(ConfigError, match=r"rewards\[0\].name: unknown reward 'nope'"):
         build("mix", rewards=[{"name": "nope"}])
     with pytest.raises(ConfigError, match="differentiable: needs features: torch"):
-        _parse_dataclass(registry.lookup("reward", "clap").config, {"features": "processor"}, "reward")
+        parse_dataclass(registry.lookup("reward", "clap").config, {"features": "processor"}, "reward")
 
 
 # --------------------------------------------------------------------------- CLIP (transformers)

@@ -13,8 +13,8 @@ import torch
 
 from mmalign import registry
 from mmalign.config import ConfigError
-from mmalign.rewards import _fixtures as fx
-from mmalign.rewards._common import build_reward
+from mmalign.rewards import fixtures as fx
+from mmalign.rewards.common import build_reward
 from mmalign.rewards.audiobox import AXES, convert_state_dict, frame_padding_mask, original_state_dict
 from mmalign.rewards.clap import resample
 from mmalign.types import Samples
@@ -126,23 +126,19 @@ def test_registered_listed_and_returns_finite_batch():
 
 
 def test_mmalign_score_on_wav_files_of_different_lengths_and_rates(tmp_path):
-    import argparse
-
     import yaml
 
-    from mmalign import scoring
+    from mmalign.cli import main
     from mmalign.media import load_audio, save_wav
 
     a, b = audio(1, sr=22050, seconds=0.9, seed=5)[0], audio(1, sr=16000, seconds=10.5, seed=6)[0]
     save_wav(tmp_path / "a.wav", a, 22050)
     save_wav(tmp_path / "b.wav", b, 16000)
     out = tmp_path / "scores.jsonl"
-    p = argparse.ArgumentParser()
-    scoring.add_score_args(p)
     args = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in fx.tiny("audiobox").items()]
     argv = ["--reward", "audiobox_aesthetics", "--reward-args", *args, "axis=CE", "--out", out,
             "--", tmp_path / "a.wav", tmp_path / "b.wav"]
-    assert scoring.run_score(p.parse_args([str(x) for x in argv])) == 0
+    assert main(["score", *[str(x) for x in argv]]) == 0
     got = [json.loads(line)["score"] for line in out.read_text().splitlines()]
     r = tiny()
     want = [r.predict([load_audio(tmp_path / f)[0]], sr)["CE"].item() for f, sr in (("a.wav", 22050), ("b.wav", 16000))]

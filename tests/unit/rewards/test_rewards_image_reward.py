@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from mmalign import registry
-from mmalign.config import ConfigError, _parse_dataclass
-from mmalign.rewards import _fixtures as fx
-from mmalign.rewards._common import build_reward, images_to_uint8_pil
+from mmalign.config import ConfigError, parse_dataclass
+from mmalign.rewards import fixtures as fx
+from mmalign.rewards.common import build_reward, images_to_uint8_pil
 from mmalign.rewards.image_reward import (
     IMAGE_REWARD_MEAN,
     IMAGE_REWARD_STD,
@@ -159,7 +159,7 @@ def test_checkpoint_missing_a_weight_or_of_another_size_is_reported(tiny, tmp_pa
 def test_missing_checkpoint_file_is_a_clear_error(tiny, tmp_path):
     missing = tmp_path / "nope" / "ImageReward.pt"
     with pytest.raises(ConfigError, match=f"checkpoint: file {missing} not found"):
-        _parse_dataclass(ImageRewardConfig, {"checkpoint": str(missing)}, "reward")
+        parse_dataclass(ImageRewardConfig, {"checkpoint": str(missing)}, "reward")
     from mmalign.rewards.image_reward import ImageReward
 
     with pytest.raises(FileNotFoundError, match=f"checkpoint: file {missing} not found"):

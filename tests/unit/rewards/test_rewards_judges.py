@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmalign.rewards import _fixtures as fx
-from mmalign.rewards._common import build_reward
+from mmalign.rewards import fixtures as fx
+from mmalign.rewards.common import build_reward
 from mmalign.rewards._judge import expected_rating, first_probability, yes_probability
 from mmalign.types import Samples
 

@@ -1,31 +1,27 @@
-"""`mmalign score` / `mmalign eval-judge` (mmalign/scoring.py) on files written here."""
+"""`mmalign score` / `mmalign eval-judge` (mmalign/cli/, mmalign/scoring.py) on files written here."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 from mmalign import scoring
+from mmalign.cli import main
 from mmalign.media import save_wav, tensor_to_pil
-from mmalign.rewards import _fixtures as fx
-from mmalign.rewards._common import build_reward
+from mmalign.rewards import fixtures as fx
+from mmalign.rewards.common import build_reward
 from mmalign.types import Samples
 
 fx.register_test_rewards()
 
 
 def score(*argv):
-    p = argparse.ArgumentParser()
-    scoring.add_score_args(p)
-    return scoring.run_score(p.parse_args([str(a) for a in argv]))
+    return main(["score", *[str(a) for a in argv]])
 
 
 def eval_judge(*argv):
-    p = argparse.ArgumentParser()
-    scoring.add_eval_judge_args(p)
-    return scoring.run_eval_judge(p.parse_args([str(a) for a in argv]))
+    return main(["eval-judge", *[str(a) for a in argv]])
 
 
 def write_images(d, values, size=16):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from mmalign.paths import TOY_ASSETS
+from mmalign.toy import ASSETS as TOY_ASSETS
 from mmalign.pipelines.common import LoraSettings
 from mmalign.pipelines.flow import FLOW_LORA_TARGETS, FlowGeneratorConfig, FlowMatchingGenerator
 from mmalign.toy.world import heldout_captions

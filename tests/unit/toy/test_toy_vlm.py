@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmalign.paths import TOY_ASSETS
+from mmalign.toy import ASSETS as TOY_ASSETS
 from mmalign.toy.vlm_world import (QTYPES, check_answer, eval_set, hallucination_rate, make_scene,
                                    question_type, questions_for, split_scenes, wrong_answer)
 from mmalign.toy.world import all_captions, heldout_captions, train_captions

@@ -1,0 +1,32 @@
+"""The toy world as an mmalign plug-in: `register()` is the `mmalign.plugins` entry point
+(pyproject.toml), called the first time the core resolves a source spec or a registry name it
+does not know. It registers:
+
+    prompt sets         toy:train, toy:heldout, toy:all            (world.py captions)
+    preference sources  toy:vlm_pairs, toy:vlm_pairs_perturbed     (vlm_pairs.py, built on first use)
+    expert source       toy:render                                 (world.render: the correct scene)
+    gold evaluator      toy                                        (evaluate.gold_report)
+    asset root          toy  -> assets/ (toy:sd_toy, toy:sd3_toy, toy:proxy_clip, toy:vlm_toy)
+    reward              toy_gold                                   (reward.py)
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from mmalign.sources import register_asset_root, register_source
+
+from . import ASSETS, vlm_pairs, world
+from . import reward  # noqa: F401  (importing it registers the toy_gold reward)
+from .evaluate import gold_report
+
+
+def register() -> None:
+    """Register the toy world's sources (the `toy_gold` reward registers on importing reward.py)."""
+    register_source("prompt_set", "toy:train", world.train_captions)
+    register_source("prompt_set", "toy:heldout", world.heldout_captions)
+    register_source("prompt_set", "toy:all", world.all_captions)
+    for spec in vlm_pairs.SPECS:
+        register_source("preference_source", spec, partial(vlm_pairs.materialize, spec))
+    register_source("expert_source", "toy:render", world.render)
+    register_source("gold_evaluator", "toy", gold_report)
+    register_asset_root("toy", ASSETS)
