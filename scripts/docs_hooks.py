@@ -1,0 +1,206 @@
+"""MkDocs hook: fills generated blocks in the docs pages at build time.
+
+Three kinds of placeholder, each an HTML comment on a line of its own:
+
+- `<!-- results: toy_alignment -->` (optionally `method=NAME`, `generator=NAME`, `config=PATH`):
+  a table rendered from `benchmarks/results/<name>.json`, the file the benchmark script of the
+  same name writes. Numbers in the docs therefore always come from those files, never from
+  hand-copied text. A row with a `source` field was not measured by the run that wrote the file
+  (an earlier run whose JSON was not kept); such rows are marked with a dagger and footnoted.
+- `<!-- config: mmalign/methods/raft.py:RAFTConfig -->`: the keys of a config dataclass (type,
+  default, the comment next to the field, and the checks its `validate()` makes), read from the
+  source with `ast` so that the docs build needs no torch.
+- `<!-- docstring: mmalign/methods/raft.py -->`: a module's docstring (a method's objective and
+  reference as the code states them), as a text block.
+
+Wired in through `hooks:` in mkdocs.yml; `scripts/build_docs.sh` builds with `--strict`.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLACEHOLDER = re.compile(r"^<!-- (results|config|docstring): (\S+)((?: \S+=\S+)*) -->$", re.M)
+DAGGER = "†"
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _source_note(rows: list[dict]) -> str:
+    """A footnote for the rows with a `source`: what they are, then the commands that re-measure them."""
+    notes: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("source"):
+            what, _, cmd = r["source"].partition("; rerun: ")
+            notes.setdefault(what, []).append(cmd)
+    out = ""
+    for what, cmds in notes.items():
+        out += f"\n\n{DAGGER} {what[0].upper() + what[1:]}; not re-measured with the current code. Rerun:\n"
+        out += "".join(f"\n- `{c}`" for c in dict.fromkeys(cmds) if c)
+    return out
+
+
+def _mark(row: dict) -> str:
+    return DAGGER if row.get("source") else ""
+
+
+def _load(name: str, page: str):
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"{page}: results placeholder names {path.relative_to(ROOT)}, which does not exist")
+    return json.loads(path.read_text())
+
+
+def render_toy_alignment(data: list[dict], filters: dict[str, str]) -> str:
+    """One row per (config, seed, overrides): held-out gold, proxy and diversity before -> after."""
+    rows = [r for r in data if all(str(r.get(k)) == v for k, v in filters.items())]
+    if not rows:
+        return "(no rows in benchmarks/results/toy_alignment.json for this selection yet)"
+    lines = ["| method | config | generator | seed | steps | held-out gold | proxy | diversity | samples | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        config = f"`{Path(r['config']).name}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
+        wall = "-" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.0f} min"
+        lines.append(
+            f"| {r.get('label', r['method'])}{_mark(r)} | {config} | {r['generator']} | {r['seed']} | {r['steps']} "
+            f"| {_fmt(r['gold_before'])} → {_fmt(r['gold_after'])} | {_fmt(r.get('proxy_before'))} → "
+            f"{_fmt(r.get('proxy_after'))} | {_fmt(r.get('div_before'))} → {_fmt(r.get('div_after'))} "
+            f"| {_fmt(r.get('samples_generated'))} | {wall} |")
+    return "\n".join(lines) + _source_note(rows)
+
+
+def render_toy_vlm(data: dict, filters: dict[str, str]) -> str:
+    """Held-out hallucination rate per question type, base -> after, one row per VLM config."""
+    types = [t for t in ("color", "count", "exist", "describe", "overall") if t in data["before"]]
+    rows = [r for r in data["rows"] if all(str(r.get(k)) == v for k, v in filters.items())]
+    lines = ["| config | loss | steps | " + " | ".join(types) + " |", "|---" * (len(types) + 3) + "|"]
+    for r in rows:
+        cells = " | ".join(f"{_fmt(data['before'].get(t))} → {_fmt(r['after'].get(t))}" for t in types)
+        lines.append(f"| `{Path(r['config']).name}`{_mark(r) or _mark(data)} | {r['loss_type']} | {r['steps']} | {cells} |")
+    n = data["before"].get("n")
+    head = f"Held-out questions: {n} on {data.get('heldout_scenes')} held-out scenes; '-' = not recorded.\n\n" if n else ""
+    return head + "\n".join(lines) + _source_note(rows + [data])
+
+
+def render_toy_guidance(data: dict, filters: dict[str, str]) -> str:
+    """Inference-time alignment: gold accuracy, difference to the best static CFG scale, proxy, cost."""
+    rows = data.get("summary") or _guidance_summary(data)
+    lines = ["| method | gold | Δ vs best static (s.e.) | proxy | cost vs CFG 4 |", "|---|---|---|---|---|"]
+    for r in rows:
+        delta = "-" if r.get("delta") is None else f"{r['delta']:+.3f} ({r['se']:.3f})"
+        lines.append(f"| {r['method']}{_mark(data)} | {_fmt(r['gold'])} | {delta} | {_fmt(r['proxy'])} "
+                     f"| {r['cost_pct']:+.0f}% |")
+    return "\n".join(lines) + _source_note([data])
+
+
+def _guidance_summary(data: dict) -> list[dict]:
+    """The summary rows of benchmarks/toy_guidance.py's per-sample output."""
+    rows = data["rows"]
+    mean = lambda v: sum(v) / len(v)
+    cfg_rows = [r for r in rows.values() if r["kind"] == "cfg"]
+    best = max(cfg_rows, key=lambda r: (r["gold_acc"], sum(r["gold_frac"])))
+    ref = next((r for r in cfg_rows if r["scale"] == data["config"]["ref_scale"]), best)
+    out = []
+    for r in rows.values():
+        d = [a - b for a, b in zip(r["gold_correct"], best["gold_correct"])]
+        m = mean(d)
+        se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        out.append({"method": r["method"], "gold": r["gold_acc"], "delta": None if r is best else m,
+                    "se": se, "proxy": mean(r["proxy"]), "cost_pct": (r["seconds"] / ref["seconds"] - 1) * 100})
+    return out
+
+
+RENDERERS = {"toy_alignment": render_toy_alignment, "toy_vlm": render_toy_vlm, "toy_guidance": render_toy_guidance}
+
+
+def _comments(src: str) -> dict[int, str]:
+    """Line number -> the text of the comment on that line."""
+    out = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            out[tok.start[0]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def _checks(cls: ast.ClassDef) -> dict[str, list[str]]:
+    """Field name -> the messages of `validate()` that start with `name:`."""
+    out: dict[str, list[str]] = {}
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "validate":
+            for s in ast.walk(node):
+                text = s.value if isinstance(s, ast.Constant) and isinstance(s.value, str) else None
+                if isinstance(s, ast.JoinedStr):
+                    text = "".join(v.value if isinstance(v, ast.Constant) else "…" for v in s.values)
+                if text and ":" in text:
+                    key, msg = text.split(":", 1)
+                    if msg.strip(" .…"):
+                        out.setdefault(key.strip(), []).append(msg.strip())
+    return out
+
+
+def render_config(spec: str, page: str) -> str:
+    """The fields of `path.py:ClassName` as a table: key, type, default, notes and checks."""
+    path, _, name = spec.partition(":")
+    src = (ROOT / path).read_text()
+    tree = ast.parse(src)
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    if cls is None:
+        raise ValueError(f"{page}: config placeholder names {spec}, which does not exist")
+    comments, checks = _comments(src), _checks(cls)
+    lines = ["| key | type | default | notes |", "|---|---|---|---|"]
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        key = node.target.id
+        default = ast.get_source_segment(src, node.value) if node.value is not None else "required"
+        default = re.sub(r"^field\(default_factory=lambda: (.*)\)$", r"\1", default or "")
+        above, ln = [], node.lineno - 1
+        while ln in comments and src.splitlines()[ln - 1].lstrip().startswith("#"):
+            above.insert(0, comments[ln])
+            ln -= 1
+        notes = " ".join(above + [comments.get(node.lineno, "")]).strip()
+        notes += "".join(f" Checked: {c}." for c in checks.get(key, []))
+        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{key}` | `{cell(ast.unparse(node.annotation))}` | `{cell(default)}` | {cell(notes)} |")
+    return "\n".join(lines)
+
+
+def render_docstring(path: str, page: str) -> str:
+    """The module docstring of `path` as a fenced text block."""
+    file = ROOT / path
+    if not file.is_file():
+        raise ValueError(f"{page}: docstring placeholder names {path}, which does not exist")
+    doc = ast.get_docstring(ast.parse(file.read_text()))
+    if not doc:
+        raise ValueError(f"{page}: {path} has no module docstring")
+    return f"```text\n{doc}\n```"
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    """MkDocs event: replace every placeholder in the page's markdown."""
+    where = page.file.src_path
+
+    def sub(m: re.Match) -> str:
+        kind, name, args = m.group(1), m.group(2), m.group(3)
+        if kind == "config":
+            return render_config(name, where)
+        if kind == "docstring":
+            return render_docstring(name, where)
+        if name not in RENDERERS:
+            raise ValueError(f"{where}: no renderer for results {name!r} (known: {', '.join(RENDERERS)})")
+        filters = dict(a.split("=", 1) for a in args.split())
+        return RENDERERS[name](_load(name, where), filters)
+
+    return PLACEHOLDER.sub(sub, markdown)
