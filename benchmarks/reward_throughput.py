@@ -5,7 +5,7 @@ Tiny mode (the default; CPU): every adapter runs on its tiny random model
 the adapters' overhead and batching, not the real models' cost. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/reward_throughput.py [--adapters clip_hf,hps,...] [--batches 1,8,32]
-        [--threads 1] [--min-time 0.5] [--out runs/bench/reward_throughput.json]
+        [--threads 1] [--min-time 0.5] [--out benchmarks/results/reward_throughput.json]
 
 Real mode (`--real`; meant for a GPU): the released ARCHITECTURES with RANDOM weights
 (nothing is downloaded), written to a temp directory in the format each adapter loads and
@@ -38,7 +38,7 @@ transformers / open_clip versions and each adapter's parameter count.
     # on a GPU (about 4 GB of fp32 weights per CLIP-H model; checkpoints go to a temp dir,
     # --workdir to choose where):
     .venv/bin/python benchmarks/reward_throughput.py --real --device cuda --dtype bfloat16
-    .venv/bin/python benchmarks/reward_throughput.py --real --device cuda --out runs/bench/reward_throughput_real_fp32.json
+    .venv/bin/python benchmarks/reward_throughput.py --real --device cuda --out benchmarks/results/reward_throughput_real_fp32.json
     # CPU smoke run (about 5 minutes on one thread; peak RSS about 11 GB, while ViT-H-14 loads):
     .venv/bin/python benchmarks/reward_throughput.py --real --device cpu --batches 1,2 --min-time 0.1
     # the same harness at the tiny sizes (seconds; checks the builders and dtypes):
@@ -47,7 +47,7 @@ transformers / open_clip versions and each adapter's parameter count.
 Real-mode options: --adapters (from hps, pickscore, aesthetic, image_reward), --batches,
 --device cpu|cuda, --dtype float32|bfloat16, --arch full|tiny, --image-size, --warmup,
 --min-time, --threads (default 1 on CPU, torch's default on CUDA), --workdir, --out
-(default runs/bench/reward_throughput_real.json).
+(default benchmarks/results/reward_throughput_real.json).
 """
 from __future__ import annotations
 
@@ -414,7 +414,7 @@ def main_real(args, ap: argparse.ArgumentParser) -> int:
             "note": ("released architectures with random weights, loaded through the adapters; batched = one call "
                      "on the batch (adapter batch_size = largest batch); loop = one call per image (batch 1); "
                      "peak memory = torch.cuda.max_memory_allocated during the timed calls, weights included")}
-    out = Path(args.out or "runs/bench/reward_throughput_real.json")
+    out = Path(args.out or "benchmarks/results/reward_throughput_real.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {out}")
@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads (0: leave torch's default; default 1, "
                          "or torch's default with --real --device cuda)")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
-    ap.add_argument("--out", default=None, help="JSON path (default runs/bench/reward_throughput.json, "
-                                                "with --real runs/bench/reward_throughput_real.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/reward_throughput.json, "
+                                                "with --real benchmarks/results/reward_throughput_real.json)")
     real = ap.add_argument_group("real mode (released architectures, random weights)")
     real.add_argument("--real", action="store_true", help="benchmark the real-size architectures (see above)")
     real.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "note": "tiny random models (docs/tiny_models.md); CPU; loop = one call per sample"}
-    out = Path(args.out or "runs/bench/reward_throughput.json")
+    out = Path(args.out or "benchmarks/results/reward_throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {out}")

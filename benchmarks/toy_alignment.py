@@ -9,7 +9,8 @@ Rows cover the UNet methods (generator `sd`, toy:sd_toy) and the flow-matching o
 Columns: held-out proxy reward and gold accuracy before -> after, compositional gold
 accuracy, diversity (mean pairwise pixel distance across seeds of a caption: a collapse
 shows here), wall time and the number of generated samples the method consumed.
-Writes benchmarks/results/toy_alignment.json.
+Merges its rows into benchmarks/results/toy_alignment.json (a row of the same config, seed and
+overrides is replaced), from which the docs' results pages are generated.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def run_one(config: Path, seed: int, overrides: list[str], out_root: Path) -> di
         rs = cfg.method.args.rollout
         samples = -(-cfg.train.steps // rs.steps_per_round) * rs.prompts_per_round * rs.samples_per_prompt
     name = str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config)
-    return {"method": cfg.method.name, "generator": cfg.generator.name, "config": name,
+    return {"method": cfg.method.name, "generator": cfg.generator.name, "config": name, "overrides": overrides,
             "reward": cfg.reward.name if cfg.reward
             else None, "seed": seed, "steps": cfg.train.steps, "pairs": data[-1]["data/pairs"] if data else None,
             "proxy_before": b.get("reward"), "proxy_after": a.get("reward"),
@@ -54,6 +55,14 @@ def run_one(config: Path, seed: int, overrides: list[str], out_root: Path) -> di
             "comp_before": b.get("gold_compositional"), "comp_after": a.get("gold_compositional"),
             "div_before": b.get("diversity"), "div_after": a.get("diversity"),
             "wall_s": wall, "samples_generated": samples, "eval_samples": a.get("n_samples")}
+
+
+def merge(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows already in `path` with those of the same config, seed and overrides replaced by `rows`."""
+    key = lambda r: (r["config"], r["seed"], tuple(r.get("overrides") or ()))
+    new = {key(r) for r in rows}
+    old = json.loads(path.read_text()) if path.is_file() else []
+    return [r for r in old if key(r) not in new] + rows
 
 
 def main() -> None:
@@ -76,7 +85,7 @@ def main() -> None:
               f"{fmt(r['comp_before'])}→{fmt(r['comp_after'])} | {fmt(r['div_before'])}→{fmt(r['div_after'])} | "
               f"{r['wall_s']:.0f} | {r['samples_generated']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    args.out.write_text(json.dumps(merge(args.out, rows), indent=2))
     print(f"\nwrote {args.out}")
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="training captions (one sample each)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "toy_manifold.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_manifold.json")
     args = ap.parse_args()
 
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
