@@ -4,7 +4,9 @@ Device placement, mixed precision and multi-process (DDP; FSDP/DeepSpeed configs
 `accelerate launch`) come from accelerate. The trainer owns gradient checkpointing,
 accumulation, clipping, AdamW + warmup schedule, EMA, atomic checkpoints with exact
 resume, JSONL metrics, a progress bar, and periodic evaluation (sample grid + reward).
-A method only computes `loss(batch, generator)`.
+A method only computes `loss(batch, generator)`; the other hooks it may have, and what the
+trainer needs of generators and rewards, are the protocols of `mmalign.protocols`
+(docs/interfaces.md), on which the trainer dispatches.
 
 Run directory layout:
     config.yaml            the resolved config
@@ -30,6 +32,8 @@ from tqdm.auto import tqdm
 from mmalign import checkpoint as ckpt
 from mmalign import registry
 from mmalign.config import RunConfig, dump_config
+from mmalign.protocols import (AfterStepMethod, Generator, Method, MovesToDevice, OnlineMethod, OwnDataMethod,
+                               RewardOptionalMethod, RoleError, SetupMethod, StatefulMethod, require)
 
 
 class TrainingError(RuntimeError):
@@ -53,14 +57,15 @@ class Trainer:
         set_seed(cfg.run.seed)  # identical LoRA init on every process
         self.generator = build("generator", cfg.generator).to(self.acc.device)
         self.reward = build("reward", cfg.reward) if cfg.reward is not None else None
-        if self.reward is not None and hasattr(self.reward, "to"):
+        if isinstance(self.reward, MovesToDevice):
             self.reward.to(self.acc.device)
         self.method = build("method", cfg.method)
-        # Optional method hooks, for methods that own models besides the generator (RG-LCD: a
-        # frozen teacher, an EMA target network, a latent reward model): setup(generator, reward)
-        # once here; after_step(generator) -> metrics after each optimizer step; state_dict() /
-        # load_state_dict() saved with every checkpoint as method.pt.
-        if hasattr(self.method, "setup"):
+        self._check_roles()
+        # Methods that own models besides the generator (RG-LCD: a frozen teacher, an EMA target
+        # network, a latent reward model) are SetupMethod / AfterStepMethod / StatefulMethod:
+        # setup(generator, reward) once here; after_step(generator) -> metrics after each
+        # optimizer step; state_dict() / load_state_dict() saved with every checkpoint as method.pt.
+        if isinstance(self.method, SetupMethod):
             self.method.setup(self.generator, self.reward)
         if t.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
@@ -72,6 +77,17 @@ class Trainer:
         self._round_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ set-up
+    def _check_roles(self) -> None:
+        """One clear line when the method or generator does not play the role the run needs."""
+        g, m = self.cfg.generator.name, self.cfg.method.name
+        try:
+            require(self.generator, Generator, "the trainer", f"generator {g!r} ({type(self.generator).__name__})")
+            require(self.method, Method, "the trainer", f"method {m!r} ({type(self.method).__name__})")
+            require(self.generator, self.method.generator_role, f"method {m!r}",
+                    f"generator {g!r} ({type(self.generator).__name__})")
+        except RoleError as e:
+            raise TrainingError(str(e)) from None
+
     def _log(self, record: dict) -> None:
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -81,7 +97,7 @@ class Trainer:
         from mmalign.data import preference as P
 
         d = self.cfg.data
-        if hasattr(self.method, "build_dataset"):  # a method that reads its own data (e.g. vlm_dpo)
+        if isinstance(self.method, OwnDataMethod):  # a method that reads its own data (e.g. vlm_dpo)
             ds = self.method.build_dataset(d, self.generator, self.run_dir, log=self._print, accelerator=self.acc)
             self._log({"data/pairs": len(ds)})
             return ds
@@ -132,7 +148,8 @@ class Trainer:
         t, rs, seed = self.cfg.train, self.method.rollout, self.cfg.run.seed
         if self.cfg.data.kind != "prompts":
             raise TrainingError(f"method {self.cfg.method.name!r} is online: set data.kind=prompts and data.prompts")
-        if self.reward is None and getattr(self.method, "needs_reward", True):
+        needs_reward = not isinstance(self.method, RewardOptionalMethod) or self.method.needs_reward
+        if self.reward is None and needs_reward:
             raise TrainingError(f"method {self.cfg.method.name!r} scores its samples: set `reward:`")
         world, rank = self.acc.num_processes, self.acc.process_index
         if rs.prompts_per_round % world:
@@ -204,7 +221,7 @@ class Trainer:
             torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
-            if hasattr(self.method, "state_dict"):
+            if isinstance(self.method, StatefulMethod):
                 torch.save(self.method.state_dict(), tmp / "method.pt")
             ckpt.commit(tmp, final, {"step": self.step, "num_processes": self.acc.num_processes})
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_last)
@@ -229,7 +246,7 @@ class Trainer:
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
-        if hasattr(self.method, "load_state_dict"):
+        if isinstance(self.method, StatefulMethod):
             if not (path / "method.pt").is_file():
                 raise TrainingError(f"{path}: no method.pt (the state of method {self.cfg.method.name!r})")
             self.method.load_state_dict(torch.load(path / "method.pt", map_location="cpu", weights_only=True))
@@ -308,7 +325,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         self.acc.wait_for_everyone()
-        online = getattr(self.method, "online", False)
+        online = isinstance(self.method, OnlineMethod)
         ds = None if online else self._build_data()
 
         self.unwrapped = self.generator.trainable()
@@ -363,7 +380,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v / t.grad_accum
             if self.ema is not None:
                 self.ema.step(params)
-            if hasattr(self.method, "after_step"):
+            if isinstance(self.method, AfterStepMethod):
                 sums.update(self.method.after_step(self.generator) or {})
             self.step += 1
             steps_timed += 1

@@ -1,17 +1,16 @@
-"""The interfaces every reward, generator and method speaks (see docs/architecture.md).
-
-Kept deliberately small: a media batch (`Samples`), what a rollout returns (`Rollout`),
-and three protocols. Everything else is an implementation detail of one adapter.
+"""The data every reward, generator and method exchanges: a media batch (`Samples`), what a
+rollout returns (`Rollout`), and the per-step Gaussian log-probability and per-sample noise
+helpers the samplers and methods share. The roles themselves (typed protocols for methods,
+generators and rewards) are in `mmalign.protocols` (see docs/interfaces.md).
 """
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 Modality = Literal["image", "video", "audio", "text"]
 
@@ -160,38 +159,6 @@ def _cat_tree(xs: list[Any], sizes: list[int]) -> Any:
     if isinstance(x0, list) and len(x0) == sizes[0]:
         return [v for x in xs for v in x]
     return x0
-
-
-@runtime_checkable
-class Reward(Protocol):
-    name: str
-    modality: Modality
-    differentiable: bool
-
-    def __call__(self, samples: Samples, prompts: Sequence[str]) -> Tensor:  # [B], higher = better
-        ...
-
-
-@runtime_checkable
-class Generator(Protocol):
-    modality: Modality
-
-    def trainable(self) -> nn.Module: ...
-
-    def rollout(self, prompts: Sequence[str], **sampling: Any) -> Rollout: ...
-
-    def step_log_prob(self, rollout: Rollout, step: int, **kw: Any) -> Tensor: ...
-
-    def denoise_error(self, x0: Tensor, cond: Any, t: Tensor, noise: Tensor) -> Tensor: ...
-
-    def reference(self) -> AbstractContextManager: ...
-
-
-@runtime_checkable
-class Method(Protocol):
-    online: bool
-
-    def loss(self, batch: dict, generator: Generator) -> tuple[Tensor, dict[str, float]]: ...
 
 
 def per_sample_randn(seeds: Tensor | Sequence[int], shape: Sequence[int], device=None, dtype=torch.float32) -> Tensor:

@@ -106,8 +106,9 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         self.resolution = cfg.resolution or self.unet.config.sample_size * self.vae_scale
         # LoRA / full / none and the frozen reference (shared with the flow adapter)
         self._trained = TrainedModule(self.unet, cfg.finetune, cfg.lora, DTYPES[cfg.dtype])
-        # A latent consistency model (e.g. an RG-LCD student saved with its LCMScheduler) samples
-        # with LCM multistep sampling in `rollout` (see `lcm_rollout`).
+        # A latent consistency model (a pipeline saved with its LCMScheduler, e.g. a distilled
+        # student) samples with LCM multistep sampling in `rollout` (see `lcm_rollout`); a method
+        # that distils one sets it (mmalign.methods.rg_lcd.install_student).
         self.lcm_scheduler = self.pipe.scheduler if type(self.pipe.scheduler).__name__ == "LCMScheduler" else None
 
     # ------------------------------------------------------------------ plumbing
@@ -298,7 +299,7 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
     # same settings they reproduce it bit for bit.
     def sampling_timesteps(self, num_steps: int) -> list[tuple[int, int]]:
         """(t, t_prev) of each DDIM step of `rollout(num_steps=...)`; t_prev < 0 at the last."""
-        if getattr(self, "lcm_scheduler", None) is not None:
+        if self.lcm_scheduler is not None:
             raise ValueError("guided sampling walks DDIM steps with CFG; a latent consistency model (LCMScheduler) "
                              "samples with `lcm_rollout` instead")
         self.scheduler.set_timesteps(num_steps, device="cpu")
@@ -377,16 +378,6 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         return (logp, mean, std) if return_mean else logp
 
     # ------------------------------------------------------------------ latent consistency models
-    def install_unet(self, unet: nn.Module, lcm_scheduler: Any = None) -> None:
-        """Train `unet` in place of the loaded one (e.g. a consistency-distillation student
-        built from it with a guidance embedding); `reference()` stays the loaded UNet. With an
-        `lcm_scheduler`, `rollout` samples with it and `save_trained` writes a whole pipeline."""
-        if self.cfg.finetune != "full":
-            raise ValueError(f"install_unet: needs generator.finetune=full (got {self.cfg.finetune!r})")
-        self.unet = self.pipe.unet = unet
-        self._trained.module = self._trained.forward_module = unet
-        self.lcm_scheduler = lcm_scheduler
-
     @torch.no_grad()
     def lcm_rollout(self, prompts: Sequence[str], num_steps: int = 4, guidance_scale: float = 8.0,
                     seeds: Sequence[int] | None = None, latents: Tensor | None = None,

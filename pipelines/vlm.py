@@ -93,8 +93,10 @@ def _find_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 class VLMGenerator:
+    """A vision-language model through transformers (a `TokenGenerator`, mmalign.protocols): it
+    samples and scores token responses; it has no denoising steps, so no diffusion hooks."""
+
     modality = "text"
-    resolution = None  # (the trainer's image pipelines ask; a VLM has no output resolution)
 
     def __init__(self, cfg: VLMGeneratorConfig, model: nn.Module | None = None, processor: Any = None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -293,12 +295,6 @@ class VLMGenerator:
                        log_probs=None, prompts=[p for p in prompts for _ in range(num_samples)],
                        extras={"response_ids": ids,
                                "group": torch.arange(len(prompts)).repeat_interleave(num_samples)})
-
-    def step_log_prob(self, rollout: Rollout, step: int, **kw: Any) -> Tensor:
-        raise NotImplementedError("a VLM has no denoising steps; score responses with token_logps")
-
-    def denoise_error(self, *a: Any, **kw: Any) -> Tensor:
-        raise NotImplementedError("a VLM has no denoising error; score responses with token_logps")
 
     # ------------------------------------------------------------------ saving
     def save_trained(self, out_dir: str | Path) -> Path:

@@ -1,8 +1,8 @@
 """What the inference-time samplers share: the generator hooks they need, evaluators with
 timestep-dependent weights, and scoring of candidates.
 
-A generator is guidable when it has, besides `encode_prompt(prompts, negative=False)` and
-`decode(latents) -> Samples`:
+A generator is guidable when it satisfies `mmalign.protocols.GuidableGenerator`: besides
+`encode_prompt(prompts, negative=False)` and `decode(latents) -> Samples` it has
 
     sampling_timesteps(num_steps) -> [(t, t_prev), ...]   the sampler's steps, first to last
     initial_latents(seeds) -> x_T                          per-sample noise
@@ -26,21 +26,16 @@ from typing import Any, Callable, Sequence, Union
 import torch
 from torch import Tensor
 
+from mmalign.protocols import GuidableGenerator, Reward, require
 from mmalign.types import Rollout, Samples
 
 # A weight: a constant, (start, end) linear in sampling progress, or a function of progress.
 # Progress runs from 0 at the first (noisiest) step to 1 at the last.
 Weight = Union[float, tuple[float, float], Callable[[float], float]]
 
-GUIDABLE_HOOKS = ("encode_prompt", "decode", "sampling_timesteps", "initial_latents", "step_noise", "cfg_outputs",
-                  "predicted_x0", "sampler_step", "alpha_sigma")
-
-
 def check_guidable(generator: Any, who: str) -> None:
-    missing = [h for h in GUIDABLE_HOOKS if not hasattr(generator, h)]
-    if missing:
-        raise TypeError(f"{who}: generator {type(generator).__name__} lacks the sampling hooks {missing} "
-                        "(see mmalign/guidance/common.py)")
+    """One line (a RoleError, a TypeError) unless `generator` is a GuidableGenerator."""
+    require(generator, GuidableGenerator, who, f"generator {type(generator).__name__}")
 
 
 def weight_at(w: Weight, progress: float) -> float:
@@ -81,10 +76,10 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         if not self.space:
-            self.space = "image" if hasattr(self.fn, "modality") else "latent"
+            self.space = "image" if isinstance(self.fn, Reward) else "latent"
         if self.space not in ("image", "latent"):
             raise ValueError(f"evaluator {self.name!r}: space must be 'image' or 'latent', got {self.space!r}")
-        if self.space == "image" and getattr(self.fn, "modality", "image") != "image":
+        if self.space == "image" and isinstance(self.fn, Reward) and self.fn.modality != "image":
             raise TypeError(f"evaluator {self.label}: reward scores {self.fn.modality} samples, "
                             "but these samplers make images")
         if not self.name:

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from mmalign.protocols import Reward
 from mmalign.types import Rollout
 
 from .common import (as_evaluators, cfg_combine, check_guidable, default_seeds, make_rollout, progress_of,
@@ -73,7 +74,7 @@ def reward_guided_sample(
     if not evals:
         raise ValueError("reward guidance: give at least one reward")
     for e in evals:
-        if e.space == "image" and not getattr(e.fn, "differentiable", False):
+        if e.space == "image" and not (isinstance(e.fn, Reward) and e.fn.differentiable):
             raise ValueError(f"reward guidance: reward {e.label} is not differentiable; gradient guidance needs a "
                              "differentiable reward (e.g. clip)")
     prompts = list(prompts)

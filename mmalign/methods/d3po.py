@@ -69,6 +69,7 @@ from torch import Tensor
 
 from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.methods.online import RolloutSettings, collect, dump_rollout, load_buffer, train_steps
+from mmalign.protocols import DiffusionGenerator, OrderedPairwiseJudge, PairwiseJudge
 from mmalign.registry import register_method
 from mmalign.types import Rollout, Samples
 
@@ -137,7 +138,7 @@ class D3POConfig:
 
 
 class D3PO:
-    online = True
+    generator_role = DiffusionGenerator
 
     def __init__(self, cfg: D3POConfig):
         self.cfg, self.rollout = cfg, cfg.rollout
@@ -247,7 +248,7 @@ def check_pairwise(reward) -> None:
     if reward is None:
         raise ConfigError("method.preference: pairwise asks the reward which sample of a pair is better: set "
                           "`reward:` to a pairwise judge (vlm_judge, audio_judge)")
-    if not callable(getattr(reward, "prefer", None)):
+    if not isinstance(reward, PairwiseJudge):
         name = getattr(reward, "name", type(reward).__name__)
         raise ConfigError(f"method.preference: pairwise needs a reward with prefer(samples_a, samples_b, prompts), "
                           f"but reward {name!r} only scores single samples; use a pairwise judge (vlm_judge, "
@@ -270,7 +271,7 @@ def judge_pairs(judge, samples: Samples, prompts: Sequence[str], swap_average: b
     With swap_average the judge sees both orders: p = (P1(a, b) + 1 - P1(b, a)) / 2.
     """
     a, b, pr = _every_other(samples, 0), _every_other(samples, 1), list(prompts[0::2])
-    ask = getattr(judge, "prefer_first", None) or judge.prefer  # one order per call
+    ask = judge.prefer_first if isinstance(judge, OrderedPairwiseJudge) else judge.prefer  # one order per call
     p_ab = ask(a, b, pr).float()
     if not swap_average:
         return p_ab, None

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mmalign.methods.preference import LOSSES, pairwise
+from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 from mmalign.types import per_sample_randint, per_sample_randn
 
@@ -72,7 +73,7 @@ class DiffusionDPOConfig:
 
 
 class DiffusionDPO:
-    online = False
+    generator_role = DiffusionGenerator
 
     def __init__(self, cfg: DiffusionDPOConfig, reference: Callable | None = None):
         """`reference(generator)`: a context in which the generator is the reference policy

@@ -45,6 +45,7 @@ from torch import Tensor
 from mmalign import sources
 from mmalign.guidance.common import cfg_combine, make_rollout
 from mmalign.methods.online import RolloutSettings
+from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 from mmalign.types import Rollout, per_sample_randint, per_sample_randn
 
@@ -110,7 +111,7 @@ class DiffusionDROConfig:
 
 
 class DiffusionDRO:
-    online = True
+    generator_role = DiffusionGenerator
     needs_reward = False
 
     def __init__(self, cfg: DiffusionDROConfig):
@@ -195,9 +196,9 @@ class DiffusionDRO:
 
 
 def check_epsilon(generator) -> None:
-    if getattr(generator, "prediction_type", None) != "epsilon":
+    if generator.prediction_type != "epsilon":
         raise ValueError("diffusion_dro: implemented for epsilon-prediction models (the paper's code trains "
-                         f"SD 1.5 / SDXL), got prediction_type {getattr(generator, 'prediction_type', None)!r}")
+                         f"SD 1.5 / SDXL), got prediction_type {generator.prediction_type!r}")
 
 
 @register_method("diffusion_dro", DiffusionDROConfig)

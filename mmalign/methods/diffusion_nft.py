@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from mmalign.methods.online import RolloutSettings, collect, group_advantages, swapped
+from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 from mmalign.types import per_sample_randint, per_sample_randn
 
@@ -159,7 +160,7 @@ class DiffusionNFTConfig:
 
 
 class DiffusionNFT:
-    online = True
+    generator_role = DiffusionGenerator
 
     def __init__(self, cfg: DiffusionNFTConfig):
         self.cfg, self.rollout = cfg, cfg.rollout

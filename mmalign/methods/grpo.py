@@ -39,6 +39,7 @@ from torch import Tensor
 
 from mmalign.methods.online import (RolloutSettings, check_window, collect, group_advantages, train_steps,
                                     window_steps)
+from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 
 
@@ -84,7 +85,7 @@ class GRPOConfig:
 
 
 class GRPO:
-    online = True
+    generator_role = DiffusionGenerator
 
     def __init__(self, cfg: GRPOConfig):
         self.cfg, self.rollout = cfg, cfg.rollout

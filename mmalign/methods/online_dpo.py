@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mmalign.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from mmalign.methods.online import RolloutSettings, collect, swapped
+from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 
 
@@ -52,7 +53,7 @@ class OnlineDPOConfig:
 
 
 class OnlineDPO:
-    online = True
+    generator_role = DiffusionGenerator
 
     def __init__(self, cfg: OnlineDPOConfig):
         self.cfg, self.rollout = cfg, cfg.rollout

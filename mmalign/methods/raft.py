@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mmalign.methods.online import RolloutSettings, collect
+from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 from mmalign.types import per_sample_randint, per_sample_randn
 
@@ -65,7 +66,7 @@ class RAFTConfig:
 
 
 class RAFT:
-    online = True
+    generator_role = DiffusionGenerator
 
     def __init__(self, cfg: RAFTConfig):
         self.cfg, self.rollout = cfg, cfg.rollout

@@ -49,13 +49,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmalign.methods.online import RolloutSettings
+from mmalign.pipelines.sd import LatentDiffusionGenerator, guidance_scale_embedding
+from mmalign.protocols import DiffusionGenerator, Reward
 from mmalign.registry import register_method
 from mmalign.types import Rollout, Samples, per_sample_randint, per_sample_randn
 
@@ -179,6 +181,17 @@ def text_features(cond: dict) -> Tensor:
     return cond["encoder_hidden_states"].float().mean(1)
 
 
+# --------------------------------------------------------------------------- the student in the generator
+def install_student(generator: LatentDiffusionGenerator, student: nn.Module, scheduler: Any) -> None:
+    """Train `student` in place of the generator's UNet (`generator.finetune: full`); `reference()`
+    stays the loaded UNet, the teacher. With the LCMScheduler set, the generator's `rollout` samples
+    the student with LCM multistep sampling and `save_trained` writes a whole pipeline."""
+    generator.unet = generator.pipe.unet = student
+    trained = generator._trained  # the generator's TrainedModule: what trains and what forwards
+    trained.module = trained.forward_module = student
+    generator.lcm_scheduler = scheduler
+
+
 # --------------------------------------------------------------------------- config + method
 @dataclass
 class LRMSettings:
@@ -227,7 +240,7 @@ class RGLCDConfig:
 
 
 class RGLCD:
-    online = True
+    generator_role = DiffusionGenerator
 
     def __init__(self, cfg: RGLCDConfig):
         self.cfg, self.rollout = cfg, cfg.rollout
@@ -252,7 +265,7 @@ class RGLCD:
         target network and, for `reward_path: lrm`, the latent reward model."""
         from diffusers import LCMScheduler, UNet2DConditionModel
 
-        if not hasattr(generator, "install_unet"):
+        if not isinstance(generator, LatentDiffusionGenerator):
             raise ValueError(f"method rg_lcd: generator {type(generator).__name__} is not a UNet latent diffusion "
                              "model (use generator.name=sd)")
         if generator.cfg.finetune != "full":
@@ -268,7 +281,7 @@ class RGLCD:
         if self.needs_reward:
             if reward is None:
                 raise ValueError("method rg_lcd: reward_weight > 0 needs a `reward:` (the expert reward)")
-            if self.cfg.reward_path == "expert" and not getattr(reward, "differentiable", False):
+            if self.cfg.reward_path == "expert" and not (isinstance(reward, Reward) and reward.differentiable):
                 raise ValueError(f"method rg_lcd: reward_path=expert backpropagates through the reward, but reward "
                                  f"{getattr(reward, 'name', reward)!r} is not differentiable (use reward_path=lrm)")
         self.reward = reward
@@ -283,7 +296,7 @@ class RGLCD:
         scheduler = LCMScheduler.from_config(
             generator.pipe.scheduler.config, original_inference_steps=T // self.cfg.skip,
             timestep_scaling=self.cfg.timestep_scaling, clip_sample=False, thresholding=False)
-        generator.install_unet(student, scheduler)
+        install_student(generator, student, scheduler)
         self.target = copy.deepcopy(student).requires_grad_(False)
         self.alphas_cumprod = generator.train_scheduler.alphas_cumprod.detach().cpu().float()
         if self.uses_lrm:
@@ -345,8 +358,6 @@ class RGLCD:
 
     def distillation_terms(self, batch: dict, generator) -> dict[str, Tensor]:
         """Student output f_theta(z_{n+k}), its target f_theta^-(zhat_n) and the pieces between."""
-        from mmalign.pipelines.sd import guidance_scale_embedding
-
         x0 = batch["latents"].to(generator.device).float()
         prompts, dev, ptype = batch["prompts"], x0.device, generator.prediction_type
         d = self.draws(batch["seeds"].tolist(), x0.shape[1:], dev)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mmalign.methods import preference as P
+from mmalign.protocols import TokenGenerator
 from mmalign.registry import register_method
 
 PAIRWISE = ("dpo", "cdpo", "robust_dpo", "ipo", "hinge")
@@ -90,7 +91,7 @@ def reduce_scores(lp: Tensor, mask: Tensor, changed: Tensor, how: str, dense_gam
 
 
 class VLMDPO:
-    online = False
+    generator_role = TokenGenerator
 
     def __init__(self, cfg: VLMDPOConfig):
         self.cfg = cfg
