@@ -1,8 +1,9 @@
 """Generator adapter for rectified-flow transformers: Stable Diffusion 3 / 3.5 and FLUX.
 
 Loads a diffusers pipeline (StableDiffusion3Pipeline or FluxPipeline) from a hub id or a
-local directory, fine-tunes the transformer with LoRA (peft) or fully, and implements the
-Generator interface with the flow-matching conventions (sigma in [0, 1], sigma = 1 noise):
+local directory, fine-tunes the transformer with LoRA (peft) or fully, and plays the
+DiffusionGenerator and GuidableGenerator roles (`mmalign.protocols`) with the flow-matching
+conventions (sigma in [0, 1], sigma = 1 noise):
 
     x_sigma = (1 - sigma) x0 + sigma * noise,     velocity target v = noise - x0.
 

@@ -1,7 +1,8 @@
 """Generator adapter for UNet latent diffusion: Stable Diffusion 1.x / 2.x and SDXL.
 
 Loads a diffusers pipeline from a hub id or a local directory, fine-tunes the UNet with
-LoRA (peft) or fully, and implements the Generator interface:
+LoRA (peft) or fully, and plays the DiffusionGenerator and GuidableGenerator roles
+(`mmalign.protocols`):
 
 - `denoise_error(x0, cond, t, noise)`: per-sample mean over latent dimensions of
   ||target - model(x_t, t, c)||^2 (target = eps, or v for v-prediction models).
