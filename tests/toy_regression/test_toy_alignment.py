@@ -2,8 +2,8 @@
 
 - The shipped base model is imperfect on purpose: its held-out compositional gold accuracy
   sits in the band the alignment benchmarks need.
-- The README demo (Diffusion-DPO on the toy world, pairs ranked by the proxy) runs end to end,
-  writes what the README says, evaluates base and aligned models on the same held-out captions
+- The demo (Diffusion-DPO on the toy world, pairs ranked by the proxy) runs end to end,
+  writes the run directory the quickstart describes, evaluates base and aligned models on the same held-out captions
   and seeds, raises the proxy and held-out gold accuracy, and does not collapse diversity.
 
 - Online DPO, Diffusion-DRO (final-sample targets), D3PO, GRPO, RAFT with a group baseline, and on
@@ -14,10 +14,10 @@
 - Flow-GRPO on the toy flow model, in CI's budget (20 steps): the held-out proxy rises and gold holds;
   a flipped advantage sign fails it.
 
-Not asserted here (see the README's toy-world results): that plain RAFT / RWR (no baseline) raise
+Not asserted here (the measurements are in docs/results/): that plain RAFT / RWR (no baseline) raise
 held-out gold; that gold-ranked Diffusion-DPO (configs/toy/diffusion_dpo_gold.yaml) does and its
-reversed ranking lowers gold (benchmarks/toy_alignment.py measures them); Flow-GRPO's gold gain (+3.5 /
-+3.9 points, but only at 160 steps, 35-40 min on one thread), which tests/toy_regression/test_toy_alignment_long.py
+reversed ranking lowers gold (benchmarks/toy_alignment.py measures them); Flow-GRPO's gold gain (only
+at 160 steps, 35-40 min on one thread), which tests/toy_regression/test_toy_alignment_long.py
 asserts outside CI's budget (`scripts/test.sh -m long`).
 """
 import contextlib
@@ -85,9 +85,9 @@ def test_flow_grpo_raises_heldout_proxy_and_keeps_gold(tmp_path):
 
 
 def test_demo_runs_end_to_end_and_raises_heldout_gold(tmp_path):
-    """The README demo: proxy-ranked Diffusion-DPO, full fine-tuning with an EMA. Measured on 808
-    held-out samples (1 thread): gold 0.281 -> 0.356, proxy 0.707 -> 0.732; run seed 1 gives 0.369.
-    Asserted: a gain of at least 3 points (two paired standard errors)."""
+    """The demo (scripts/demo.sh): proxy-ranked Diffusion-DPO, full fine-tuning with an EMA, evaluated
+    on 808 held-out samples (1 thread). Asserted: a gain of at least 3 points (two paired standard
+    errors); the measured numbers are on docs/methods/diffusion_dpo.md."""
     cfg = load_config(ROOT / "configs" / "toy" / "diffusion_dpo.yaml")
     summary = fit_on_one_thread(cfg, tmp_path / "run")
     run = tmp_path / "run"
@@ -134,7 +134,7 @@ def heldout_evals(config: str, overrides: list[str], run_dir: Path) -> tuple[dic
 # used), and the minimum held-out gold gain asserted on 808 samples (run seed 0): 3 points, a paired
 # gain of about two standard errors, where the current config and model were measured to clear it.
 # GRPO (per-dimension log-probs with its settings converted to give the same updates) and Flow-DPO (on
-# the distilled toy flow model) are asserted at 1 and 2 points until they are re-measured. Diffusion-DRO and DiffusionNFT are asserted in their
+# the distilled toy flow model) are asserted at 1 and 2 points. Diffusion-DRO and DiffusionNFT are asserted in their
 # variant configs: the recipes faithful to their papers' code (diffusion_dro.yaml, diffusion_nft.yaml)
 # do not raise gold on the toy (docs/parity.md has both rows).
 METHODS = {"flow_dpo.yaml": 0.02, "diffusion_nft_variant.yaml": 0.03, "d3po.yaml": 0.03, "grpo.yaml": 0.01,

@@ -650,7 +650,7 @@ def test_reward_guidance_on_a_flow_model_raises_its_reward(gen):
     base = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), 0.0)], **kw)
     guided = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), 500.0)], **kw)
     r0, r1 = _mean_red(base.samples.images, PROMPTS), _mean_red(guided.samples.images, PROMPTS)
-    assert (r1 > r0 + 0.002).all(), (r0.tolist(), r1.tolist())  # measured: -0.064 -> -0.059 (tiny random VAE)
+    assert (r1 > r0 + 0.002).all(), (r0.tolist(), r1.tolist())  # a small rise on the tiny random VAE
     assert guided.extras["guidance_norm"][:, 0].eq(0).all()  # sigma = 1: unguided
     anti = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), -500.0)], **kw)  # the sign matters
     assert (_mean_red(anti.samples.images, PROMPTS) < r0 - 0.002).all()
