@@ -1,7 +1,7 @@
 """Reward adapter throughput: samples/s at batch 1 / 8 / 32 versus a per-sample loop.
 
 Tiny mode (the default; CPU): every adapter runs on its tiny random model
-(mmalign/rewards/fixtures.py; sizes in docs/tiny_models.md), so the numbers measure
+(rewards/fixtures.py, installed as mmalign.rewards.fixtures; sizes in docs/tiny_models.md), so the numbers measure
 the adapters' overhead and batching, not the real models' cost. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/reward_throughput.py [--adapters clip_hf,hps,...] [--batches 1,8,32]

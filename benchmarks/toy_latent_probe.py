@@ -7,7 +7,7 @@ held-out-caption scenes (encoded the same way), split at t = 500, every `--every
 
 With means the low-noise error falls fast while the high-noise error -- the steps that set
 the composition -- rises: the fine-tune re-fits a latent distribution the base never saw
-(README, toy-world results). With posterior draws neither moves: the base is converged on
+(docs/results/toy-world-log.md). With posterior draws neither moves: the base is converged on
 them.
 
     python benchmarks/toy_latent_probe.py --latents mean --lr 1e-4

@@ -13,7 +13,7 @@ A ratio own/rendered well above 1 means the samples are off-manifold: training o
 the model toward its own artifacts. Rendered and round-trip latents are VAE posterior draws,
 as the model was trained (`generator.vae_latents`); the shipped model's ratio is 1.14-1.30 at
 every timestep. Against posterior means it read 2-4 at low noise: the means, not the samples,
-were off the training distribution (README, toy-world results).
+were off the training distribution (docs/results/toy-world-log.md).
 
     python benchmarks/toy_manifold.py [--model toy:sd_toy|PATH] [--n 32] [--steps 20] [--cfg 4]
 """

@@ -132,7 +132,7 @@ class TrainedAdapterMixin:
         fine-tuning data must be drawn the same way. The posterior *mean* is a cleaner latent
         distribution: where the posterior std is not negligible (the toy VAE's is 0.19 of the
         latent scale) fine-tuning on means re-fits the low-noise steps at the expense of the
-        high-noise ones that set the composition (README, toy-world results). Each sample's
+        high-noise ones that set the composition (docs/results/toy-world-log.md). Each sample's
         draw comes from its seed in `seeds` (reproducible across process splits; give the two
         images of a preference pair the same seed and their draws cancel in the comparison),
         else from the global RNG. `vae_latents: mean` gives the deterministic mean.

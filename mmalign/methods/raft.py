@@ -13,8 +13,8 @@ regression (RWR) for diffusion models.
 Both need no log-probs (any sampler; eta may be 0). Nothing keeps the policy near the
 reference but the step count and learning rate (no KL term). The plain loss is positive-only:
 it also teaches whatever all of the policy's own samples share (sampler and VAE artifacts). On
-the toy world that outweighs the selection, even with the exact gold reward (README, toy-world
-results); group-centred methods (GRPO, online DPO) cancel it, and so does the baseline below,
+the toy world that outweighs the selection, even with the exact gold reward
+(docs/results/toy-world-log.md); group-centred methods (GRPO, online DPO) cancel it, and so does the baseline below,
 with which RAFT raises the toy's held-out gold more than any other method (configs/toy/raft.yaml).
 
 `baseline: true` subtracts each group's mean weight (1) from the weights, so that a group's
