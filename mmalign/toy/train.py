@@ -24,7 +24,7 @@ model's errors include wrong-but-crisp modes that preference methods can move aw
 `--noise-mode relation` (or color, shape, count, swap) makes that one systematic bias.
 The UNet stage saves a checkpoint and prints held-out gold accuracy per caption kind
 every --eval-every minutes, so a run can be stopped once the model is in the wanted accuracy
-band (see the "Toy worlds" section of docs/architecture.md).
+band (docs/toy-world.md).
 """
 
 from __future__ import annotations
