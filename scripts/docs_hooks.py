@@ -141,14 +141,16 @@ def _checks(cls: ast.ClassDef) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for node in cls.body:
         if isinstance(node, ast.FunctionDef) and node.name == "validate":
+            parts = {id(v) for s in ast.walk(node) if isinstance(s, ast.JoinedStr) for v in s.values}
             for s in ast.walk(node):
                 text = s.value if isinstance(s, ast.Constant) and isinstance(s.value, str) else None
                 if isinstance(s, ast.JoinedStr):
                     text = "".join(v.value if isinstance(v, ast.Constant) else "…" for v in s.values)
-                if text and ":" in text:
+                if text and ":" in text and id(s) not in parts:
                     key, msg = text.split(":", 1)
-                    if msg.strip(" .…"):
-                        out.setdefault(key.strip(), []).append(msg.strip())
+                    msg = msg.split(", got")[0].strip().rstrip(".")
+                    if msg.strip(" .…") and msg not in out.get(key.strip(), []):
+                        out.setdefault(key.strip(), []).append(msg)
     return out
 
 
@@ -168,6 +170,7 @@ def render_config(spec: str, page: str) -> str:
         key = node.target.id
         default = ast.get_source_segment(src, node.value) if node.value is not None else "required"
         default = re.sub(r"^field\(default_factory=lambda: (.*)\)$", r"\1", default or "")
+        default = re.sub(r"^field\(default_factory=(\w+)\)$", r"\1()", default)
         above, ln = [], node.lineno - 1
         while ln in comments and src.splitlines()[ln - 1].lstrip().startswith("#"):
             above.insert(0, comments[ln])
