@@ -148,7 +148,7 @@ class D3PO:
     def needs_reward(self) -> bool:
         return self.cfg.labels is None
 
-    def setup(self, generator, reward) -> None:
+    def setup(self, generator: DiffusionGenerator, reward) -> None:
         """Fail fast: pairwise mode checks the reward can compare pairs; labels mode refuses a reward
         (it would be ignored) and reads buffer and labels now."""
         if self.cfg.preference == "pairwise":
@@ -163,7 +163,7 @@ class D3PO:
                               "method.buffer and method.labels to rank by the reward")
         self.labelled = load_labelled(self.cfg.buffer, self.cfg.labels, generator)
 
-    def collect(self, generator, reward, prompts, seeds):
+    def collect(self, generator: DiffusionGenerator, reward, prompts, seeds):
         if self.cfg.labels is not None:  # every round: the same labelled trajectories (prompts unused)
             if self.labelled is None:
                 self.setup(generator, reward)
@@ -200,7 +200,7 @@ class D3PO:
         p = ro.extras["pairs"][torch.as_tensor(idx, device=ro.extras["pairs"].device)]
         return {"w": ro.select(p[:, 0]), "l": ro.select(p[:, 1]), "seeds": torch.as_tensor(seeds)}
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         w, l = batch["w"], batch["l"]
         both = type(w).cat([w, l])
         if "cond" not in both.extras or both.extras.get("cond") is None:

@@ -81,7 +81,7 @@ class DiffusionDPO:
         self.cfg = cfg
         self.reference = reference or (lambda generator: generator.reference())
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         prompts = batch["prompts"]
         seeds = batch["seeds"]  # the pair shares its VAE posterior draw, noise and timestep
         x_w = batch["latents_w"] if "latents_w" in batch else generator.encode_images(batch["chosen"], seeds)

@@ -141,7 +141,7 @@ class DiffusionDRO:
         return torch.stack(out)
 
     @torch.no_grad()
-    def collect(self, generator, reward, prompts, seeds) -> Rollout:
+    def collect(self, generator: DiffusionGenerator, reward, prompts, seeds) -> Rollout:
         rs = self.rollout
         check_epsilon(generator)
         rep = [p for p in prompts for _ in range(rs.samples_per_prompt)]
@@ -165,7 +165,7 @@ class DiffusionDRO:
     def batch(self, ro, idx, seeds) -> dict:
         return {"rollout": ro.select(idx), "seeds": torch.as_tensor(seeds)}
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         check_epsilon(generator)
         ro, seeds = batch["rollout"], batch["seeds"]
         dev = generator.device

@@ -210,7 +210,7 @@ class DiffusionNFT:
         self._round = int(state["round"])
         self._old = list(state["old"]) if "old" in state else None
 
-    def collect(self, generator, reward, prompts, seeds):
+    def collect(self, generator: DiffusionGenerator, reward, prompts, seeds):
         eta = self._update_old(generator)
         self._round += 1
         rs = replace(self.rollout, reencode=self.cfg.train_latents == "reencoded")
@@ -240,7 +240,7 @@ class DiffusionNFT:
     def batch(self, ro, idx, seeds) -> dict:
         return {"rollout": ro.select(torch.as_tensor(idx)), "seeds": torch.as_tensor(seeds)}
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         ro = batch["rollout"]
         if self._old is None:  # loss before any round (collect sets it): start from the weights
             self._update_old(generator)

@@ -90,7 +90,7 @@ class GRPO:
     def __init__(self, cfg: GRPOConfig):
         self.cfg, self.rollout = cfg, cfg.rollout
 
-    def collect(self, generator, reward, prompts, seeds):
+    def collect(self, generator: DiffusionGenerator, reward, prompts, seeds):
         # log-probs only: the re-encoded latents other online methods train on would go unused
         ro = collect(generator, reward, prompts, seeds, replace(self.rollout, reencode=False))
         r, grp = ro.extras["rewards"], ro.extras["group"]
@@ -119,7 +119,7 @@ class GRPO:
     def batch(self, ro, idx, seeds) -> dict:
         return {"rollout": ro.select(ro.extras["keep"][torch.as_tensor(idx)]), "seeds": torch.as_tensor(seeds)}
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         ro = batch["rollout"]
         if "cond" not in ro.extras:
             generator.condition(ro)

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mmalign.protocols import DiffusionGenerator, Reward
 from mmalign.types import Rollout, per_sample_randn
 
 
@@ -67,8 +68,8 @@ def window_steps(T: int, window: Sequence[float]) -> range:
 
 
 @torch.no_grad()
-def collect(generator, reward, prompts: Sequence[str], seeds: Sequence[int], rs: RolloutSettings,
-            need_log_probs: bool = True, batch_size: int = 64) -> Rollout:
+def collect(generator: DiffusionGenerator, reward: Reward | None, prompts: Sequence[str], seeds: Sequence[int],
+            rs: RolloutSettings, need_log_probs: bool = True, batch_size: int = 64) -> Rollout:
     """G samples of every prompt with the current policy; extras get `rewards` (unless `reward` is
     None: samples for human labelling) and `group`."""
     G = rs.samples_per_prompt
@@ -202,7 +203,7 @@ def dump_rollout(ro: Rollout, path: Path) -> list[str]:
     return names
 
 
-def load_buffer(path: Path, generator) -> Rollout:
+def load_buffer(path: Path, generator: DiffusionGenerator) -> Rollout:
     from safetensors.torch import load_file
 
     from mmalign.types import Samples

@@ -73,7 +73,7 @@ class OnlineDPO:
         self.ref_params = [r.to(p.device, p.dtype) for r, p in zip(self.ref_params, params)]  # after a resume: CPU
         return swapped(params, self.ref_params)
 
-    def collect(self, generator, reward, prompts, seeds):
+    def collect(self, generator: DiffusionGenerator, reward, prompts, seeds):
         if self.cfg.reference == "previous" and self.rounds % self.cfg.ref_update_every == 0:
             self.ref_params = [p.detach().clone() for p in self._trained(generator)]
         self.rounds += 1
@@ -103,7 +103,7 @@ class OnlineDPO:
         return {"prompts": [ro.prompts[i] for i in p[:, 0].tolist()], "latents_w": x0[p[:, 0]],
                 "latents_l": x0[p[:, 1]], "seeds": torch.as_tensor(seeds)}
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         return self.dpo.loss(batch, generator)
 
     def state_dict(self) -> dict:

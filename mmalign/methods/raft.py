@@ -71,7 +71,7 @@ class RAFT:
     def __init__(self, cfg: RAFTConfig):
         self.cfg, self.rollout = cfg, cfg.rollout
 
-    def collect(self, generator, reward, prompts, seeds):
+    def collect(self, generator: DiffusionGenerator, reward, prompts, seeds):
         ro = collect(generator, reward, prompts, seeds, self.rollout, need_log_probs=False)
         r, grp = ro.extras["rewards"], ro.extras["group"]
         G = self.rollout.samples_per_prompt
@@ -119,7 +119,7 @@ class RAFT:
         return {"prompts": [ro.prompts[i] for i in sel.tolist()], "latents": x0[sel],
                 "weights": ro.extras["weights"][sel], "seeds": torch.as_tensor(seeds)}
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         x0 = batch["latents"].to(generator.device).float()
         seeds = batch["seeds"]
         noise = per_sample_randn(seeds, x0.shape[1:], x0.device)

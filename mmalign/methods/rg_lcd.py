@@ -260,7 +260,7 @@ class RGLCD:
         return self.cfg.reward_weight > 0 and self.cfg.reward_path == "lrm"
 
     # ------------------------------------------------------------------ set-up (trainer hook)
-    def setup(self, generator, reward) -> None:
+    def setup(self, generator: DiffusionGenerator, reward) -> None:
         """Install the student (teacher + zero-initialised guidance embedding) and build the
         target network and, for `reward_path: lrm`, the latent reward model."""
         from diffusers import LCMScheduler, UNet2DConditionModel
@@ -307,7 +307,7 @@ class RGLCD:
 
     # ------------------------------------------------------------------ rounds (teacher data)
     @torch.no_grad()
-    def collect(self, generator, reward, prompts, seeds, batch_size: int = 64) -> Rollout:
+    def collect(self, generator: DiffusionGenerator, reward, prompts, seeds, batch_size: int = 64) -> Rollout:
         """The round's data latents: teacher DDIM samples of every prompt (and, for the LRM,
         their expert rewards)."""
         rs, G = self.rollout, self.rollout.samples_per_prompt
@@ -382,7 +382,7 @@ class RGLCD:
         return {"student": student, "target": target, "x_prev": x_prev, "x_t": x_t, "x0": x0, "cond": cond,
                 **d}
 
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         terms = self.distillation_terms(batch, generator)
         student, target = terms["student"], terms["target"]
         if self.cfg.loss == "huber":
@@ -409,7 +409,7 @@ class RGLCD:
         return self.reward(generator.decode(latents), prompts).float()
 
     # ------------------------------------------------------------------ after each optimizer step (trainer hook)
-    def after_step(self, generator) -> dict[str, float]:
+    def after_step(self, generator: DiffusionGenerator) -> dict[str, float]:
         """EMA update of the target network; one latent-reward-model step on this step's candidates."""
         d = self.cfg.target_decay
         with torch.no_grad():

@@ -105,7 +105,7 @@ class VLMDPO:
         return self.cfg.loss_type not in ("simpo", "orpo")
 
     # ------------------------------------------------------------------ data
-    def build_dataset(self, d, generator, run_dir: Path, log=print, accelerator=None):
+    def build_dataset(self, d, generator: TokenGenerator, run_dir: Path, log=print, accelerator=None):
         """Called by the trainer for offline data: rows -> encoded dataset (+ cached reference)."""
         from mmalign.data.vlm import VLMPreferenceDataset, read_rows
 
@@ -173,7 +173,7 @@ class VLMDPO:
         return out
 
     # ------------------------------------------------------------------ loss
-    def loss(self, batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict, generator: TokenGenerator) -> tuple[Tensor, dict[str, float]]:
         c = self.cfg
         items = batch["items"]
         noisy_ids = None
