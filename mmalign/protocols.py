@@ -45,6 +45,7 @@ class Generator(Protocol):
     reference and saving. Every registered generator satisfies it."""
 
     modality: Modality  # what `rollout(...).samples` holds
+    cfg: Any  # the generator's config dataclass; `cfg.pretrained` (the base model) keys data caches
 
     @property
     def device(self) -> torch.device:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from mmalign.protocols import DiffusionGenerator, require
 from mmalign.types import Rollout, Samples, per_sample_randn
 
 from .common import (as_evaluators, cfg_combine, check_guidable, combine_scores, default_seeds, score_candidates)
@@ -41,6 +42,7 @@ def best_of_n_sample(
     Returns the chosen samples' Rollout; extras hold "seeds" (chosen), "chosen" [B] (index j),
     "candidate_scores" [B, n] (combined) and "candidate_rewards" {name: [B, n]}.
     """
+    require(generator, DiffusionGenerator, "best-of-N", f"generator {type(generator).__name__}")
     if n < 1:
         raise ValueError(f"best-of-N: n must be >= 1, got {n}")
     evals = as_evaluators(evaluators)

@@ -130,7 +130,7 @@ def test_trainer_refuses_a_generator_without_the_methods_role(tmp_path, tiny_lla
 
 
 def test_guidance_refuses_a_generator_that_is_not_guidable(vlm_gen):
-    from mmalign.guidance import dynamic_cfg_sample
+    from mmalign.guidance import best_of_n_sample, dynamic_cfg_sample
 
     def latent_score(x0, prompts):
         return x0.flatten(1).mean(1)
@@ -140,6 +140,8 @@ def test_guidance_refuses_a_generator_that_is_not_guidable(vlm_gen):
         dynamic_cfg_sample(vlm_gen, ["a"], latent_score, candidates=[1.0, 2.0], num_steps=2)
     with pytest.raises(TypeError):  # a RoleError is also a TypeError
         dynamic_cfg_sample(vlm_gen, ["a"], latent_score, candidates=[1.0, 2.0], num_steps=2)
+    with pytest.raises(ConfigError, match="^best-of-N needs a diffusion generator; generator VLMGenerator is not one"):
+        best_of_n_sample(vlm_gen, ["a"], latent_score, n=2, num_steps=2)
 
 
 def test_require_names_the_missing_members():
