@@ -305,7 +305,6 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> Path:
 def render(runs: list[Run]) -> str:
     """The page's HTML (jinja2 template below, autoescaped; the SVGs are matplotlib's own output)."""
     import jinja2  # deferred: the `report` extra
-
     from markupsafe import Markup
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
@@ -363,7 +362,8 @@ TEMPLATE = """<!DOCTYPE html>
 <h1>{{ title }}</h1>
 <table><tr><th>run</th><th>method</th><th>steps</th><th>final evaluation</th></tr>
 {% for r in runs %}<tr><td>{{ r.name }}</td><td>{{ r.method }}</td><td>{{ r.steps }}</td>
-<td>{% for k, v in r.final_eval.items() %}{{ k }} {{ '%.4g' % v }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
+<td>{% for k, v in r.final_eval.items() %}{{ k }} {{ '%.4g' % v }}{% if not loop.last %}, {% endif %}
+{% endfor %}</td></tr>
 {% endfor %}</table>
 
 <h2 id="curves">Curves</h2>
@@ -376,7 +376,8 @@ TEMPLATE = """<!DOCTYPE html>
 {% if r.grids %}
 <script type="application/json" id="frames-{{ r.i }}">{{ r.grids | tojson }}</script>
 <label>step <input type="range" class="step-slider" id="slider-{{ r.i }}" min="0" max="{{ r.grids | length - 1 }}"
-  value="{{ r.grids | length - 1 }}" data-frames="frames-{{ r.i }}" data-img="grid-{{ r.i }}" data-label="step-{{ r.i }}">
+  value="{{ r.grids | length - 1 }}" data-frames="frames-{{ r.i }}" data-img="grid-{{ r.i }}"
+  data-label="step-{{ r.i }}">
 </label> <span id="step-{{ r.i }}"></span>
 <div class="grid"><img id="grid-{{ r.i }}" alt="evaluation grid of {{ r.name }}"></div>
 {% else %}<p>No evaluation grids (samples/step_*.png).</p>{% endif %}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

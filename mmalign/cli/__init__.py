@@ -10,6 +10,7 @@ One module per subcommand, each with `add_parser(subparsers)` and `run(args)`:
     eval        base vs trained evaluation of a model or run      (eval.py)
     report      an HTML report of runs                            (report.py)
     export      a run's LoRA as diffusers / kohya / peft files    (export.py)
+    label       a web page to label pairs for D3PO                (label.py)
 
 The subcommand modules import only argparse at the top; the libraries they drive load
 when the command runs, so `mmalign --help` is fast and a missing optional package gives
@@ -22,13 +23,14 @@ import os
 import sys
 
 from . import eval as eval_cmd
-from . import eval_judge, pairs, report, sample, score, train
+from . import eval_judge, label, pairs, report, sample, score, train
 from . import export as export_cmd
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 COMMANDS = {"train": train, "sample": sample, "score": score, "eval-judge": eval_judge, "pairs": pairs,
-            "eval": eval_cmd, "report": report, "export": export_cmd}
+            "eval": eval_cmd, "report": report, "export": export_cmd,
+            "label": label}
 
 
 def build_parser() -> argparse.ArgumentParser:
