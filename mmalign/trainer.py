@@ -21,17 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmalign import checkpoint as ckpt
 from mmalign import registry
 from mmalign.config import RunConfig, dump_config
+from mmalign.data import preference as P
+from mmalign.data.generated import generate_pairs, load_prompts
+from mmalign.data.sampling import GlobalBatchSampler, Seeded
+from mmalign.evaluation import evaluate_config
+from mmalign.media import image_grid
+from mmalign.methods.online import dump_rollout, load_buffer, save_buffer
 from mmalign.protocols import (AfterStepMethod, Generator, Method, MovesToDevice, OnlineMethod, OwnDataMethod,
                                RewardOptionalMethod, RoleError, SetupMethod, StatefulMethod, require)
 
@@ -46,6 +53,7 @@ def build(kind: str, component) -> Any:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: str | None = None):
+        # accelerate and diffusers are heavy imports: deferred until a Trainer is built / trains
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -94,8 +102,6 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _build_data(self):
-        from mmalign.data import preference as P
-
         d = self.cfg.data
         if isinstance(self.method, OwnDataMethod):  # a method that reads its own data (e.g. vlm_dpo)
             ds = self.method.build_dataset(d, self.generator, self.run_dir, log=self._print, accelerator=self.acc)
@@ -103,8 +109,6 @@ class Trainer:
             return ds
         res = d.resolution or self.generator.resolution
         if d.kind == "generated":
-            from mmalign.data.generated import generate_pairs
-
             if self.reward is None:
                 raise TrainingError("data.kind=generated ranks samples with a reward: set `reward:`")
             with self.acc.autocast():
@@ -130,21 +134,14 @@ class Trainer:
         return ds
 
     def _batches(self, ds, start_micro: int) -> Iterator[dict]:
-        from torch.utils.data import DataLoader
-
-        from mmalign.data.preference import collate
-        from mmalign.data.sampling import GlobalBatchSampler, Seeded
-
         sampler = GlobalBatchSampler(len(ds), self.cfg.train.batch_size, self.acc.num_processes,
                                      self.acc.process_index, self.cfg.run.seed, start_micro)
-        loader = DataLoader(Seeded(ds), batch_sampler=sampler, collate_fn=getattr(ds, "collate", collate),
+        loader = DataLoader(Seeded(ds), batch_sampler=sampler, collate_fn=getattr(ds, "collate", P.collate),
                             num_workers=self.cfg.data.num_workers)
         return iter(loader)
 
     def _online_batches(self, start_step: int) -> Iterator[dict]:
         """Rounds of on-policy sampling, each followed by `steps_per_round` optimizer steps."""
-        from mmalign.data.generated import load_prompts
-
         t, rs, seed = self.cfg.train, self.method.rollout, self.cfg.run.seed
         if self.cfg.data.kind != "prompts":
             raise TrainingError(f"method {self.cfg.method.name!r} is online: set data.kind=prompts and data.prompts")
@@ -171,8 +168,6 @@ class Trainer:
                     buf = self.method.collect(self.generator, self.reward, prompts, seeds)
                 self.generator.set_forward_module(self.model)
                 if t.save_rollouts_every and rnd % t.save_rollouts_every == 0:
-                    from mmalign.methods.online import dump_rollout
-
                     name = f"round_{rnd:06d}" + (f"_rank{rank}" if world > 1 else "")
                     dump_rollout(buf, self.run_dir / "rollouts" / name)
                 stats = self.method.round_metrics(buf)
@@ -201,8 +196,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        from safetensors.torch import save_file
-
         final = ckpt.step_dir(self.ckpt_root, self.step)
         tmp = ckpt.tmp_dir_for(final)
         if self.is_main:
@@ -210,8 +203,6 @@ class Trainer:
         self.acc.wait_for_everyone()
         ckpt.save_rng(tmp, self.acc.process_index)
         if self.buffer is not None:  # online methods: the round in progress, for exact resume
-            from mmalign.methods.online import save_buffer
-
             save_buffer(self.buffer, tmp / f"buffer_{self.acc.process_index}")
         self.acc.wait_for_everyone()
         if self.is_main:
@@ -229,8 +220,6 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
         state = json.loads((path / "state.json").read_text())
         sd = load_file(str(path / "trainable.safetensors"))
         named = dict(self.unwrapped.named_parameters())
@@ -253,8 +242,6 @@ class Trainer:
         ckpt.load_rng(path, self.acc.process_index)
         buf = path / f"buffer_{self.acc.process_index}"
         if buf.is_dir():
-            from mmalign.methods.online import load_buffer
-
             self._resumed_buffer = load_buffer(buf, self.generator)
         self.step = int(state["step"])
         self._print(f"resumed from {path} at step {self.step}")
@@ -297,9 +284,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, Any]:
         """Sample the fixed eval prompts (deterministic DDIM, fixed seeds), score, save a grid."""
-        from mmalign.evaluation import evaluate_config
-        from mmalign.media import image_grid
-
         e = self.cfg.eval
         out: dict[str, Any] = {}
         if self.is_main and e.enabled:
