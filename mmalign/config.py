@@ -8,6 +8,7 @@ against that entry's config dataclass.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -293,8 +294,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None, source: str = "<config>") -> RunConfig:
-    import copy
-
     data = apply_overrides(copy.deepcopy(data), overrides or [])
     try:
         return parse_dataclass(RunConfig, data, "")

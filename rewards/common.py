@@ -18,7 +18,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
+
+from mmalign import registry
+from mmalign.config import Component, ConfigError, parse_dataclass
 
 HF_PREFIX = "hf-hub:"
 
@@ -215,8 +219,6 @@ def transform_from_hf_processor(proc: Any) -> ClipTransform:
 
 def images_to_uint8_pil(images: Tensor) -> list:
     """B,3,H,W in [0,1] -> PIL images (for processor-based, non-differentiable paths)."""
-    from PIL import Image
-
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
@@ -229,9 +231,6 @@ def build_reward(spec: Mapping[str, Any] | Any, where: str = "reward") -> Any:
 
     Also accepts a `mmalign.config.Component` (already validated) or a built reward object.
     """
-    from mmalign import registry
-    from mmalign.config import Component, ConfigError, parse_dataclass
-
     if callable(spec) and hasattr(spec, "modality"):
         return spec
     if isinstance(spec, Component):

@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmalign.config import ConfigError  # light: yaml and the registries
+
 MODES = ("cfg", "dynamic-cfg", "reward", "best-of-n", "beam")
 
 
@@ -77,8 +79,6 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
 
 def parse_guidance(value: str | None, cfg_scale: float | None) -> tuple[str, float]:
     """'dynamic-cfg' -> (mode, scale); a number (the older `--guidance 7.5`) -> ('cfg', number)."""
-    from mmalign.config import ConfigError
-
     default = 5.0 if cfg_scale is None else cfg_scale
     if value is None:
         return "cfg", default
@@ -96,7 +96,6 @@ def parse_guidance(value: str | None, cfg_scale: float | None) -> tuple[str, flo
 def parse_reward_specs(rewards: list[str] | None, reward_args: list[str] | None) -> list[tuple[dict, Any]]:
     """--reward NAME[:WEIGHT] ... + --reward-args [NAME.]K=V ... -> [(spec, weight)], validated."""
     from mmalign import registry
-    from mmalign.config import ConfigError
     from mmalign.guidance.common import parse_weight
     from mmalign.scoring import parse_reward_args, validate_reward_spec
 
@@ -136,7 +135,6 @@ def parse_reward_specs(rewards: list[str] | None, reward_args: list[str] | None)
 def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> list:
     """Build each reward; refuse one whose modality is not the generator's, naming both."""
     from mmalign import registry
-    from mmalign.config import ConfigError
     from mmalign.guidance.common import Evaluator, as_evaluators
     from mmalign.rewards.common import build_reward
 
@@ -159,8 +157,6 @@ def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> 
 
 def validate_sample_args(args: argparse.Namespace) -> tuple[str, float, list[tuple[dict, Any]], list[float]]:
     """Check the guidance flags without loading anything: (mode, cfg scale, reward specs, candidates)."""
-    from mmalign.config import ConfigError
-
     mode, scale = parse_guidance(args.guidance, args.cfg_scale)
     specs = parse_reward_specs(args.reward, args.reward_args)
     if mode != "cfg" and not specs:
@@ -183,7 +179,6 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
     """Sample every prompt x --n seeds with the chosen guidance; write images, grid and JSONL."""
     import torch
 
-    from mmalign.config import ConfigError
     from mmalign.guidance import beam_search_sample, best_of_n_sample, dynamic_cfg_sample, reward_guided_sample
     from mmalign.media import image_grid, tensor_to_pil
 
@@ -311,8 +306,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_label_pairs(args: argparse.Namespace) -> float:
     """--label-pairs: plain CFG sampling with stochastic steps; returns the CFG scale."""
-    from mmalign.config import ConfigError
-
     mode, scale = parse_guidance(args.guidance, args.cfg_scale)
     if mode != "cfg" or args.reward:
         raise ConfigError("--label-pairs: samples with plain CFG (--cfg-scale) and no --reward; "

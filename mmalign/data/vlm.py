@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from mmalign import sources
 from mmalign.data.preference import DataError, jsonl_rows
-from mmalign.media import MediaError, open_image
+from mmalign.media import MediaError, open_image, pil_to_tensor, tensor_to_pil
 
 # --------------------------------------------------------------------------- rows
 
@@ -200,8 +200,6 @@ def corrupt_crop(im: Image.Image, seed: int, keep: float = 0.2) -> Image.Image:
 def corrupt_noise(im: Image.Image, seed: int, step: int = 500, num_steps: int = 1000) -> Image.Image:
     """POVID's noisy image: the forward diffusion q(x_t | x_0) at step t of a linear-beta (DDPM)
     schedule, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, on pixels in [-1, 1]."""
-    from mmalign.media import pil_to_tensor, tensor_to_pil
-
     betas = torch.linspace(1e-4, 0.02, num_steps, dtype=torch.float64)
     abar = float(torch.cumprod(1 - betas, 0)[step - 1])
     x = pil_to_tensor(im) * 2 - 1

@@ -37,6 +37,8 @@ from torch import Tensor
 
 from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.data.vlm import VLMRow, load_row_images
+from mmalign.media import pil_to_tensor
+from mmalign.types import Samples
 
 Scorer = Callable[[list[Image.Image], list[str], list[str]], Tensor]
 Perturb = Callable[[Image.Image, str, str], str]
@@ -119,9 +121,6 @@ def judge_scorer(reward: Any, template: str = DEFAULT_JUDGE_TEMPLATE, batch_size
     `likert_template` (VQAScore's 'Does this figure show "{prompt}"?' by default); build the
     judge with that template set to "{prompt}" so the composed text is the whole question
     (`mmalign pairs` does). Images are scored together when they share a size."""
-    from mmalign.media import pil_to_tensor
-    from mmalign.types import Samples
-
     if getattr(reward, "modality", None) != "image":
         raise ValueError(f"judge {getattr(reward, 'name', reward)!r}: modality {getattr(reward, 'modality', None)!r}; "
                          f"the pair builder needs a judge that scores images (modality 'image')")

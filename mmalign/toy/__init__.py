@@ -2,6 +2,10 @@
 and tiny pretrained models (assets/sd_toy: StableDiffusionPipeline layout; assets/proxy_clip:
 open_clip proxy reward) so that alignment can be measured on a CPU.
 
+The toy world is a plug-in of mmalign (plugin.py, entry point `mmalign.plugins`): the core
+never imports it; configs name its prompt sets, data, experts and assets by `toy:` specs
+(toy:heldout, toy:vlm_pairs, toy:render, toy:sd_toy), which mmalign.sources resolves.
+
     from mmalign.toy import render, gold_score, train_captions, heldout_captions
     from mmalign.toy.evaluate import gold_report, diversity
     python -m mmalign.toy.train all --out mmalign/toy/assets     # rebuild the assets

@@ -45,6 +45,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmalign.data.generated import load_prompts
+from mmalign.evaluation import diversity, evaluate_generator
+from mmalign.pipelines.flow import FlowGeneratorConfig, FlowMatchingGenerator, RepeatedTokenJointAttnProcessor
+from mmalign.rewards.common import build_reward
+from mmalign.types import Samples, per_sample_randn
+
+from .evaluate import gold_report
 from .train import HERE, KIND_SHARE, log, scene_pool, seed_all
 from .world import caption_kind, train_captions
 
@@ -63,8 +70,6 @@ def load_pipe(path: Path):
 def distill(model: Path, out: Path, minutes: float = 60.0, max_steps: int | None = 300, batch: int = 64,
             lr: float = 3e-4, seed: int = 0, pool_per_caption: int = 16, eval_every: int = 100,
             init: Path | None = None):
-    from mmalign.pipelines.flow import RepeatedTokenJointAttnProcessor
-
     seed_all(seed)
     pipe = load_pipe(model)
     info = json.loads((model / "train_info.json").read_text())
@@ -184,13 +189,6 @@ def evaluate(model: Path, sampler: str, max_sequence_length: int | None = None, 
              num_steps: int = 20, guidance_scale: float = 4.0, seed: int = 1234, batch: int = 64) -> dict:
     """Held-out gold accuracy and proxy reward as the trainer's `eval:` block of the toy configs
     computes them, from mmalign's sampler or from the stock pipeline on the same initial noise."""
-    from mmalign.data.generated import load_prompts
-    from mmalign.evaluation import evaluate_generator
-    from mmalign.pipelines.flow import FlowGeneratorConfig, FlowMatchingGenerator
-    from mmalign.rewards.common import build_reward
-    from mmalign.toy.evaluate import diversity, gold_report
-    from mmalign.types import Samples, per_sample_randn
-
     prompts = load_prompts("toy:heldout")
     reward = build_reward({"name": "clip", "model": "toy:proxy_clip"})
     if sampler == "mmalign":

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageFilter
 
+from .gold import gold_score
 from .sampling import sample
 from .world import extra_object_scene, heldout_captions, layout, perturb_caption, render, render_objects, train_captions
 
@@ -175,8 +176,6 @@ def best_of_k(score_fn, sd_path, captions, k=4, seeds_per=1, steps=20, cfg=4.0) 
     """Rank K base-model samples per caption by the proxy: gold accuracy of the top pick vs
     the mean (a random pick), and how often the proxy's best beats its worst in gold."""
     from diffusers import StableDiffusionPipeline
-
-    from .gold import gold_score
 
     pipe = StableDiffusionPipeline.from_pretrained(sd_path)
     pipe.set_progress_bar_config(disable=True)

@@ -30,6 +30,7 @@ band (docs/toy-world.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -42,7 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from . import proxy
+from .evaluate import gold_report
+from .gold import gold_score
 from .sampling import sample
+from .vlm_train import pretrain_vlm
 from .world import SIZE, caption_kind, heldout_captions, perturb_caption, render, train_captions
 
 HERE = Path(__file__).parent
@@ -159,8 +163,6 @@ def train_vae(work: Path, minutes: float, seed: int, max_steps: int | None = Non
             log(f"vae step {step} mse {F.mse_loss(rec, x).item():.4f} kl {kl.item():.1f}")
     vae.eval()
     # reconstruction check on held-out scenes
-    from .gold import gold_score
-
     caps, held = scene_pool(heldout_captions(), 2, seed_offset=50_000)
     with torch.no_grad():
         rec = vae.decode(vae.encode(held.float() / 127.5 - 1).latent_dist.mean).sample
@@ -188,8 +190,6 @@ def build_pipe(vae, text_encoder, tokenizer, unet):
 
 def save_pipe(pipe, path: Path, info: dict):
     """save_pretrained with fp16 weights (the folder stays small); loads fine in float32."""
-    import copy
-
     if path.exists():
         shutil.rmtree(path)
     p16 = copy.deepcopy(pipe)
@@ -223,8 +223,6 @@ def heldout_samples(seeds) -> tuple[list[str], list[int]]:
 
 
 def heldout_eval(pipe, seeds=(0,), steps=20, cfg=4.0):
-    from .evaluate import gold_report
-
     caps, sd = heldout_samples(seeds)
     imgs = sample(pipe, caps, sd, steps=steps, cfg=cfg)
     return gold_report(imgs, caps)
@@ -416,8 +414,6 @@ def sample_sd3(pipe, captions, seeds, steps=20, cfg=4.0, batch=64):
 
 
 def heldout_eval_sd3(pipe, seeds=(0,), steps=20, cfg=4.0, batch=64):
-    from .evaluate import gold_report
-
     caps, sd = heldout_samples(seeds)
     return gold_report(sample_sd3(pipe, caps, sd, steps=steps, cfg=cfg, batch=batch), caps)
 
@@ -650,8 +646,6 @@ def main(argv=None):
                    pool_per_caption=args.pool_per_caption)
         final_report_flow(args.out, device=args.device)
     if args.stage == "vlm":
-        from .vlm_train import pretrain_vlm
-
         pretrain_vlm(args.out, args.minutes, args.seed, args.vlm_steps, args.vlm_stop, log=log)
     log(f"done in {(time.time() - t) / 60:.1f} min")
 
