@@ -104,7 +104,12 @@ class DiffusionDROConfig:
     policy_target: Literal["sampler_prediction", "final_sample"] = "sampler_prediction"
 
     def validate(self) -> None:
-        if not sources.is_spec(self.experts) and not Path(self.experts).is_file():
+        if sources.is_spec(self.experts) and not Path(self.experts).is_file():
+            try:
+                sources.lookup("expert_source", self.experts)
+            except sources.SourceError as e:
+                raise ValueError(f"experts: {e}") from None
+        elif not Path(self.experts).is_file():
             raise ValueError(f"experts: {self.experts} not found")
         if self.margin < 0:
             raise ValueError(f"margin: must be >= 0, got {self.margin}")
