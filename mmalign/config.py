@@ -40,6 +40,14 @@ class RunSection:
     seed: int = 0
 
 
+def check_source(key: str, kind: str, spec: str) -> None:
+    """ValueError `KEY: unknown KIND 'SPEC'; known: ...` unless a plug-in registered `spec`."""
+    try:
+        sources.lookup(kind, spec)
+    except sources.SourceError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
 @dataclass
 class DataConfig:
     kind: Literal["manifest", "pickapic", "generated", "prompts", "vlm", "none"] = "manifest"
@@ -70,8 +78,12 @@ class DataConfig:
             raise ValueError(f"path: {self.path} not found")
         if self.kind in ("generated", "prompts") and not self.prompts:
             raise ValueError(f"prompts: required for data.kind={self.kind} (a .txt file or a prompt set 'prefix:name')")
-        if self.prompts and not sources.is_spec(self.prompts) and not Path(self.prompts).is_file():
-            raise ValueError(f"prompts: {self.prompts} not found")
+        if self.prompts and not Path(self.prompts).is_file():
+            if not sources.is_spec(self.prompts):
+                raise ValueError(f"prompts: {self.prompts} not found")
+            check_source("prompts", "prompt_set", self.prompts)
+        if named and not Path(self.path).exists():
+            check_source("path", "preference_source", self.path)
         if self.candidates < 2:
             raise ValueError("candidates: need at least 2 to make a pair")
 
@@ -89,6 +101,10 @@ class EvalConfig:
     num_steps: int = 20
     guidance_scale: float = 5.0
     images_per_prompt: int = 1
+
+    def validate(self) -> None:
+        if self.prompts_from and sources.is_spec(self.prompts_from) and not Path(self.prompts_from).is_file():
+            check_source("prompts_from", "prompt_set", self.prompts_from)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def lookup(kind: str, spec: str) -> Callable[..., Any]:
     if spec not in table:
         registry.load_plugins()
     if spec not in table:
-        known = ", ".join(sorted(table)) or "(none registered)"
+        known = ", ".join(sorted(table)) or f"none (no installed plug-in registers one; entry points {registry.PLUGIN_GROUP!r})"
         raise SourceError(f"unknown {kind.replace('_', ' ')} {spec!r}; known: {known}")
     return table[spec]
 
