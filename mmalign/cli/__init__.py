@@ -22,11 +22,14 @@ import argparse
 import os
 import sys
 
+from mmalign.progress import throttle_when_not_a_terminal
+
 from . import eval as eval_cmd
 from . import eval_judge, label, pairs, report, sample, score, train
 from . import export as export_cmd
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+throttle_when_not_a_terminal()  # before tqdm is imported: a bar written to a log redraws once a minute
 
 COMMANDS = {"train": train, "sample": sample, "score": score, "eval-judge": eval_judge, "pairs": pairs,
             "eval": eval_cmd, "report": report, "export": export_cmd,
