@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmalign.data.vlm import VLMEncoder, VLMRow, build_sequences, load_row_images
 from mmalign.registry import register_generator
 from mmalign.types import Rollout, Samples
 
@@ -191,8 +192,6 @@ class VLMGenerator:
                 yield
 
     def encoder(self):
-        from mmalign.data.vlm import VLMEncoder
-
         return VLMEncoder(self.processor, self.cfg.max_length, self.cfg.on_too_long, self.cfg.system_prompt)
 
     @property
@@ -243,8 +242,6 @@ class VLMGenerator:
                      temperature: float | None = None, top_p: float | None = None) -> list[Tensor]:
         """Sample one response per encoded prompt (`EncodedPrompt`s); returns the new token ids,
         cut after the first end-of-sequence token (kept)."""
-        from mmalign.data.vlm import build_sequences
-
         seqs = build_sequences(prompts, [torch.zeros(0, dtype=torch.long)] * len(prompts), self.pad_id, "left")
         model = self.model
         was_training = model.training
@@ -276,8 +273,6 @@ class VLMGenerator:
         """K = num_samples sampled responses per (image(s), prompt). `images[i]` is a PIL image,
         a path or a list of them. Returns a Rollout whose samples.text holds the B*K responses
         (prompt-major), extras["response_ids"] their token ids and extras["group"] the prompt index."""
-        from mmalign.data.vlm import VLMRow, load_row_images
-
         if images is None or len(images) != len(prompts):
             raise ValueError("VLMGenerator.rollout: pass one image (or list of images) per prompt: images=[...]")
         enc = self.encoder()

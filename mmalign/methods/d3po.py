@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.config import ConfigError
 from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.methods.online import RolloutSettings, collect, dump_rollout, load_buffer, train_steps
 from mmalign.protocols import DiffusionGenerator, OrderedPairwiseJudge, PairwiseJudge
@@ -156,8 +157,6 @@ class D3PO:
         if self.cfg.labels is None:
             return
         if reward is not None:
-            from mmalign.config import ConfigError
-
             raise ConfigError(f"method.labels: D3PO takes its preferences from {self.cfg.labels}, not from a "
                               "reward; remove `reward:` (evaluation then reports gold accuracy only) or remove "
                               "method.buffer and method.labels to rank by the reward")
@@ -243,8 +242,6 @@ def pairs_from_margin(margin: Tensor, tie_threshold: float) -> tuple[Tensor, int
 # --------------------------------------------------------------------------- pairwise judge
 def check_pairwise(reward) -> None:
     """Refuse `preference: pairwise` with a reward that cannot compare two samples."""
-    from mmalign.config import ConfigError
-
     if reward is None:
         raise ConfigError("method.preference: pairwise asks the reward which sample of a pair is better: set "
                           "`reward:` to a pairwise judge (vlm_judge, audio_judge)")

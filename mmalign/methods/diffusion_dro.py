@@ -34,7 +34,6 @@ No reward model is used.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmalign.media import tensor_to_pil
 from mmalign.protocols import DiffusionGenerator, Reward
-from mmalign.types import Rollout, per_sample_randn
+from mmalign.types import Rollout, Samples, per_sample_randn
 
 
 @dataclass
@@ -159,8 +161,6 @@ BUFFER_SKIP = ("cond", "uncond")  # recomputed from the prompts on load
 
 def save_buffer(ro: Rollout, path: Path) -> None:
     """Write a round's buffer: tensors as safetensors, prompts and settings as JSON."""
-    from safetensors.torch import save_file
-
     tensors = {"latents": ro.latents, "timesteps": ro.timesteps}
     if ro.log_probs is not None:
         tensors["log_probs"] = ro.log_probs
@@ -185,8 +185,6 @@ def dump_rollout(ro: Rollout, path: Path) -> list[str]:
     save_buffer(ro, path)
     names: list[str] = []
     if ro.samples.images is not None:
-        from mmalign.media import tensor_to_pil
-
         (path / "images").mkdir(exist_ok=True)
         names = [f"images/{i:05d}.png" for i in range(len(ro))]
         for name, img in zip(names, ro.samples.images):
@@ -204,10 +202,7 @@ def dump_rollout(ro: Rollout, path: Path) -> list[str]:
 
 
 def load_buffer(path: Path, generator: DiffusionGenerator) -> Rollout:
-    from safetensors.torch import load_file
-
-    from mmalign.types import Samples
-
+    """A buffer written by `save_buffer`, on the generator's device, its conditioning recomputed."""
     t = load_file(str(path / "buffer.safetensors"))
     meta = json.loads((path / "buffer.json").read_text())
     extras = {k[len("extras."):]: v.to(generator.device) for k, v in t.items() if k.startswith("extras.")}

@@ -73,7 +73,7 @@ class RAFT:
 
     def collect(self, generator: DiffusionGenerator, reward, prompts, seeds):
         ro = collect(generator, reward, prompts, seeds, self.rollout, need_log_probs=False)
-        r, grp = ro.extras["rewards"], ro.extras["group"]
+        r = ro.extras["rewards"]
         G = self.rollout.samples_per_prompt
         rg = r.view(-1, G)
         if self.cfg.mode == "raft":

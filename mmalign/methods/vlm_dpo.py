@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmalign.data.vlm import VLMPreferenceDataset, build_sequences, read_rows
 from mmalign.methods import preference as P
 from mmalign.protocols import TokenGenerator
 from mmalign.registry import register_method
@@ -107,8 +109,6 @@ class VLMDPO:
     # ------------------------------------------------------------------ data
     def build_dataset(self, d, generator: TokenGenerator, run_dir: Path, log=print, accelerator=None):
         """Called by the trainer for offline data: rows -> encoded dataset (+ cached reference)."""
-        from mmalign.data.vlm import VLMPreferenceDataset, read_rows
-
         if not d.path:
             raise ValueError("data.path: required (a .jsonl / .json / .parquet file or a parquet directory)")
         rs = read_rows(d.path, d.max_samples)
@@ -136,8 +136,6 @@ class VLMDPO:
     def _sequences(self, items: list[dict], generator, noisy_ids: list[Tensor] | None = None
                    ) -> tuple[dict, dict[str, slice]]:
         """Every sequence this batch needs, in one padded batch, and where each group sits."""
-        from mmalign.data.vlm import build_sequences
-
         prompts, resp, changed, where = [], [], [], {}
 
         def add(name, ps, rs, cs=None):
@@ -254,8 +252,6 @@ def cache_key(method: VLMDPO, ds, generator) -> str:
 @torch.no_grad()
 def precompute_reference(method: VLMDPO, ds, generator, path: Path, log=print) -> Path:
     """Reference scores of every item, computed once (adapters disabled) and saved to `path`."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     key = cache_key(method, ds, generator)
     meta = path / "meta.json"
@@ -280,8 +276,7 @@ def precompute_reference(method: VLMDPO, ds, generator, path: Path, log=print) -
 
 
 def load_reference(path: Path, key: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
+    """The reference scores `precompute_reference` saved, if they were made for `key`."""
     meta = json.loads((Path(path) / "meta.json").read_text())
     if meta.get("key") != key:
         raise ValueError(f"{path}: cached reference log-probs were made for other data or settings; delete it")
