@@ -14,7 +14,8 @@ body { font-family: system-ui, sans-serif; margin: 1.2em; color: #222; }
 #pair { display: flex; gap: 2em; }
 .side { flex: 1; text-align: center; border: 3px solid transparent; padding: .4em; }
 .side.chosen { border-color: #2a2; } .side.tie { border-color: #a82; }
-.side img, .side video { width: 100%; max-width: 512px; image-rendering: pixelated; }
+.side img, .side video { height: min(55vh, 512px); max-width: 100%; object-fit: contain;
+                         image-rendering: pixelated; }
 .keys button { margin: .3em; font-size: 1em; }
 #status { color: #a22; min-height: 1.2em; } progress { width: 320px; }
 #done { display: none; font-size: 1.2em; color: #2a2; }

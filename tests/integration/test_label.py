@@ -203,3 +203,14 @@ def test_bad_input_is_one_line(tmp_path, round_dir, capsys):
         assert main(["label", str(round_dir), "--port", str(s.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is in use" in err
+
+
+def test_videos_and_audio_get_players(tmp_path):
+    rows = [{"prompt": "a drum", "sample_ids": [0, 1], "choice": None, "tie": False, "audio": ["a.wav", "b.flac"]},
+            {"prompt": "a cat", "sample_ids": [2, 3], "choice": None, "tie": False, "videos": ["c.mp4", "d.webm"]}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kinds = [[m["kind"] for m in p["media"]] for p in LabelStore(tmp_path).summary()["pairs"]]
+    assert kinds == [["audio", "audio"], ["video", "video"]]
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "images": ["only-one.png"]}) + "\n")
+    with pytest.raises(LabelError, match=r"pairs.jsonl:1: expected a pair"):
+        LabelStore(tmp_path)
