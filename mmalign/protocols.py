@@ -12,7 +12,7 @@ Roles:
                 StatefulMethod, OwnDataMethod, RewardOptionalMethod
     generators  Generator (every generator), DiffusionGenerator, GuidableGenerator, TokenGenerator
     rewards     Reward (per-sample; its `modality` says which Samples field it reads),
-                PairwiseJudge, DistributionReward, MovesToDevice
+                PairwiseJudge, OrderedPairwiseJudge, DistributionReward, MovesToDevice
 
 docs/interfaces.md lists the hooks, the shipped classes that implement each protocol, and the
 trainer's call order. The data types they exchange (`Samples`, `Rollout`) are in `mmalign.types`.
@@ -424,7 +424,7 @@ def role_name(role: type) -> str:
 
 
 def missing_members(obj: Any, role: type) -> list[str]:
-    """The members of protocol `role` that `obj` lacks."""
+    """The members of protocol `role` that `obj` lacks (typing's own list of a protocol's members)."""
     return sorted(m for m in typing._get_protocol_attrs(role) if not hasattr(obj, m))  # type: ignore[attr-defined]
 
 
