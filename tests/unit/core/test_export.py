@@ -40,8 +40,8 @@ def _latents(pipe, **kw):
 
 @pytest.fixture(scope="module")
 def sd_run(tiny_sd, tmp_path_factory):
+    from mmalign.pipelines.common import LoraSettings
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
-    from pipelines.common import LoraSettings
 
     lora = {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
     gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd), lora=LoraSettings(**lora)))
@@ -93,8 +93,8 @@ def test_peft_export_loads_back_with_the_same_outputs(sd_run):
 def test_sdxl_kohya_export_loads_back_with_the_same_outputs(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
+    from mmalign.pipelines.common import LoraSettings
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
-    from pipelines.common import LoraSettings
 
     base = make_tiny_sdxl(tmp_path / "sdxl")
     lora = {"rank": 2, "alpha": 1.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -113,8 +113,8 @@ def test_flux_kohya_export_loads_back_with_the_same_outputs(tmp_path):
     diffusers' kohya FLUX loader (whose single-block split assumes FLUX.1's real widths; see below)."""
     from diffusers import FluxPipeline
 
+    from mmalign.pipelines.common import LoraSettings
     from mmalign.pipelines.flow import FlowGeneratorConfig, FlowMatchingGenerator
-    from pipelines.common import LoraSettings
 
     base = make_tiny_flux(tmp_path / "flux")
     lora = {"rank": 2, "alpha": 4.0, "target_modules": ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]}
@@ -178,3 +178,16 @@ def test_bad_input_is_one_clear_error(tmp_path, sd_run):
     with pytest.raises(ExportError, match="fully fine-tuned"):
         export_run(tmp_path, "peft")
     assert read_run(sd_run[0]).final_eval == {"step": 7, "reward": 0.31, "gold": 0.4}
+
+
+def test_cli_exports_and_names_bad_input_in_one_line(sd_run, tmp_path, capsys):
+    from mmalign.cli import main
+
+    assert main(["export", str(sd_run[0]), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    assert (tmp_path / "k" / "toy-d3po-1.safetensors").is_file() and (tmp_path / "k" / "README.md").is_file()
+    capsys.readouterr()
+    for args, message in ((["export", str(tmp_path), "--format", "kohya"], "not a run directory"),
+                          (["export", str(sd_run[0]), "--format", "ckpt"], "unknown format")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
