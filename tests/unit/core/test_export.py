@@ -109,22 +109,25 @@ def test_sdxl_kohya_export_loads_back_with_the_same_outputs(tmp_path):
 
 
 def test_flux_kohya_export_loads_back_with_the_same_outputs(tmp_path):
-    """Tiny FLUX, LoRA on the double blocks' attention: sd-scripts keys with fused qkv, read back by
-    diffusers' kohya FLUX loader (whose single-block split assumes FLUX.1's real widths; see below)."""
+    """Tiny FLUX, LoRA on the double block's image and text attention: sd-scripts keys with fused qkv,
+    read back by diffusers' kohya FLUX loader (whose single-block split assumes FLUX.1's real widths,
+    so the single blocks are checked at those widths below)."""
     from diffusers import FluxPipeline
 
     from mmalign.pipelines.common import LoraSettings
     from mmalign.pipelines.flow import FlowGeneratorConfig, FlowMatchingGenerator
 
     base = make_tiny_flux(tmp_path / "flux")
-    lora = {"rank": 2, "alpha": 4.0, "target_modules": ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]}
+    double = [f"transformer_blocks.0.attn.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0")]  # not single_...
+    double += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    lora = {"rank": 2, "alpha": 4.0, "target_modules": double}
     gen = FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(base), lora=LoraSettings(**lora)))
     out = export_run(_lora_run(tmp_path, gen, "flow", base, lora), "kohya")
     from safetensors import safe_open
 
     with safe_open(str(out / "toy-d3po-1.safetensors"), "pt") as f:
-        assert sorted({k.split(".")[0] for k in f.keys()}) == ["lora_unet_double_blocks_0_txt_attn_proj",
-                                                                "lora_unet_double_blocks_0_txt_attn_qkv"]
+        assert sorted({k.split(".")[0] for k in f.keys()}) == [
+            f"lora_unet_double_blocks_0_{s}_attn_{p}" for s in ("img", "txt") for p in ("proj", "qkv")]
     pipe = FluxPipeline.from_pretrained(base)
     pipe.load_lora_weights(out, weight_name="toy-d3po-1.safetensors")
     kw = dict(height=16, width=16, max_sequence_length=16)
