@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import html
 import socket
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def create_app(directory: str | Path):
     store = LabelStore(directory)
 
     async def page(request: Request):
-        return HTMLResponse(PAGE.replace("{{DIR}}", str(store.dir)))
+        return HTMLResponse(PAGE.replace("{{DIR}}", html.escape(str(store.dir))))
 
     async def pairs(request: Request):
         return JSONResponse(store.summary())
