@@ -2,7 +2,9 @@
 
     GET  /                 the page (mmalign.label.page)
     GET  /api/pairs        every pair with its answer, and the progress
-    POST /api/label        {"index": i, "answer": "left" | "right" | "tie" | "clear"} -> the same as /api/pairs
+    POST /api/label        {"index": i, "answer": "left" | "right" | "tie" | "clear", "expected": the answer
+                           the page saw} -> the same as /api/pairs; 409 (and the file's pairs) when the pair
+                           was answered meanwhile in another tab
     GET  /media/<file>     a file named by a pair (nothing else of the disk)
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import socket
 from pathlib import Path
 
 from mmalign.label.page import PAGE
-from mmalign.label.store import LabelError, LabelStore
+from mmalign.label.store import LabelError, LabelStore, StaleAnswer
 
 HOST = "127.0.0.1"
 
@@ -38,8 +40,11 @@ def create_app(directory: str | Path):
     async def label(request: Request):
         try:
             body = await request.json()
-            store.answer(int(body["index"]), str(body["answer"]))
-        except (ValueError, KeyError, TypeError) as e:  # LabelError is a ValueError
+            expected = body.get("expected")
+            store.answer(int(body["index"]), str(body["answer"]), None if expected is None else str(expected))
+        except StaleAnswer as e:  # the page's view is out of date: send it the file's
+            return JSONResponse({"error": str(e), **store.summary()}, status_code=409)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # LabelError is a ValueError
             return JSONResponse({"error": str(e)}, status_code=400)
         return JSONResponse(store.summary())
 

@@ -83,32 +83,31 @@ function render() {
 function load(summary) { state.pairs = summary.pairs; }
 
 function send(index, answer) {
+  // resolves to 'ok', 'stale' (another tab answered this pair meanwhile: the file's pairs are loaded) or 'error'
   state.busy = true;
-  return fetch('api/label', {method: 'POST', headers: {'Content-Type': 'application/json'},
-                             body: JSON.stringify({index: index, answer: answer})})
-    .then(function (r) { return r.json().then(function (body) { return {ok: r.ok, body: body}; }); })
+  var body = {index: index, answer: answer, expected: state.pairs[index].state};
+  return fetch('api/label', {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)})
+    .then(function (r) { return r.json().then(function (b) { return {status: r.status, body: b}; }); })
     .then(function (res) {
       state.busy = false;
-      if (!res.ok) { document.getElementById('status').textContent = res.body.error; return false; }
-      document.getElementById('status').textContent = '';
-      load(res.body);
-      return true;
+      document.getElementById('status').textContent = res.status === 200 ? '' : res.body.error;
+      if (res.body.pairs) { load(res.body); }
+      return res.status === 200 ? 'ok' : (res.status === 409 ? 'stale' : 'error');
     })
     .catch(function (e) {
       state.busy = false;
       document.getElementById('status').textContent = 'not saved: the server did not answer (' + e + ')';
-      return false;
+      return 'error';
     });
 }
 
 function give(answer) {
   if (state.busy || state.current < 0) { return; }
   var index = state.current;
-  send(index, answer).then(function (ok) {
-    if (!ok) { return; }
-    state.history.push(index);
-    delete state.skipped[index];
-    state.current = nextIndex(index);
+  send(index, answer).then(function (result) {
+    if (result === 'error') { return; }
+    if (result === 'ok') { state.history.push(index); delete state.skipped[index]; }
+    state.current = answered(state.pairs[index]) ? nextIndex(index) : index;
     render();
   });
 }
@@ -124,8 +123,8 @@ function skip() {
 function undo() {
   if (state.busy || state.history.length === 0) { return; }
   var index = state.history.pop();
-  send(index, 'clear').then(function (ok) {
-    if (!ok) { state.history.push(index); return; }
+  send(index, 'clear').then(function (result) {
+    if (result === 'error') { state.history.push(index); return; }
     state.current = index;
     render();
   });

@@ -29,6 +29,10 @@ class LabelError(ValueError):
     """Bad input to the labelling page (no pairs, a bad line, a bad answer): one line naming it."""
 
 
+class StaleAnswer(LabelError):
+    """The pair's answer changed since the page read it (another tab answered it)."""
+
+
 class LabelStore:
     """The pairs of DIR/pairs.jsonl and their answers."""
 
@@ -73,8 +77,19 @@ class LabelStore:
     def is_answered(row: dict[str, Any]) -> bool:
         return row.get("tie") is True or row.get("choice") in (0, 1)
 
-    def answer(self, index: int, answer: str) -> dict[str, Any]:
-        """Record `answer` (left | right | tie | clear) for pair `index`; returns the updated row."""
+    @staticmethod
+    def state(row: dict[str, Any]) -> str:
+        """The pair's answer as the page names it: left | right | tie | clear (unanswered)."""
+        if row.get("tie") is True:
+            return "tie"
+        return {0: "left", 1: "right"}.get(row.get("choice"), "clear")
+
+    def answer(self, index: int, answer: str, expected: str | None = None) -> dict[str, Any]:
+        """Record `answer` (left | right | tie | clear) for pair `index`; returns the updated row.
+
+        `expected`: the pair's answer as the caller last saw it; if the file now says otherwise
+        (another tab answered meanwhile), nothing is written and StaleAnswer is raised.
+        """
         if answer not in ANSWERS:
             raise LabelError(f"answer {answer!r}: expected one of {', '.join(ANSWERS)}")
         choice, tie = ANSWERS[answer]
@@ -82,6 +97,9 @@ class LabelStore:
             rows = self.rows()
             if not 0 <= index < len(rows):
                 raise LabelError(f"pair {index}: out of range (the file has {len(rows)} pairs)")
+            if expected is not None and self.state(rows[index]) != expected:
+                raise StaleAnswer(f"pair {index + 1} was answered meanwhile (another tab?): it is now "
+                                  f"{self.state(rows[index])}")
             rows[index]["choice"], rows[index]["tie"] = choice, tie
             self._write(rows)
             return rows[index]
@@ -113,5 +131,5 @@ class LabelStore:
             media = [{"url": "media/" + f, "kind": MEDIA_KINDS.get(Path(f).suffix.lower(), "image")}
                      for f in self.media(row)]
             pairs.append({"index": i, "prompt": row.get("prompt", ""), "media": media,
-                          "choice": row.get("choice"), "tie": row.get("tie") is True})
+                          "choice": row.get("choice"), "tie": row.get("tie") is True, "state": self.state(row)})
         return {"pairs": pairs, "total": len(pairs), "done": sum(self.is_answered(p) for p in pairs)}

@@ -116,13 +116,23 @@ def test_label_by_keyboard_undo_kill_restart_then_train_d3po(round_dir, tmp_path
         with chromium() as browser:
             browser.get(f"http://127.0.0.1:{port}/")
             _wait_text(browser, "progress", "2 / 3 labelled")
+            tab_a = browser.current_window_handle
+            browser.switch_to.new_window("tab")  # a second tab on the same pair
+            browser.get(f"http://127.0.0.1:{port}/")
+            _wait_text(browser, "progress", "2 / 3 labelled")
+            tab_b = browser.current_window_handle
+            browser.switch_to.window(tab_a)
             assert browser.find_element("id", "prompt").text == PROMPTS[2]
-            _press(browser, "2", "3 / 3 labelled")  # pair 2: right
+            _press(browser, "2", "3 / 3 labelled")  # pair 2: right, in tab A
             assert browser.find_element("id", "done").is_displayed()
-            assert console_errors(browser) == []
+            browser.switch_to.window(tab_b)  # tab B still shows pair 2 unanswered ...
+            _press(browser, "1", "3 / 3 labelled")  # ... its answer is refused, and it catches up
+            assert "answered meanwhile" in browser.find_element("id", "status").text
+            errors = console_errors(browser)  # only Chromium's note of the refused request
+            assert all("api/label" in e and "409" in e for e in errors), errors
     finally:
         _kill(server)
-    assert _answers(work) == [(0, False), (None, True), (1, False)]
+    assert _answers(work) == [(0, False), (None, True), (1, False)]  # tab A's answer stands
     assert not list(work.glob(".pairs.jsonl.*[!k]"))  # no temporary file left behind
 
     # D3PO trains on the labels: pair 0 prefers sample 0 over 1, pair 2 sample 5 over 4, pair 1 a tie
@@ -214,3 +224,22 @@ def test_videos_and_audio_get_players(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "images": ["only-one.png"]}) + "\n")
     with pytest.raises(LabelError, match=r"pairs.jsonl:1: expected a pair"):
         LabelStore(tmp_path)
+
+
+def test_a_stale_tab_does_not_overwrite_another_tabs_answer(round_dir, tmp_path):
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from mmalign.label.app import create_app
+
+    work = tmp_path / "round"
+    shutil.copytree(round_dir, work)
+    tab_a = TestClient(create_app(work), base_url="http://127.0.0.1")
+    tab_b = TestClient(create_app(work), base_url="http://127.0.0.1")
+    assert tab_a.post("/api/label", json={"index": 0, "answer": "left", "expected": "clear"}).status_code == 200
+    stale = tab_b.post("/api/label", json={"index": 0, "answer": "right", "expected": "clear"})
+    assert stale.status_code == 409 and "answered meanwhile" in stale.json()["error"]
+    assert stale.json()["pairs"][0]["state"] == "left"  # tab B gets the file's view
+    assert _answers(work)[0] == (0, False)
+    assert tab_b.post("/api/label", json={"index": 0, "answer": "right", "expected": "left"}).status_code == 200
