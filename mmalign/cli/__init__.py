@@ -1,4 +1,4 @@
-"""mmalign command line: train, sample, score, eval-judge, pairs, eval.
+"""mmalign command line: train, sample, score, eval-judge, pairs, eval, report, export, label.
 
 One module per subcommand, each with `add_parser(subparsers)` and `run(args)`:
 
