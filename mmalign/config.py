@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,55 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric config value (each optional); any finite number when all are None."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is out of range (`must be > 0`), or None when it is in range."""
+        if not math.isfinite(value):
+            return "must be a finite number"
+        bounds = [(">=", self.ge, value >= (self.ge or 0)), (">", self.gt, value > (self.gt or 0)),
+                  ("<=", self.le, value <= (self.le or 0)), ("<", self.lt, value < (self.lt or 0))]
+        wanted = [f"{op} {bound:g}" for op, bound, ok in bounds if bound is not None]
+        if all(ok for _, bound, ok in bounds if bound is not None):
+            return None
+        return "must be " + " and ".join(wanted)
+
+
+def num(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A numeric config field checked at load time: `steps: int = num(100, ge=1)`.
+
+    The bounds apply to the value (None passes, when the type allows it) or to each item of a
+    list or mapping; NaN and infinities are always refused. Out of range -> `train.steps: must be >= 1, got 0`.
+    """
+    return field(default=default, default_factory=default_factory, metadata={"range": Range(ge, gt, le, lt)})
+
+
+def check_range(key: str, value: Any, bounds: Range) -> None:
+    """ConfigError `KEY: must be ..., got VALUE` unless `value` (or each item of a list) is in `bounds`."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_range(f"{key}[{i}]", item, bounds)
+        return
+    if isinstance(value, dict):
+        for name, item in value.items():
+            check_range(f"{key}.{name}", item, bounds)
+        return
+    if isinstance(value, (int, float)):
+        problem = bounds.problem(value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}, got {value!r}")
+
+
 @dataclass
 class Component:
     """A registry name plus that entry's validated config."""
@@ -37,7 +87,7 @@ class Component:
 class RunSection:
     name: str = "run"
     output_dir: str | None = None  # default: runs/<name>
-    seed: int = 0
+    seed: int = num(0, ge=0)
 
 
 def check_source(key: str, kind: str, spec: str) -> None:
@@ -52,22 +102,22 @@ def check_source(key: str, kind: str, spec: str) -> None:
 class DataConfig:
     kind: Literal["manifest", "pickapic", "generated", "prompts", "vlm", "none"] = "manifest"
     path: str | None = None  # manifest .jsonl/.csv, or a parquet/arrow directory for pickapic; kind=vlm: rows
-    resolution: int | None = None  # pixels; default: the generator's resolution
+    resolution: int | None = num(None, ge=8)  # pixels; default: the generator's resolution
     skip_bad: bool = False  # skip (and count) unreadable images instead of stopping
     cache_latents: bool = False
     cache_dir: str | None = None  # default: <run dir>/latent_cache
-    max_samples: int | None = None
+    max_samples: int | None = num(None, ge=1)
     random_flip: bool = False  # never for captions with left/right relations
-    num_workers: int = 0
+    num_workers: int = num(0, ge=0)
     # kind=prompts (online methods) and kind=generated: a .txt file (one per line) or a
     # registered prompt set "prefix:name" (mmalign.sources)
     prompts: str | None = None
     # kind=generated: on-policy pairs, sampled once from the generator and ranked by the reward
-    candidates: int = 4  # samples per prompt; the best and the worst make a pair
-    sample_steps: int = 20
-    sample_guidance: float = 5.0
-    sample_eta: float = 1.0
-    min_gap: float = 0.0  # drop pairs whose reward gap is below this
+    candidates: int = num(4, ge=2)  # samples per prompt; the best and the worst make a pair
+    sample_steps: int = num(20, ge=1)
+    sample_guidance: float = num(5.0, ge=0)
+    sample_eta: float = num(1.0, ge=0)
+    min_gap: float = num(0.0, ge=0)  # drop pairs whose reward gap is below this
     reencode: bool = True  # pair latents = VAE(decoded sample), not the sampler's raw x_0 (see online.RolloutSettings)
 
     def validate(self) -> None:
@@ -90,17 +140,17 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps; 0 = only before training and at the end
+    every: int = num(0, ge=0)  # steps; 0 = only before training and at the end
     prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
     prompts_from: str | None = None  # instead of `prompts`: a prompt set "prefix:name" or a .txt file
-    max_prompts: int | None = None
+    max_prompts: int | None = num(None, ge=1)
     gold: bool = False  # also report gold accuracy by the registered gold evaluator (the toy world's)
     enabled: bool = True
     at_start: bool = True  # also evaluate before training (false: the caller has the base numbers)
-    seed: int = 1234
-    num_steps: int = 20
-    guidance_scale: float = 5.0
-    images_per_prompt: int = 1
+    seed: int = num(1234, ge=0)
+    num_steps: int = num(20, ge=1)
+    guidance_scale: float = num(5.0, ge=0)
+    images_per_prompt: int = num(1, ge=1)
 
     def validate(self) -> None:
         if self.prompts_from and sources.is_spec(self.prompts_from) and not Path(self.prompts_from).is_file():
@@ -109,30 +159,33 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps
-    batch_size: int = 1  # per process, per micro-batch (pairs for preference methods)
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 1e-2
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
+    steps: int = num(100, ge=1)  # optimizer steps
+    batch_size: int = num(1, ge=1)  # per process, per micro-batch (pairs for preference methods)
+    grad_accum: int = num(1, ge=1)
+    lr: float = num(1e-5, gt=0)
+    weight_decay: float = num(1e-2, ge=0)
+    adam_betas: list[float] = num(default_factory=lambda: [0.9, 0.999], ge=0, lt=1)
+    adam_eps: float = num(1e-8, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
+    warmup_steps: int = num(0, ge=0)
+    max_grad_norm: float | None = num(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    ema_decay: float | None = None  # e.g. 0.999; None disables EMA
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    keep_last: int = 2
-    log_every: int = 1
+    ema_decay: float | None = num(None, ge=0, lt=1)  # e.g. 0.999; None disables EMA
+    checkpoint_every: int = num(0, ge=0)  # steps; 0 = only at the end
+    keep_last: int = num(2, ge=1)
+    log_every: int = num(1, ge=1)
     # online methods: write every N-th round's rollouts (buffer, images, rewards) to
     # <run>/rollouts/round_<n>/ for inspection; 0 = never
-    save_rollouts_every: int = 0
+    save_rollouts_every: int = num(0, ge=0)
     # CPU only: flush float32 denormals to zero while training (torch.set_flush_denormal). Well-fit
     # preference pairs (log-sigmoid margins of 50-100) send gradients of ~e^-70 through the whole
     # backward pass, and CPUs compute on denormals ~100x slower: without it the toy Flow-DPO run's
     # late steps take 5x as long. Values below 1.2e-38 become 0; no effect on GPUs.
     flush_denormal: bool = True
+    # skip up to N consecutive steps whose loss is NaN/inf (no update; counted in metrics as
+    # nonfinite_skipped), then roll back to the last intact checkpoint; 0 = stop with an error
+    skip_nonfinite: int = num(0, ge=0)
 
     def validate(self) -> None:
         if self.save_rollouts_every < 0:
@@ -266,6 +319,8 @@ def parse_dataclass(cls: type, data: Any, where: str) -> Any:
             kwargs[name] = None if data[name] is None else parse_component(kind, data[name], path)
         else:
             kwargs[name] = _convert(hints[name], data[name], path)
+            if "range" in f.metadata:
+                check_range(path, kwargs[name], f.metadata["range"])
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.types import Samples, per_sample_randn
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -21,9 +22,9 @@ VAE_SALT = 7919  # posterior draws use seed * 1_000_003 + VAE_SALT: never a meth
 
 @dataclass
 class LoraSettings:
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
+    rank: int = num(8, ge=1)
+    alpha: float = num(8.0, gt=0)
+    dropout: float = num(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init: Literal["gaussian", "default"] = "gaussian"  # B starts at zero either way
 

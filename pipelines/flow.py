@@ -76,10 +76,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
-from mmalign.types import (Rollout, Samples, per_sample_randn, step_gaussian_log_prob, step_noise_level,
-                           trained_step_noise_level)
+from mmalign.types import (
+    Rollout,
+    Samples,
+    per_sample_randn,
+    step_gaussian_log_prob,
+    step_noise_level,
+    trained_step_noise_level,
+)
 
 # Attention projections of the MMDiT blocks (image and text streams); FLUX's single blocks
 # share the to_q/to_k/to_v names. peft matches by suffix, so absent names are simply skipped.
@@ -112,7 +119,7 @@ class FlowGeneratorConfig:
     finetune: Literal["lora", "full", "none"] = "lora"
     lora: LoraSettings = field(default_factory=_flow_lora)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights
-    resolution: int | None = None  # pixels; default: the transformer's sample_size x VAE factor
+    resolution: int | None = num(None, ge=8)  # pixels; default: the transformer's sample_size x VAE factor
     negative_prompt: str = ""
     # Latents of images to train on (pairs, re-encoded samples, expert data): a posterior draw,
     # as the denoiser was trained, or the posterior mean (see `encode_images`).
@@ -120,10 +127,10 @@ class FlowGeneratorConfig:
     drop_t5: bool = False  # SD3: load without text_encoder_3 (T5); its tokens become zeros
     # T5 tokens (zeros when there is no T5). None: the pipeline's own default (SD3 256, FLUX 512),
     # so samples match the stock pipeline called with default arguments.
-    max_sequence_length: int | None = None
+    max_sequence_length: int | None = num(None, ge=1)
     timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # training-time sigma density
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    logit_mean: float = num(0.0)
+    logit_std: float = num(1.0, gt=0)
     # per-sample weight w(sigma) of denoise_error (diffusers' compute_loss_weighting_for_sd3);
     # none keeps the plain flow-matching error
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap", "eps"] = "none"

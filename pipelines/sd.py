@@ -27,10 +27,17 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
-from mmalign.types import (Rollout, Samples, per_sample_randn, step_gaussian_log_prob, step_noise_level,
-                           trained_step_noise_level)
+from mmalign.types import (
+    Rollout,
+    Samples,
+    per_sample_randn,
+    step_gaussian_log_prob,
+    step_noise_level,
+    trained_step_noise_level,
+)
 
 
 @dataclass
@@ -41,7 +48,7 @@ class SDGeneratorConfig:
     finetune: Literal["lora", "full", "none"] = "lora"  # none: inference only (sample / eval)
     lora: LoraSettings = field(default_factory=LoraSettings)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen weights (VAE, text encoders, LoRA base)
-    resolution: int | None = None  # pixels; default: the UNet's sample_size x VAE factor
+    resolution: int | None = num(None, ge=8)  # pixels; default: the UNet's sample_size x VAE factor
     negative_prompt: str = ""
     # Latents of images to train on (pairs, re-encoded samples, expert data): a posterior draw,
     # as the denoiser was trained, or the posterior mean (see `encode_images`).

@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.data.vlm import VLMEncoder, VLMRow, build_sequences, load_row_images
 from mmalign.registry import register_generator
 from mmalign.types import Rollout, Samples
@@ -37,9 +38,9 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "merger", "connector
 
 @dataclass
 class VLMLoraSettings:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    rank: int = num(16, ge=1)
+    alpha: float = num(32.0, gt=0)
+    dropout: float = num(0.0, ge=0, lt=1)
     # linear layers of the language model (names as in Llama / Qwen2 / Mistral)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
@@ -62,15 +63,15 @@ class VLMGeneratorConfig:
     trust_remote_code: bool = False
     system_prompt: str | None = None
     padding_side: Literal["right", "left"] = "right"
-    max_length: int | None = None  # prompt (image tokens included) + response
+    max_length: int | None = num(None, ge=1)  # prompt (image tokens included) + response
     on_too_long: Literal["error", "drop", "truncate_response"] = "error"  # never truncates image tokens
     # processor image size overrides (Qwen2-VL family), e.g. max_pixels: 401408
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    min_pixels: int | None = num(None, ge=1)
+    max_pixels: int | None = num(None, ge=1)
     # rollout defaults
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = num(128, ge=1)
+    temperature: float = num(1.0, gt=0)
+    top_p: float = num(1.0, gt=0, le=1)
 
     def validate(self) -> None:
         from mmalign.paths import resolve

@@ -31,6 +31,8 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
+from mmalign.config import num
+
 from .common import check_batch, module_device, torch_dtype
 
 
@@ -189,11 +191,11 @@ class JudgeScoring:
     yes_answers: list[str] = field(default_factory=lambda: ["Yes"])
     no_answers: list[str] = field(default_factory=lambda: ["No"])
     normalize_yes_no: bool = True
-    likert_n: int = 5
+    likert_n: int = num(5, ge=2)
     rating_answers: list[str] | None = None  # default "1".."likert_n"
     pair_answers: list[str] = field(default_factory=lambda: ["1", "2"])  # answer meaning first / second
     swap_average: bool = True  # pairwise: average P(a first) and 1 - P(b first) (position-bias debiasing)
-    batch_size: int = 8
+    batch_size: int = num(8, ge=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str | None = None  # default: CUDA when available
 

@@ -25,11 +25,21 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from .common import check_batch, check_file_spec, check_model_spec, grad_mode, load_state_dict, load_strict, resolve_file, reward_info
 from .clip_hf import HFClip
+from .common import (
+    check_batch,
+    check_file_spec,
+    check_model_spec,
+    grad_mode,
+    load_state_dict,
+    load_strict,
+    resolve_file,
+    reward_info,
+)
 
 
 class AestheticMLP(nn.Module):
@@ -58,7 +68,7 @@ class AestheticConfig:
     head: str  # the MLP checkpoint (.pth / .safetensors), or hf-hub:ORG/REPO/FILE
     clip_model: str = "openai/clip-vit-large-patch14"  # hub id or local directory
     processor: str | None = None  # default: clip_model
-    batch_size: int = 32
+    batch_size: int = num(32, ge=1)
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks
     device: str | None = None

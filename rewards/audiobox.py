@@ -59,9 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
+from .clap import audio_to_mono, resample
 from .common import (
     HF_PREFIX,
     check_batch,
@@ -73,7 +75,6 @@ from .common import (
     reward_info,
     torch_dtype,
 )
-from .clap import audio_to_mono, resample
 
 AXES = ("CE", "CU", "PC", "PQ")
 SAMPLE_RATE = 16000  # fixed by the original (AesPredictor.sample_rate)
@@ -418,11 +419,11 @@ class AudioboxAestheticsConfig:
     # hub id, a directory (config.json + model.safetensors), a checkpoint.pt, or hf-hub:ORG/REPO/FILE
     model: str = "facebook/audiobox-aesthetics"
     axis: Literal["CE", "CU", "PC", "PQ"] = "PQ"
-    axis_weights: dict[str, float] | None = None  # score = sum_k w_k * axis_k (replaces `axis`)
+    axis_weights: dict[str, float] | None = num(None)  # score = sum_k w_k * axis_k (replaces `axis`)
     wavlm: dict[str, Any] | None = None  # backbone overrides in the original's WavLMConfig names (tiny tests)
-    window_s: float = 10.0  # the original: 10 s windows every 10 s
-    hop_s: float = 10.0
-    batch_size: int = 8  # windows per forward pass
+    window_s: float = num(10.0, gt=0)  # the original: 10 s windows every 10 s
+    hop_s: float = num(10.0, gt=0)
+    batch_size: int = num(8, ge=1)  # windows per forward pass
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks
     device: str | None = None

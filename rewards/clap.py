@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
@@ -135,7 +136,7 @@ class ClapConfig:
     processor: str | None = None  # default: model
     features: Literal["torch", "processor"] = "torch"
     long_audio_crop: Literal["start", "center", "end"] = "start"  # torch path, inputs > max_length_s
-    batch_size: int = 16
+    batch_size: int = num(16, ge=1)
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks
     device: str | None = None

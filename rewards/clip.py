@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.registry import register_reward
+from mmalign.config import num
 from mmalign.paths import resolve
+from mmalign.registry import register_reward
 from mmalign.rewards.common import reward_info
 from mmalign.types import Samples
 
@@ -41,9 +42,9 @@ class ClipRewardConfig:
     model: str | None = None  # built-in name, "local-dir:PATH" or "hf-hub:ID"
     pretrained: str | None = None  # tag or checkpoint file (only without a schema)
     model_config: dict | None = None  # an open_clip model config (embed_dim, vision_cfg, text_cfg)
-    weight: float = 1.0  # w
+    weight: float = num(1.0)  # w
     clip_at_zero: bool = False  # CLIPScore: w * max(cos, 0)
-    batch_size: int = 64
+    batch_size: int = num(64, ge=1)
     differentiable: bool = True
     device: str | None = None  # default: the trainer's device
 

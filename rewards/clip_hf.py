@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
@@ -90,9 +91,9 @@ class HFClip:
 class ClipHFConfig:
     model: str = "openai/clip-vit-large-patch14"  # hub id or local directory
     processor: str | None = None  # where the tokenizer / image processor live (default: model)
-    weight: float = 1.0  # w (CLIPScore uses 2.5)
+    weight: float = num(1.0)  # w (CLIPScore uses 2.5)
     clip_at_zero: bool = False  # CLIPScore convention: w * max(cos, 0)
-    batch_size: int = 64
+    batch_size: int = num(64, ge=1)
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks
     device: str | None = None

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
@@ -105,7 +106,7 @@ class HPSConfig:
     checkpoint: str | None = None  # local .pt/.safetensors, or hf-hub:ORG/REPO/FILE
     architecture: str = "ViT-H-14"  # an open_clip model name
     model_config: dict[str, Any] | None = None  # or an inline open_clip config (embed_dim, vision_cfg, text_cfg)
-    batch_size: int = 32
+    batch_size: int = num(32, ge=1)
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks
     device: str | None = None

@@ -71,9 +71,11 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
+from .aesthetic import AestheticMLP
 from .common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -89,7 +91,6 @@ from .common import (
     reward_info,
     torch_dtype,
 )
-from .aesthetic import AestheticMLP
 
 # ImageReward.ImageReward.__init__: self.mean, self.std (normalisation of the MLP output)
 IMAGE_REWARD_MEAN = 0.16717362830052426
@@ -225,8 +226,8 @@ class ImageRewardConfig:
     checkpoint: str = IMAGE_REWARD_CHECKPOINT  # the released ImageReward.pt: local path or hf-hub:ORG/REPO/FILE
     blip_config: str | None = None  # None: ImageReward v1.0 (ViT-L/16 224 px + BERT-base); or hub id / dir of a BlipConfig
     tokenizer: str = "bert-base-uncased"  # hub id or local directory of a BERT tokenizer
-    max_length: int = IMAGE_REWARD_MAX_LENGTH
-    batch_size: int = 16
+    max_length: int = num(IMAGE_REWARD_MAX_LENGTH, ge=1)
+    batch_size: int = num(16, ge=1)
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks
     device: str | None = None

@@ -28,6 +28,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
@@ -95,10 +96,10 @@ def _check_specs(specs: list[dict], field: str) -> None:
 @dataclass
 class MixConfig:
     rewards: list[dict[str, Any]]  # [{name: clip, model: ...}, {name: aesthetic, head: ...}]
-    weights: list[float] | None = None  # default: 1 for each
+    weights: list[float] | None = num(None)  # default: 1 for each
     normalize: Literal["none", "per_prompt"] = "none"
-    buffer_size: int = 16  # per_prompt: rewards kept per prompt
-    min_count: int = 16  # per_prompt: below this many, normalise with the batch's statistics
+    buffer_size: int = num(16, ge=1)  # per_prompt: rewards kept per prompt
+    min_count: int = num(16, ge=1)  # per_prompt: below this many, normalise with the batch's statistics
 
     def validate(self) -> None:
         _check_specs(self.rewards, "rewards")
@@ -165,9 +166,9 @@ def aggregate(scores: Tensor, how: str, uwo_lambda: float = 0.5) -> Tensor:
 class EnsembleConfig:
     members: list[dict[str, Any]]
     aggregate: Literal["mean", "wco", "uwo"] = "mean"
-    uwo_lambda: float = 0.5  # lambda of UWO
-    scales: list[float] | None = None  # per-member affine normalisation: (R_i - offset_i) * scale_i
-    offsets: list[float] | None = None
+    uwo_lambda: float = num(0.5, ge=0)  # lambda of UWO
+    scales: list[float] | None = num(None)  # per-member affine normalisation: (R_i - offset_i) * scale_i
+    offsets: list[float] | None = num(None)
 
     def validate(self) -> None:
         _check_specs(self.members, "members")

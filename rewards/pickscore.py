@@ -26,11 +26,12 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from .common import check_batch, check_model_spec, grad_mode, reward_info
 from .clip_hf import HFClip
+from .common import check_batch, check_model_spec, grad_mode, reward_info
 
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the reference's processor_name_or_path
 
@@ -39,7 +40,7 @@ PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the reference's
 class PickScoreConfig:
     model: str = "yuvalkirstain/PickScore_v1"
     processor: str | None = PICKSCORE_PROCESSOR  # tokenizer + image processor (hub id or dir); null: the model's
-    batch_size: int = 32
+    batch_size: int = num(32, ge=1)
     differentiable: bool = True
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"  # float64: gradient checks
     device: str | None = None

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
@@ -26,7 +27,7 @@ from .common import check_batch, images_to_uint8_pil, reward_info
 
 @dataclass
 class JpegConfig:
-    quality: int = 95  # DDPO uses 95
+    quality: int = num(95, ge=1, le=100)  # DDPO uses 95
 
     def validate(self) -> None:
         if not 1 <= self.quality <= 100:

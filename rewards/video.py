@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
@@ -85,14 +86,14 @@ def image_embedder(reward: Any):
 class VideoFromImageConfig:
     image_reward: dict[str, Any]  # {name: REGISTERED_IMAGE_REWARD, **its args}
     frames: Literal["segments", "uniform", "all"] = "segments"
-    segments: int = 8  # S: frames scored per video (segments / uniform)
+    segments: int = num(8, ge=1)  # S: frames scored per video (segments / uniform)
     pick: Literal["first", "middle", "random"] = "first"  # which frame of each segment
-    seed: int = 0  # for pick: random
-    tar_lambda: float = 0.0  # temporally attenuated reward; 0 = plain mean
+    seed: int = num(0, ge=0)  # for pick: random
+    tar_lambda: float = num(0.0, ge=0)  # temporally attenuated reward; 0 = plain mean
     tar_normalize: bool = False
-    consistency_weight: float = 0.0
+    consistency_weight: float = num(0.0, ge=0)
     consistency_reward: dict[str, Any] | None = None  # default: the image reward's own encoder
-    frame_batch_size: int = 64  # frames per call of the image reward
+    frame_batch_size: int = num(64, ge=1)  # frames per call of the image reward
 
     def validate(self) -> None:
         if not isinstance(self.image_reward, dict) or "name" not in self.image_reward:

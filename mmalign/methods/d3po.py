@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.config import ConfigError
+from mmalign.config import ConfigError, num
 from mmalign.data.preference import DataError, jsonl_rows
 from mmalign.methods.online import RolloutSettings, collect, dump_rollout, load_buffer, train_steps
 from mmalign.protocols import DiffusionGenerator, OrderedPairwiseJudge, PairwiseJudge
@@ -90,16 +90,17 @@ def d3po_step_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor,
 class D3POConfig:
     rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(samples_per_prompt=2,
                                                                              same_initial_noise=True))
-    beta: float = 0.1  # the reference code's config/base.py
-    clip_eps: float | None = 0.1  # rho clamped to [1 - eps, 1 + eps]; None: no clipping
+    beta: float = num(0.1, gt=0)  # the reference code's config/base.py
+    clip_eps: float | None = num(0.1, gt=0)  # rho clamped to [1 - eps, 1 + eps]; None: no clipping
     # base: the frozen initial model (the paper's code); sampler: the round's sampler (a trust-region variant)
     reference: Literal["base", "sampler"] = "base"
-    timestep_fraction: float = 1.0  # the reference code trains on every step
+    timestep_fraction: float = num(1.0, gt=0, le=1)  # the reference code trains on every step
     # Where a round's preferences come from: `reward` ranks the pair by the reward's scores;
     # `pairwise` asks the reward's prefer(a, b, prompts) (a pairwise judge: vlm_judge, audio_judge).
     preference: Literal["reward", "pairwise"] = "reward"
     swap_average: bool = True  # pairwise: ask both presentation orders and average (position bias)
-    tie_threshold: float = 0.0  # a tie: |reward gap| <= this (reward), |P(first better) - 0.5| <= this (pairwise)
+    # a tie: |reward gap| <= this (reward), |P(first better) - 0.5| <= this (pairwise)
+    tie_threshold: float = num(0.0, ge=0)
     # Human labels instead of a reward: `buffer` is a directory written for labelling (`mmalign
     # sample --label-pairs`), `labels` its filled-in JSONL. Set both, and no `reward:`; the
     # sampling settings then come from the buffer (`rollout` only sets steps_per_round) and the

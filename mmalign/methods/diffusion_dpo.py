@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.methods.preference import LOSSES, pairwise
 from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
@@ -52,16 +53,16 @@ def diffusion_dpo_loss(
 
 @dataclass
 class DiffusionDPOConfig:
-    beta: float = 5000.0
+    beta: float = num(5000.0, gt=0)
     loss_type: str = "dpo"  # dpo | cdpo | robust_dpo | ipo | hinge (mmalign/methods/preference.py)
-    label_smoothing: float = 0.0  # eps of cdpo / robust_dpo
-    sft_weight: float = 0.0  # optional extra loss on the winner's denoising error
-    max_timestep: int | None = None  # sample t in [min_timestep, max_timestep); default all training steps
-    min_timestep: int = 0
+    label_smoothing: float = num(0.0, ge=0, lt=1)  # eps of cdpo / robust_dpo
+    sft_weight: float = num(0.0, ge=0)  # optional extra loss on the winner's denoising error
+    max_timestep: int | None = num(None, ge=1)  # sample t in [min_timestep, max_timestep); default all training steps
+    min_timestep: int = num(0, ge=0)
     # Scale s of the guided prediction u + s (c - u) whose errors are compared (policy and
     # reference alike). 1 is the paper (conditional model only); the pairs' sampling CFG
     # scale makes the loss score the policy that produced them (see RAFTConfig).
-    train_guidance_scale: float = 1.0
+    train_guidance_scale: float = num(1.0, ge=0)
 
     def validate(self) -> None:
         if self.beta <= 0:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from mmalign import sources
+from mmalign.config import num
 from mmalign.guidance.common import cfg_combine, make_rollout
 from mmalign.methods.online import RolloutSettings
 from mmalign.protocols import DiffusionGenerator
@@ -96,8 +97,8 @@ class DiffusionDROConfig:
     experts: str  # a registered expert source "prefix:name" (e.g. toy:render) or a JSONL manifest of {prompt, image}
     rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(samples_per_prompt=1, eta=0.0,
                                                                              guidance_scale=1.0))
-    margin: float = 0.001
-    expert_seed: int = 0
+    margin: float = num(0.001, ge=0)
+    expert_seed: int = num(0, ge=0)
     # sampler_prediction: the sampler's own noise prediction at the step (the paper's code);
     # final_sample: the noise rebuilt from the trajectory's final latent
     policy_target: Literal["sampler_prediction", "final_sample"] = "sampler_prediction"

@@ -63,6 +63,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.methods.online import RolloutSettings, collect, group_advantages, swapped
 from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
@@ -127,17 +128,17 @@ def _nft_rollout() -> RolloutSettings:
 @dataclass
 class DiffusionNFTConfig:
     rollout: RolloutSettings = field(default_factory=_nft_rollout)
-    beta: float = 1.0  # the implicit policies' step (v+ = (1 - beta) v_old + beta v_theta)
-    adv_clip: float = 5.0  # A_max: advantages clipped to [-A_max, A_max], r = 1/2 + A / (2 A_max)
+    beta: float = num(1.0, gt=0)  # the implicit policies' step (v+ = (1 - beta) v_old + beta v_theta)
+    adv_clip: float = num(5.0, gt=0)  # A_max: advantages clipped to [-A_max, A_max], r = 1/2 + A / (2 A_max)
     # sampler: train at the sampler's timesteps (the paper's code); training_density: drawn t
     timesteps: Literal["sampler", "training_density"] = "sampler"
-    timestep_fraction: float = 0.99  # sampler: int(num_steps * fraction) steps per sample (at least 1)
-    timesteps_per_sample: int = 2  # training_density: (t, noise) draws per clean sample per micro-batch
+    timestep_fraction: float = num(0.99, gt=0, le=1)  # sampler: int(num_steps * fraction) steps per sample (at least 1)
+    timesteps_per_sample: int = num(2, ge=1)  # training_density: (t, noise) draws per clean sample per micro-batch
     train_latents: Literal["raw", "reencoded"] = "raw"  # the sampler's x0 (the paper's code) or VAE(decode(x0))
-    old_decay_rate: float = 0.001  # per optimizer step: eta(s) = min(rate * (s - flat), max)
-    old_decay_max: float = 0.5
-    old_decay_flat: int = 0  # optimizer steps with eta = 0 before the ramp
-    kl_coef: float = 0.0
+    old_decay_rate: float = num(0.001, ge=0)  # per optimizer step: eta(s) = min(rate * (s - flat), max)
+    old_decay_max: float = num(0.5, ge=0, le=1)
+    old_decay_flat: int = num(0, ge=0)  # optimizer steps with eta = 0 before the ramp
+    kl_coef: float = num(0.0, ge=0)
     group_std: bool = True
 
     def validate(self) -> None:

@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mmalign.methods.online import (RolloutSettings, check_window, collect, group_advantages, train_steps,
-                                    window_steps)
+from mmalign.config import num
+from mmalign.methods.online import RolloutSettings, check_window, collect, group_advantages, train_steps, window_steps
 from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 
@@ -54,12 +54,12 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
 @dataclass
 class GRPOConfig:
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
-    clip_range: float = 1e-4  # on the ratio of per-dimension mean log-probs (ddpo / flow_grpo)
-    adv_clip: float = 5.0
-    kl_coef: float = 0.0  # flow_grpo's train.beta (0.04 in its GRPO configs)
-    timestep_fraction: float = 1.0  # train on this fraction of the denoising steps per sample
+    clip_range: float = num(1e-4, gt=0)  # on the ratio of per-dimension mean log-probs (ddpo / flow_grpo)
+    adv_clip: float = num(5.0, gt=0)
+    kl_coef: float = num(0.0, ge=0)  # flow_grpo's train.beta (0.04 in its GRPO configs)
+    timestep_fraction: float = num(1.0, gt=0, le=1)  # train on this fraction of the denoising steps per sample
     # the part of the trajectory those steps are drawn from, as fractions (0 = the first, noisiest step)
-    timestep_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    timestep_window: list[float] = num(default_factory=lambda: [0.0, 1.0], ge=0, le=1)
     # the std advantages are divided by: the whole round's (flow_grpo's global_std), each group's, or none
     advantage_std: Literal["global", "group", "none"] = "global"
     filter_zero_std: bool = True

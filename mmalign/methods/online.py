@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.media import tensor_to_pil
 from mmalign.protocols import DiffusionGenerator, Reward
 from mmalign.types import Rollout, Samples, per_sample_randn
@@ -28,12 +29,12 @@ from mmalign.types import Rollout, Samples, per_sample_randn
 
 @dataclass
 class RolloutSettings:
-    prompts_per_round: int = 16  # over all processes
-    samples_per_prompt: int = 4  # the group size G
-    num_steps: int = 20
-    guidance_scale: float = 4.0
-    eta: float = 1.0
-    steps_per_round: int = 2  # optimizer steps per round
+    prompts_per_round: int = num(16, ge=1)  # over all processes
+    samples_per_prompt: int = num(4, ge=1)  # the group size G
+    num_steps: int = num(20, ge=1)
+    guidance_scale: float = num(4.0, ge=0)
+    eta: float = num(1.0, ge=0)
+    steps_per_round: int = num(2, ge=1)  # optimizer steps per round
     same_initial_noise: bool = False  # the samples of one prompt share x_T
     # Methods that train the denoising loss on their own samples (RAFT, RWR, online DPO) use
     # latents re-encoded from the decoded images (extras["x0"]) instead of the sampler's raw
@@ -44,7 +45,7 @@ class RolloutSettings:
     # noisiest step); the other steps are deterministic (ODE / DDIM eta 0) and have no
     # log-probabilities. MixGRPO / Flow-GRPO-Fast: with SDE noise only where the policy trains, a
     # group's reward differences come from the trained steps alone.
-    sde_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    sde_window: list[float] = num(default_factory=lambda: [0.0, 1.0], ge=0, le=1)
 
     def validate(self) -> None:
         if self.samples_per_prompt < 1 or self.prompts_per_round < 1:

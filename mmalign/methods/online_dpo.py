@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
 from mmalign.methods.online import RolloutSettings, collect, swapped
 from mmalign.protocols import DiffusionGenerator
@@ -34,13 +35,13 @@ from mmalign.registry import register_method
 @dataclass
 class OnlineDPOConfig:
     rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(eta=1.0))
-    beta: float = 5000.0
+    beta: float = num(5000.0, gt=0)
     loss_type: str = "dpo"
-    label_smoothing: float = 0.0
-    tie_threshold: float = 0.0
-    train_guidance_scale: float = 1.0  # see DiffusionDPOConfig
+    label_smoothing: float = num(0.0, ge=0, lt=1)
+    tie_threshold: float = num(0.0, ge=0)
+    train_guidance_scale: float = num(1.0, ge=0)  # see DiffusionDPOConfig
     reference: Literal["base", "previous"] = "base"
-    ref_update_every: int = 1  # reference: previous -- rounds between copies of the policy
+    ref_update_every: int = num(1, ge=1)  # reference: previous -- rounds between copies of the policy
 
     def validate(self) -> None:
         DiffusionDPOConfig(self.beta, self.loss_type, self.label_smoothing).validate()

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.methods.online import RolloutSettings, collect
 from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
@@ -43,15 +44,15 @@ from mmalign.types import per_sample_randint, per_sample_randn
 class RAFTConfig:
     rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(eta=0.0))
     mode: Literal["raft", "rwr"] = "raft"
-    top_k: int = 1  # raft: samples kept per prompt
-    temperature: float = 0.1  # rwr: softmax temperature on rewards within a group
-    min_reward: float | None = None  # raft: also require reward >= this
+    top_k: int = num(1, ge=1)  # raft: samples kept per prompt
+    temperature: float = num(0.1, gt=0)  # rwr: softmax temperature on rewards within a group
+    min_reward: float | None = num(None)  # raft: also require reward >= this
     # Scale s of the guided prediction u + s (c - u) the loss is taken on. 1 trains the
     # conditional model alone; samples drawn at CFG s > 1 are then learned by the conditional
     # branch and CFG is applied on top again at sampling time (effectively s^2): set it to the
     # rollout's guidance_scale to train the policy that actually sampled.
-    train_guidance_scale: float = 1.0
-    min_timestep: int = 0  # train on t in [min_timestep, T): composition is set at high noise
+    train_guidance_scale: float = num(1.0, ge=0)
+    min_timestep: int = num(0, ge=0)  # train on t in [min_timestep, T): composition is set at high noise
     baseline: bool = False  # subtract the group mean weight; train on whole groups (module docstring)
 
     def validate(self) -> None:

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmalign.config import num
 from mmalign.methods.online import RolloutSettings
 from mmalign.pipelines.sd import LatentDiffusionGenerator, guidance_scale_embedding
 from mmalign.protocols import DiffusionGenerator, Reward
@@ -195,11 +196,11 @@ def install_student(generator: LatentDiffusionGenerator, student: nn.Module, sch
 # --------------------------------------------------------------------------- config + method
 @dataclass
 class LRMSettings:
-    width: int = 64
-    lr: float = 1e-3
-    temperature: float = 0.01  # T: the expert's pairwise preference is softmax(r / T)
+    width: int = num(64, ge=1)
+    lr: float = num(1e-3, gt=0)
+    temperature: float = num(0.01, gt=0)  # T: the expert's pairwise preference is softmax(r / T)
     loss: Literal["distillation", "cross_entropy"] = "distillation"
-    warmup_steps: int = 0  # optimizer steps during which the LRM trains but the reward term is off
+    warmup_steps: int = num(0, ge=0)  # optimizer steps during which the LRM trains but the reward term is off
 
     def validate(self) -> None:
         if self.temperature <= 0 or self.lr <= 0 or self.width < 1:
@@ -211,14 +212,14 @@ class RGLCDConfig:
     # teacher samples per round (the data latents z_0); eta 0 = deterministic DDIM
     rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(
         prompts_per_round=32, samples_per_prompt=1, num_steps=20, guidance_scale=4.0, eta=0.0, steps_per_round=4))
-    skip: int = 20  # k: the teacher's skipping-step DDIM solver jumps k training timesteps
-    guidance_range: list[float] = field(default_factory=lambda: [2.0, 8.0])  # CFG scale s ~ U[min, max]
-    time_cond_proj_dim: int = 256  # the student's guidance-embedding width
+    skip: int = num(20, ge=1)  # k: the teacher's skipping-step DDIM solver jumps k training timesteps
+    guidance_range: list[float] = num(default_factory=lambda: [2.0, 8.0], ge=0)  # CFG scale s ~ U[min, max]
+    time_cond_proj_dim: int = num(256, ge=1)  # the student's guidance-embedding width
     loss: Literal["huber", "l2"] = "huber"
-    huber_c: float = 0.001
-    timestep_scaling: float = 10.0
-    target_decay: float = 0.95  # EMA decay of the target network theta^-
-    reward_weight: float = 1.0  # beta; 0 = plain latent consistency distillation (no reward needed)
+    huber_c: float = num(0.001, gt=0)
+    timestep_scaling: float = num(10.0, gt=0)
+    target_decay: float = num(0.95, ge=0, lt=1)  # EMA decay of the target network theta^-
+    reward_weight: float = num(1.0, ge=0)  # beta; 0 = plain latent consistency distillation (no reward needed)
     reward_path: Literal["lrm", "expert"] = "lrm"
     lrm: LRMSettings = field(default_factory=LRMSettings)
 

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmalign.config import num
 from mmalign.data.vlm import VLMPreferenceDataset, build_sequences, read_rows
 from mmalign.methods import preference as P
 from mmalign.protocols import TokenGenerator
@@ -46,29 +47,29 @@ LOSS_TYPES = PAIRWISE + ("simpo", "orpo", "kto", "mdpo", "povid")
 @dataclass
 class VLMDPOConfig:
     loss_type: str = "dpo"  # dpo | cdpo | robust_dpo | ipo | hinge | simpo | orpo | kto | mdpo | povid
-    beta: float = 0.1
+    beta: float = num(0.1, gt=0)
     score: Literal["sum", "mean"] = "sum"  # response log-prob: summed or length-averaged
-    label_smoothing: float = 0.0  # eps of cdpo / robust_dpo
-    simpo_gamma: float = 0.5  # SimPO's target margin gamma
-    orpo_lambda: float = 0.1
-    kto_lambda_d: float = 1.0
-    kto_lambda_u: float = 1.0
-    mdpo_anchor: float = 0.0
-    mdpo_crop: float = 0.2  # the corrupted image keeps at most this fraction of the area
-    povid_alpha: float = 0.1
-    povid_beta1: float = 0.1
-    povid_beta2: float = 0.1
-    povid_noise_step: int = 500  # of 1000 (linear-beta DDPM forward noise on pixels)
-    povid_max_new_tokens: int = 64
-    dense_gamma: float | None = None  # RLHF-V dense DPO, e.g. 5.0
+    label_smoothing: float = num(0.0, ge=0, lt=1)  # eps of cdpo / robust_dpo
+    simpo_gamma: float = num(0.5, ge=0)  # SimPO's target margin gamma
+    orpo_lambda: float = num(0.1, ge=0)
+    kto_lambda_d: float = num(1.0, ge=0)
+    kto_lambda_u: float = num(1.0, ge=0)
+    mdpo_anchor: float = num(0.0)
+    mdpo_crop: float = num(0.2, gt=0, le=1)  # the corrupted image keeps at most this fraction of the area
+    povid_alpha: float = num(0.1, ge=0)
+    povid_beta1: float = num(0.1, ge=0)
+    povid_beta2: float = num(0.1, ge=0)
+    povid_noise_step: int = num(500, ge=0)  # of 1000 (linear-beta DDPM forward noise on pixels)
+    povid_max_new_tokens: int = num(64, ge=1)
+    dense_gamma: float | None = num(None, gt=0)  # RLHF-V dense DPO, e.g. 5.0
     dynamic_beta: bool = False  # MM-DPO: needs a `margin` column
-    dynamic_w: float = 0.5
-    dynamic_k: float = 0.5
-    sft_weight: float = 0.0
+    dynamic_w: float = num(0.5, ge=0)
+    dynamic_k: float = num(0.5, ge=0)
+    sft_weight: float = num(0.0, ge=0)
     use_row_weights: bool = True
     reference: Literal["live", "cached"] = "live"
     reference_cache: str | None = None  # default: <run dir>/reference_logps
-    reference_batch_size: int = 4
+    reference_batch_size: int = num(4, ge=1)
 
     def validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:
