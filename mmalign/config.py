@@ -8,6 +8,7 @@ against that entry's config dataclass.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
@@ -55,6 +56,25 @@ def num(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasse
     list or mapping; NaN and infinities are always refused. Out of range -> `train.steps: must be >= 1, got 0`.
     """
     return field(default=default, default_factory=default_factory, metadata={"range": Range(ge, gt, le, lt)})
+
+
+def flag(tp: type, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+         lt: float | None = None) -> Any:
+    """An argparse `type=` for a numeric flag with bounds: `--eta -1` -> `argument --eta: must be >= 0, got -1`."""
+    bounds = Range(ge, gt, le, lt)
+
+    def parse(text: str) -> Any:
+        try:
+            value = tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_type_name(tp)}, got {text!r}") from None
+        problem = bounds.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    parse.__name__ = tp.__name__  # argparse names the type in its own messages
+    return parse
 
 
 def check_range(key: str, value: Any, bounds: Range) -> None:
@@ -349,8 +369,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {ov!r}: {p} is not a section")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML ({one_line_yaml_error(e)})") from None
     return data
+
+
+def one_line_yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: the problem and where it is (`line 3, column 5`)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def check_hub_model(key: str, model_id: str) -> None:
+    """ConfigError when `model_id` is neither a local path nor in the Hugging Face cache while the
+    hub is off (HF_HUB_OFFLINE=1): one line naming the id, instead of a download error later."""
+    if Path(model_id).expanduser().exists() or ":" in model_id:
+        return
+    from huggingface_hub import constants
+
+    cached = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}"
+    if constants.HF_HUB_OFFLINE and not cached.is_dir():
+        raise ConfigError(f"{key}: {model_id!r} is not a local directory and is not downloaded, and HF_HUB_OFFLINE=1 "
+                          "forbids downloading it (no network): download it first or give a local path")
+
+
+def read_utf8(path: str | Path, what: str = "file") -> str:
+    """The text of `path`; a file that is not UTF-8 is a ConfigError naming it and the offending byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: the {what} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                          "save it as UTF-8") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -358,9 +412,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_utf8(path, "config"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {one_line_yaml_error(e)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (generator:, method:, ...), got {data!r:.60}")
     return config_from_dict(data or {}, overrides, source=str(path))
 
 

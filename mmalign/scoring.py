@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from mmalign import registry
-from mmalign.config import ConfigError, parse_dataclass
+from mmalign.config import ConfigError, parse_dataclass, read_utf8
 from mmalign.data.preference import jsonl_rows
 from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind
 from mmalign.rewards.common import build_reward
@@ -135,7 +135,15 @@ def read_prompts_file(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: prompts file not found")
-    return [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
+    return [line.rstrip("\n") for line in read_utf8(p, "prompts file").splitlines() if line.strip()]
+
+
+def check_prompts(reward: Any, name: str, items: Sequence[tuple[str, str]]) -> None:
+    """ValueError when a reward that scores media against a prompt (`uses_prompts`) would get an empty one."""
+    empty = [path for path, prompt in items if not prompt.strip()]
+    if getattr(reward, "uses_prompts", False) and empty:
+        raise ValueError(f"--reward {name} scores media against a prompt, and {empty[0]} has none: give --prompt, "
+                         "--prompts or a --manifest with a prompt per row")
 
 
 def read_jsonl(path: str) -> list[dict]:

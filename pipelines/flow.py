@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmalign.config import num
+from mmalign.config import check_hub_model, num
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
 from mmalign.types import (
@@ -637,4 +637,5 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
 @register_generator("flow", FlowGeneratorConfig)
 def build_flow(cfg: FlowGeneratorConfig) -> FlowMatchingGenerator:
     """Rectified-flow transformers (SD3 / SD3.5, FLUX) through diffusers, with Flow-GRPO's or DanceGRPO's SDE."""
+    check_hub_model("generator.pretrained", cfg.pretrained)
     return FlowMatchingGenerator(cfg)

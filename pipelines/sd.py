@@ -27,7 +27,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmalign.config import num
+from mmalign.config import check_hub_model, num
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
 from mmalign.types import (
@@ -501,4 +501,5 @@ def _index_cond(cond: dict[str, Any], index: Tensor | slice) -> dict[str, Any]:
 @register_generator("sd", SDGeneratorConfig)
 def build_sd(cfg: SDGeneratorConfig) -> LatentDiffusionGenerator:
     """UNet latent diffusion (Stable Diffusion 1.x/2.x, SDXL) through diffusers."""
+    check_hub_model("generator.pretrained", cfg.pretrained)
     return LatentDiffusionGenerator(cfg)

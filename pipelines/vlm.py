@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmalign.config import num
+from mmalign.config import check_hub_model, num
 from mmalign.data.vlm import VLMEncoder, VLMRow, build_sequences, load_row_images
 from mmalign.registry import register_generator
 from mmalign.types import Rollout, Samples
@@ -327,4 +327,5 @@ class VLMGenerator:
 @register_generator("vlm", VLMGeneratorConfig)
 def build_vlm(cfg: VLMGeneratorConfig) -> VLMGenerator:
     """A transformers image-text-to-text model (LLaVA, Qwen2-VL, ...) with LoRA on its LM."""
+    check_hub_model("generator.pretrained", cfg.pretrained)
     return VLMGenerator(cfg)

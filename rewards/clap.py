@@ -152,6 +152,7 @@ class ClapConfig:
 
 class ClapScore:
     modality = "audio"
+    uses_prompts = True  # scores media against its prompt: `mmalign score` refuses an empty one
 
     def __init__(self, cfg: ClapConfig, name: str = "clap"):
         from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel

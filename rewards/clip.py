@@ -78,6 +78,7 @@ class ClipScore:
     """Batched, optionally differentiable CLIP score between images and prompts."""
 
     modality = "image"
+    uses_prompts = True  # scores media against its prompt: `mmalign score` refuses an empty one
 
     def __init__(self, cfg: ClipRewardConfig, name: str = "clip"):
         import open_clip

@@ -118,6 +118,7 @@ class ClipHFScore:
     """w * cos(image, text) with transformers CLIP; batched; differentiable in the pixels."""
 
     modality = "image"
+    uses_prompts = True  # scores media against its prompt: `mmalign score` refuses an empty one
 
     def __init__(self, cfg: ClipHFConfig, name: str = "clip_hf"):
         self.cfg, self.name = cfg, name

@@ -158,6 +158,7 @@ class HPSv2:
     """HPSv2(.1) score: cos(image, prompt) under the HPS-fine-tuned OpenCLIP."""
 
     modality = "image"
+    uses_prompts = True  # scores media against its prompt: `mmalign score` refuses an empty one
 
     def __init__(self, cfg: HPSConfig, name: str = "hps"):
         self.cfg, self.name = cfg, name

@@ -264,6 +264,7 @@ class ImageReward:
     """ImageReward score: (MLP(BLIP text-encoder [CLS] | image) - mean) / std; batched; differentiable."""
 
     modality = "image"
+    uses_prompts = True  # scores media against its prompt: `mmalign score` refuses an empty one
 
     def __init__(self, cfg: ImageRewardConfig, name: str = "image_reward"):
         self.cfg, self.name = cfg, name

@@ -70,6 +70,7 @@ def preference_probs(scores: Tensor, group_size: int | None = None) -> Tensor:
 
 class PickScore:
     modality = "image"
+    uses_prompts = True  # scores media against its prompt: `mmalign score` refuses an empty one
 
     def __init__(self, cfg: PickScoreConfig, name: str = "pickscore"):
         self.cfg, self.name = cfg, name

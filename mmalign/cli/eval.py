@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmalign.config import ConfigError, flag  # light: yaml and the registries
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `eval` subcommand."""
@@ -20,10 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="trained weights (a run's final/ directory) to compare against the base")
     p.add_argument("--reward-config", help="YAML file with a `reward:` section (default: the run's reward)")
     p.add_argument("--prompts-from", default="toy:heldout", help="a prompt set (toy:heldout, toy:train) or a .txt file")
-    p.add_argument("--max-prompts", type=int)
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--max-prompts", type=flag(int, ge=1))
+    p.add_argument("--seeds", type=flag(int, ge=1), default=2, help="seeds per prompt")
+    p.add_argument("--steps", type=flag(int, ge=1), default=20)
+    p.add_argument("--guidance", type=flag(float, ge=0), default=5.0)
     p.add_argument("--no-gold", action="store_true", help="skip the gold evaluator (the toy world's)")
     p.add_argument("--out", help="output directory (default: <run>/eval or ./eval)")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                                        "generator"))
         weights = args.weights
     else:
-        raise SystemExit("error: give --run RUN_DIR or --pretrained MODEL")
+        raise ConfigError("give --run RUN_DIR or --pretrained MODEL")
     if args.reward_config:
         reward_comp = parse_component("reward", yaml.safe_load(Path(args.reward_config).read_text())["reward"],
                                        "reward")

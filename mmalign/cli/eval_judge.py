@@ -8,6 +8,8 @@ import argparse
 import json
 from collections import defaultdict
 
+from mmalign.config import flag  # light: yaml and the registries
+
 from .score import add_reward_args, fail
 
 
@@ -21,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--pairwise", action="store_true",
                         help="ask the judge which of the two is better (VLM / audio judges), in both orders "
                              "(chosen first, rejected first), instead of comparing scores; reports position_bias")
-    parser.add_argument("--tie-eps", type=float, default=0.0,
+    parser.add_argument("--tie-eps", type=flag(float, ge=0), default=0.0,
                         help="a pair is a tie when |score(chosen) - score(rejected)| <= tie-eps "
                              "(pairwise: an answer is a tie when |P(first better) - 0.5| <= tie-eps)")
     parser.add_argument("--out", help="write one JSON line per pair with the judge's scores and verdict")

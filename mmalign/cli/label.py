@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmalign.config import flag  # light: yaml and the registries
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `label` subcommand."""
@@ -12,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "left arrow / 1, right arrow / 2, down arrow / t (tie), s (skip), u (undo). Every "
                                    "answer is written to DIR/pairs.jsonl at once (atomically).")
     p.add_argument("dir", metavar="DIR", help="a round written by `mmalign sample --label-pairs --out DIR`")
-    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
+    p.add_argument("--port", type=flag(int, ge=0, le=65535), default=8765, help="port on 127.0.0.1 (default 8765)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
 
 

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Any
 
+from mmalign.config import flag  # light: yaml and the registries
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `pairs` subcommand."""
@@ -22,14 +24,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="the judge's question, with {prompt} and {response} (the judge's own "
                              "yes_no_template / likert_template default to '{prompt}' here; default: "
                              "mmalign.data.vlm_feedback.DEFAULT_JUDGE_TEMPLATE, a yes/no correctness question)")
-    parser.add_argument("--k", type=int, default=4, help="responses sampled per item (>= 2)")
+    parser.add_argument("--k", type=flag(int, ge=2), default=4, help="responses sampled per item (>= 2)")
     parser.add_argument("--include-reference", action="store_true",
                         help="the item's reference answer joins the K candidates")
-    parser.add_argument("--temperature", type=float, help="default: the generator config's (1.0)")
-    parser.add_argument("--top-p", type=float, help="default: the generator config's (1.0)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8, help="items per rollout call")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=flag(float, gt=0), help="default: the generator config's (1.0)")
+    parser.add_argument("--top-p", type=flag(float, gt=0, le=1), help="default: the generator config's (1.0)")
+    parser.add_argument("--max-new-tokens", type=flag(int, ge=1), default=64)
+    parser.add_argument("--batch-size", type=flag(int, ge=1), default=8, help="items per rollout call")
+    parser.add_argument("--seed", type=flag(int, ge=0), default=0)
     parser.add_argument("--device")
     parser.add_argument("--out", default="pairs", help="output directory (pairs.jsonl)")
 

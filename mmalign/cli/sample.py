@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmalign.config import ConfigError  # light: yaml and the registries
+from mmalign.config import ConfigError, flag, read_utf8  # light: yaml and the registries
 
 MODES = ("cfg", "dynamic-cfg", "reward", "best-of-n", "beam")
 
@@ -41,13 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trained weights: a run's final/ directory (LoRA or UNet) or its LoRA .safetensors")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file, one prompt per line (or toy:heldout / toy:train)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--n", type=flag(int, ge=1), default=1, help="images per prompt")
+    p.add_argument("--steps", type=flag(int, ge=1), default=30)
     p.add_argument("--guidance", default=None, metavar="{cfg,dynamic-cfg,reward,best-of-n,beam}",
                    help="guidance method (default cfg); a number N is short for `cfg --cfg-scale N`")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eta", type=flag(float, ge=0), default=0.0)
+    p.add_argument("--seed", type=flag(int, ge=0), default=0)
+    p.add_argument("--batch-size", type=flag(int, ge=1), default=8)
     p.add_argument("--device")
     p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--label-pairs", action="store_true",
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
     """The guidance flags of `mmalign sample`."""
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--cfg-scale", type=flag(float, ge=0), default=None,
                    help="CFG scale for cfg / reward / best-of-n / beam (default 5.0)")
     p.add_argument("--reward", action="append", default=None, metavar="NAME[:WEIGHT]",
                    help="a reward to guide with and/or score the outputs with (repeatable); WEIGHT: number or A..B")
@@ -69,12 +69,13 @@ def add_guidance_args(p: argparse.ArgumentParser) -> None:
                    help="dynamic-cfg: candidate scales, comma-separated; the first wins ties (default 5,2,3.5,7.5)")
     p.add_argument("--normalize", choices=("zscore", "none"), default="zscore",
                    help="dynamic-cfg: standardise each evaluator over the candidates before weighting")
-    p.add_argument("--best-of", type=int, default=4, help="best-of-n: samples drawn per image (default 4)")
-    p.add_argument("--beam-width", type=int, default=1, help="beam: particles kept per prompt (default 1)")
-    p.add_argument("--beam-candidates", type=int, default=4, help="beam: children per particle and step (default 4)")
+    p.add_argument("--best-of", type=flag(int, ge=1), default=4, help="best-of-n: samples drawn per image (default 4)")
+    p.add_argument("--beam-width", type=flag(int, ge=1), default=1, help="beam: particles kept per prompt (default 1)")
+    p.add_argument("--beam-candidates", type=flag(int, ge=1), default=4,
+                   help="beam: children per particle and step (default 4)")
     p.add_argument("--no-grad-through-model", action="store_true",
                    help="reward: hold the denoiser output fixed when differentiating (cheaper)")
-    p.add_argument("--max-grad-norm", type=float, help="reward: clip each sample's guidance gradient")
+    p.add_argument("--max-grad-norm", type=flag(float, gt=0), help="reward: clip each sample's guidance gradient")
 
 
 def parse_guidance(value: str | None, cfg_scale: float | None) -> tuple[str, float]:
@@ -254,14 +255,16 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         try:
             prompts += load_prompts(args.prompts)
         except ValueError as e:
-            raise SystemExit(f"error: --prompts: {e}") from None
+            raise ConfigError(f"--prompts: {e}") from None
     elif args.prompts:
         p = Path(args.prompts)
         if not p.is_file():
-            raise SystemExit(f"error: {p}: prompts file not found")
-        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+            raise ConfigError(f"{p}: prompts file not found")
+        prompts += [line.strip() for line in read_utf8(p, "prompts file").splitlines() if line.strip()]
+    if any(not p.strip() for p in prompts):
+        raise ConfigError("--prompt: a prompt is empty")
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE")
+        raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
 
 
@@ -283,8 +286,12 @@ def run(args: argparse.Namespace) -> int:
         name = cfg.generator.name
     else:
         if not args.pretrained:
-            raise SystemExit("error: give --model MODEL (or --pretrained MODEL) or --config RUN_CONFIG")
+            raise ConfigError("give --model MODEL (or --pretrained MODEL) or --config RUN_CONFIG")
         name = args.generator
+        try:
+            registry.lookup("generator", name)
+        except KeyError as e:
+            raise ConfigError(f"--generator: {e.args[0]}") from None
         gen_cfg = parse_dataclass(registry.lookup("generator", name).config,
                                    {"pretrained": args.pretrained, "finetune": "none"}, "generator")
     gen = registry.lookup("generator", name).build(gen_cfg)

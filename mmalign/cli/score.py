@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from mmalign.config import flag  # light: yaml and the registries
+
 
 def add_reward_args(parser: argparse.ArgumentParser) -> None:
     """The flags naming a reward: --reward, --reward-args, --config, --device, --batch-size."""
@@ -19,7 +21,7 @@ def add_reward_args(parser: argparse.ArgumentParser) -> None:
                         help="reward config fields, values parsed as YAML (validated like a run config)")
     parser.add_argument("--config", help="YAML with a reward section ({name: ..., ...} or a run config's reward:)")
     parser.add_argument("--device", help="put the reward on this device (if its config has a device field)")
-    parser.add_argument("--batch-size", type=int, default=8, help="files per reward call")
+    parser.add_argument("--batch-size", type=flag(int, ge=1), default=8, help="files per reward call")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable; one for all files)")
     parser.add_argument("--manifest", help="JSONL rows {path, prompt} (paths relative to the manifest)")
     parser.add_argument("--out", help="write one JSON line per file: path, prompt, score")
-    parser.add_argument("--num-frames", type=int, default=None, help="videos: keep this many evenly spaced frames")
+    parser.add_argument("--num-frames", type=flag(int, ge=1), default=None,
+                        help="videos: keep this many evenly spaced frames")
     parser.add_argument("paths", nargs="*", help="media files (images, videos or frame folders, audio)")
 
 
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         split_reward_args(args)
         items = scoring.media_items(args.paths, args.prompt, args.prompts, args.manifest)
         reward, spec = scoring.build_scoring_reward(args.reward, args.reward_args, args.config, args.device)
+        scoring.check_prompts(reward, spec["name"], items)
         scores = scoring.score_items(reward, items, args.batch_size, args.num_frames)
     except (ConfigError, MediaError, OSError, ValueError, TypeError) as e:
         return fail(str(e))

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmalign import sources
+from mmalign.config import read_utf8
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -29,7 +30,7 @@ def load_prompts(spec: str) -> list[str]:
         return list(sources.resolve("prompt_set", spec))
     if not p.is_file():
         raise FileNotFoundError(f"{p}: prompts file not found")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_utf8(p, "prompts file").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{p}: no prompts")
     return prompts

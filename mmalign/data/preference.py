@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmalign.config import ConfigError, read_utf8
 from mmalign.media import MediaError, open_image, pil_to_tensor
 
 
@@ -30,11 +32,43 @@ class DataError(ValueError):
     pass
 
 
+def read_text(path: str | Path) -> str:
+    """The text of a data file; one that is not UTF-8 is a DataError naming the file, line and byte."""
+    try:
+        return read_utf8(path, "data file")
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+
+
+def jsonl_objects(path: Path) -> list[tuple[str, dict]]:
+    """jsonl_rows, each row a JSON object (`{...}`); a list, number or string names its line."""
+    rows = jsonl_rows(path)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object ({{...}}), got {json_type(row)}")
+    return rows
+
+
+def json_type(value: Any) -> str:
+    """`a list`, `a number`, ... for error messages about JSON values."""
+    names = {list: "a list", dict: "an object", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def check_text(where: str, key: str, value: Any) -> str:
+    """`value` when it is a non-empty string; else DataError `WHERE: KEY: expected text, got ...`."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key}: expected text, got {json_type(value)} ({value!r:.40})")
+    if not value.strip():
+        raise DataError(f"{where}: {key}: is empty")
+    return value
+
+
 def jsonl_rows(path: Path) -> list[tuple[str, Any]]:
     """(where, value) for each non-blank line of a JSONL file, where = 'path:line'; a line that
     is not valid JSON raises DataError naming it."""
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append((f"{path}:{i}", json.loads(line)))
@@ -66,17 +100,18 @@ def read_manifest(path: str | Path) -> PairSet:
         raise DataError(f"{path}: preference manifest not found")
     root = path.parent
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = [(f"{path}: row {i}", row) for i, row in enumerate(csv.DictReader(io.StringIO(read_text(path))), 1)]
     elif path.suffix in (".jsonl", ".json"):
-        rows = [row for _, row in jsonl_rows(path)]
+        rows = jsonl_objects(path)
     else:
         raise DataError(f"{path}: manifest must be .jsonl or .csv")
     pairs, ties = [], 0
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in ("prompt", "chosen", "rejected") if not row.get(k)]
+    for where, row in rows:
+        missing = [k for k in ("prompt", "chosen", "rejected") if row.get(k) is None or row.get(k) == ""]
         if missing:
-            raise DataError(f"{path}: row {i}: missing {', '.join(missing)}")
+            raise DataError(f"{where}: missing {', '.join(missing)}")
+        for key in ("prompt", "chosen", "rejected"):
+            check_text(where, key, row[key])
         tie = row.get("tie", False)
         if tie is True or str(tie).lower() in ("1", "true", "yes"):
             ties += 1
@@ -117,6 +152,13 @@ def read_pickapic(path: str | Path) -> PairSet:
     return PairSet(pairs, ties_dropped=ties, source=str(path))
 
 
+def check_batch_fits(n_pairs: int, batch_size: int, source: str) -> None:
+    """DataError unless one global batch (`train.batch_size` x processes) fits in the data."""
+    if batch_size > n_pairs:
+        raise DataError(f"{source}: {n_pairs} usable pairs, fewer than one batch of train.batch_size x processes "
+                        f"= {batch_size}; lower train.batch_size or add data")
+
+
 def validate_pairs(ps: PairSet, skip_bad: bool) -> PairSet:
     """Decode every image once; stop on the first bad one, or skip and count them."""
     good, bad = [], []
@@ -132,6 +174,19 @@ def validate_pairs(ps: PairSet, skip_bad: bool) -> PairSet:
     if not good:
         raise DataError(f"{ps.source}: no usable preference pairs" + (f" ({len(bad)} bad)" if bad else ""))
     return PairSet(good, ps.ties_dropped, ps.bad_skipped + len(bad), ps.source)
+
+
+def content_digest(src: Any) -> str:
+    """SHA-256 of an image's bytes: a file path, raw bytes, or a `{"bytes": ...}` record (Pick-a-Pic)."""
+    if isinstance(src, dict) and src.get("bytes") is not None:
+        src = src["bytes"]
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(src).hexdigest()
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
@@ -167,9 +222,12 @@ class PreferenceDataset(Dataset):
         return {"prompt": p.prompt, "chosen": w, "rejected": l}
 
     def fingerprint(self, model_id: str) -> str:
+        """The latent cache's key: the model and its VAE settings, the resolution, and each pair's
+        prompt and the bytes of its two images (not their paths: images replaced under the same
+        paths are encoded again)."""
         h = hashlib.sha256(f"{model_id}|{self.resolution}|{self.ps.source}".encode())
         for p in self.ps.pairs:
-            h.update(f"{p.prompt}|{p.chosen_name}|{p.rejected_name}".encode())
+            h.update(f"{p.prompt}|{content_digest(p.chosen)}|{content_digest(p.rejected)}".encode())
         return h.hexdigest()[:16]
 
     @torch.no_grad()

@@ -136,7 +136,7 @@ class DiffusionNFTConfig:
     timesteps_per_sample: int = num(2, ge=1)  # training_density: (t, noise) draws per clean sample per micro-batch
     train_latents: Literal["raw", "reencoded"] = "raw"  # the sampler's x0 (the paper's code) or VAE(decode(x0))
     old_decay_rate: float = num(0.001, ge=0)  # per optimizer step: eta(s) = min(rate * (s - flat), max)
-    old_decay_max: float = num(0.5, ge=0, le=1)
+    old_decay_max: float = num(0.5, ge=0, lt=1)
     old_decay_flat: int = num(0, ge=0)  # optimizer steps with eta = 0 before the ramp
     kl_coef: float = num(0.0, ge=0)
     group_std: bool = True

@@ -1,13 +1,21 @@
-import pytest
-import yaml
-
 import dataclasses
 import math
 import typing
 
+import pytest
+import yaml
+
 from mmalign import registry
-from mmalign.config import ConfigError, DataConfig, EvalConfig, RunSection, TrainConfig, dump_config, load_config
-from mmalign.config import parse_dataclass
+from mmalign.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    RunSection,
+    TrainConfig,
+    dump_config,
+    load_config,
+    parse_dataclass,
+)
 from tests.helpers import write_config
 
 

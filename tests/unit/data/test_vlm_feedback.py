@@ -179,7 +179,7 @@ def test_cli_writes_pairs_and_fails_clearly(toy, judge, tmp_path, capsys):
     assert "pairs from 8 items" in capsys.readouterr().out
     cases = [
         (["--items", str(tmp_path / "missing.jsonl")], "items file not found"),
-        (["--k", "1"], "K must be >= 2"),
+        (["--k", "1"], "argument --k: must be >= 2, got 1"),
         (["--judge", "audio_judge"], "scores audio"),
         (["--judge", "nope"], "unknown reward 'nope'"),
     ]

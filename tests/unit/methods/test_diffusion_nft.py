@@ -165,10 +165,10 @@ def test_options_are_read_and_range_checked():
     path = ROOT / "configs" / "toy" / "diffusion_nft.yaml"
     toy = load_config(path).method.args
     assert (toy.timesteps, toy.train_latents, toy.old_decay_rate, toy.old_decay_max) == ("sampler", "raw", 0.001, 0.5)
-    for override, msg in [("timestep_fraction=0", r"method.timestep_fraction: must be in \(0, 1\]"),
-                          ("timestep_fraction=1.5", r"method.timestep_fraction: must be in \(0, 1\]"),
+    for override, msg in [("timestep_fraction=0", r"method.timestep_fraction: must be > 0 and <= 1"),
+                          ("timestep_fraction=1.5", r"method.timestep_fraction: must be > 0 and <= 1"),
                           ("old_decay_rate=-0.1", "method.old_decay_rate: must be >= 0"),
-                          ("old_decay_max=1.0", r"method.old_decay_max: must be in \[0, 1\)"),
+                          ("old_decay_max=1.0", r"method.old_decay_max: must be >= 0 and < 1"),
                           ("old_decay_flat=-1", "method.old_decay_flat: must be >= 0"),
                           ("timesteps_per_sample=0", "method.timesteps_per_sample: must be >= 1"),
                           ("kl_coef=-1", "method.kl_coef: must be >= 0"),
