@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmalign import sources
-from mmalign.data.preference import DataError, jsonl_rows
+from mmalign.data.preference import DataError, json_type, jsonl_rows, read_text
 from mmalign.media import MediaError, open_image, pil_to_tensor, tensor_to_pil
 
 # --------------------------------------------------------------------------- rows
@@ -74,6 +74,17 @@ def _text(x: Any, where: str, key: str) -> str:
     raise DataError(f"{where}: {key}: expected a string or a list of chat messages, got {type(x).__name__}")
 
 
+def _number(x: Any, where: str, key: str) -> float:
+    """A finite number from a row's field, or a DataError naming the row and the key."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {key}: expected a number, got {x!r:.40}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: {key}: expected a finite number, got {x!r}")
+    return value
+
+
 def _vlfeedback_score(c: dict) -> float:
     ann = c.get("annotations") or {}
     vals = []
@@ -98,8 +109,10 @@ def normalize_row(raw: dict, where: str, base: Path | None = None) -> VLMRow | N
     if prompt is None:
         raise DataError(f"{where}: missing key 'prompt' (or 'question')")
     prompt = _text(prompt, where, "prompt")
-    margin = float(raw.get("margin") or 0.0)
-    weight = float(raw["weight"]) if raw.get("weight") is not None else 1.0
+    if not prompt.strip():
+        raise DataError(f"{where}: prompt: is empty")
+    margin = _number(raw.get("margin") or 0.0, where, "margin")
+    weight = _number(raw["weight"], where, "weight") if raw.get("weight") is not None else 1.0
     if "completions" in raw and "chosen" not in raw:  # VLFeedback
         comps = [c for c in raw["completions"] if isinstance(c, dict) and c.get("response")]
         scored = sorted(((s, c["response"]) for c in comps if not math.isnan(s := _vlfeedback_score(c))),
@@ -136,7 +149,12 @@ def read_rows(path: str | Path, max_samples: int | None = None) -> VLMRowSet:
     if p.is_file() and p.suffix in (".jsonl", ".json"):
         base = p.parent
         if p.suffix == ".json":
-            data = json.loads(p.read_text())
+            try:
+                data = json.loads(read_text(p))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            if not isinstance(data, list):
+                raise DataError(f"{p}: expected a JSON list of rows, got {json_type(data)}")
             raws = [(f"{p}[{i}]", r) for i, r in enumerate(data)]
         else:
             raws = jsonl_rows(p)
@@ -152,6 +170,8 @@ def read_rows(path: str | Path, max_samples: int | None = None) -> VLMRowSet:
     for where, raw in raws:
         if max_samples and len(out.rows) >= max_samples:
             break
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected a JSON object ({{...}}), got {json_type(raw)}")
         row = normalize_row(raw, where, base)
         if row is None:
             out.ties_dropped += 1

@@ -311,3 +311,79 @@ def test_latent_cache_follows_image_content(env):
     assert second_path != first_path
     assert torch.equal(second["w"], first["l"]) and torch.equal(second["l"], first["w"])
     assert cached()[0] == second_path  # unchanged content: the cache is reused
+
+
+# --------------------------------------------------------------------------- the same through the data API
+def _vlm_rows(e: Env, text: str, name: str = "rows.jsonl") -> Path:
+    path = e.tmp / name
+    path.write_text(text)
+    return path
+
+
+def _vlm_row(e: Env, **fields) -> str:
+    img = e.manifest.parent / "img" / "0_w.png"
+    return json.dumps({"image": str(img), "prompt": "what is it?", "chosen": "a square", "rejected": "a cat", **fields})
+
+
+API_CASES = [
+    ("vlm_rows_row_is_a_list", lambda e, mp: _read_vlm(_vlm_rows(e, "[1, 2]\n")),
+     r"rows\.jsonl:1: expected a JSON object \(\{\.\.\.\}\), got a list"),
+    ("vlm_rows_json_not_a_list", lambda e, mp: _read_vlm(_vlm_rows(e, '{"a": 1}', "rows.json")),
+     r"rows\.json: expected a JSON list of rows, got an object"),
+    ("vlm_rows_not_utf8", lambda e, mp: _read_vlm(_latin1(e, "rows.jsonl", '{"prompt": "caf\xe9"}\n')),
+     r"rows\.jsonl: line 1: the data file is not UTF-8 text"),
+    ("vlm_rows_numeric_prompt", lambda e, mp: _read_vlm(_vlm_rows(e, _vlm_row(e, prompt=3) + "\n")),
+     r"rows\.jsonl:1: prompt: expected a string or a list of chat messages, got int"),
+    ("vlm_rows_empty_prompt", lambda e, mp: _read_vlm(_vlm_rows(e, _vlm_row(e, prompt="") + "\n")),
+     r"rows\.jsonl:1: prompt: is empty"),
+    ("vlm_rows_margin_not_a_number", lambda e, mp: _read_vlm(_vlm_rows(e, _vlm_row(e, margin="big") + "\n")),
+     r"rows\.jsonl:1: margin: expected a number, got 'big'"),
+    ("prompts_file_not_utf8", lambda e, mp: _load_prompts(_latin1(e, "p.txt", "ok\ncaf\xe9\n")),
+     r"p\.txt: line 2: the prompts file is not UTF-8 text"),
+    ("decompression_bomb_without_skip_bad", lambda e, mp: _validate(e.pairs(e.row(chosen=str(_bomb(e, mp))))),
+     r"bomb\.png: .*(decompression bomb|pixels).*set data\.skip_bad=true"),
+]
+
+
+def _read_vlm(path: Path):
+    from mmalign.data.vlm import read_rows
+
+    return read_rows(path)
+
+
+def _load_prompts(path: Path):
+    from mmalign.data.generated import load_prompts
+
+    return load_prompts(str(path))
+
+
+def _bomb(e: Env, monkeypatch) -> Path:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # the 32x32 pairs stay under twice this
+    big = e.tmp / "bomb.png"
+    Image.new("RGB", (64, 64)).save(big)
+    return big
+
+
+def _validate(manifest: Path, skip_bad: bool = False):
+    from mmalign.data import preference as P
+
+    return P.validate_pairs(P.read_manifest(manifest), skip_bad)
+
+
+@pytest.mark.parametrize("name,call,pattern", API_CASES, ids=[c[0] for c in API_CASES])
+def test_bad_data_is_a_one_line_known_error(name, call, pattern, env, monkeypatch):
+    """Data readers raise an error type `mmalign.cli.main` turns into one line (exit 2), naming the culprit."""
+    from mmalign.config import ConfigError
+    from mmalign.data.preference import DataError
+    from mmalign.media import MediaError
+
+    with pytest.raises((DataError, ConfigError, MediaError)) as e:
+        call(env, monkeypatch)
+    assert "\n" not in str(e.value)
+    assert re.search(pattern, str(e.value)), str(e.value)
+
+
+def test_a_decompression_bomb_is_skipped_and_counted_with_skip_bad(env, monkeypatch):
+    """Documented behaviour: under data.skip_bad a decompression bomb is a bad image, skipped and counted."""
+    ps = _validate(env.pairs(env.row(chosen=str(_bomb(env, monkeypatch)))), skip_bad=True)
+    assert (len(ps.pairs), ps.bad_skipped) == (1, 1)
