@@ -154,6 +154,23 @@ def _checks(cls: ast.ClassDef) -> dict[str, list[str]]:
     return out
 
 
+def _num_field(src: str, value: ast.expr | None) -> tuple[str | None, str]:
+    """(default, bounds) of a `num(DEFAULT, ge=.., ...)` field (mmalign.config.num); (None, "") otherwise."""
+    if not (isinstance(value, ast.Call) and getattr(value.func, "id", "") == "num"):
+        return None, ""
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    default = ast.get_source_segment(src, value.args[0]) if value.args else None
+    bounds = []
+    for kw in value.keywords:
+        if kw.arg == "default_factory":
+            default = ast.get_source_segment(src, kw.value).removeprefix("lambda: ")
+        elif kw.arg in ops:
+            bounds.append(f"{ops[kw.arg]} {ast.get_source_segment(src, kw.value)}")
+        elif kw.arg == "default":
+            default = ast.get_source_segment(src, kw.value)
+    return default, " and ".join(bounds) if bounds else "a finite number"
+
+
 def render_config(spec: str, page: str) -> str:
     """The fields of `path.py:ClassName` as a table: key, type, default, notes and checks."""
     path, _, name = spec.partition(":")
@@ -168,7 +185,9 @@ def render_config(spec: str, page: str) -> str:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         key = node.target.id
-        default = ast.get_source_segment(src, node.value) if node.value is not None else "required"
+        default, bounds = _num_field(src, node.value)
+        default = default if default is not None else (
+            ast.get_source_segment(src, node.value) if node.value is not None else "required")
         default = re.sub(r"^field\(default_factory=lambda: (.*)\)$", r"\1", default or "")
         default = re.sub(r"^field\(default_factory=(\w+)\)$", r"\1()", default)
         above, ln = [], node.lineno - 1
@@ -176,6 +195,7 @@ def render_config(spec: str, page: str) -> str:
             above.insert(0, comments[ln])
             ln -= 1
         notes = " ".join(above + [comments.get(node.lineno, "")]).strip()
+        notes += f" Checked at load: {bounds}." if bounds else ""
         notes += "".join(f" Checked: {c}." for c in checks.get(key, []))
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{key}` | `{cell(ast.unparse(node.annotation))}` | `{cell(default)}` | {cell(notes)} |")
