@@ -173,6 +173,9 @@ class EvalConfig:
     images_per_prompt: int = num(1, ge=1)
 
     def validate(self) -> None:
+        for i, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompts[{i}]: is empty")
         if self.prompts_from and sources.is_spec(self.prompts_from) and not Path(self.prompts_from).is_file():
             check_source("prompts_from", "prompt_set", self.prompts_from)
 

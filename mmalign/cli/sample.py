@@ -245,6 +245,12 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
     return 0
 
 
+def check_output_dir(flag: str, path: str | None) -> None:
+    """ConfigError when an output directory flag names an existing file."""
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a file; give a directory (it is created if missing)")
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt (repeatable) + --prompts (a text file or a registered prompt set such as toy:heldout)."""
     from mmalign import sources
@@ -278,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
     from mmalign.methods.d3po import write_for_labelling
 
     prompts = _read_prompts(args)  # bad input fails before any model loads
+    check_output_dir("--out", args.out)
     validate_sample_args(args)
     label_scale = _check_label_pairs(args) if args.label_pairs else None
     if args.config:

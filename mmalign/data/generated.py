@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from mmalign import sources
 from mmalign.config import read_utf8
+from mmalign.data.preference import DataError
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -32,7 +33,7 @@ def load_prompts(spec: str) -> list[str]:
         raise FileNotFoundError(f"{p}: prompts file not found")
     prompts = [line.strip() for line in read_utf8(p, "prompts file").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"{p}: no prompts")
+        raise DataError(f"{p}: no prompts")
     return prompts
 
 
@@ -103,7 +104,7 @@ def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] =
         local = [x for part in local for x in part]
     local.sort(key=lambda x: x[0])
     if not local:
-        raise ValueError("data: no preference pairs survived (every reward gap <= data.min_gap)")
+        raise DataError("data: no preference pairs survived (every reward gap <= data.min_gap)")
     kept = [prompts[x[0]] for x in local]
     w = torch.stack([x[1] for x in local])
     l = torch.stack([x[2] for x in local])

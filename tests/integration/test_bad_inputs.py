@@ -114,6 +114,8 @@ CASES = [
          r"c\.yaml: expected a mapping of sections"),
     Case("config_bad_yaml", lambda e: ["train", str(_write(e.tmp / "c.yaml", "train: {lr: [\n"))],
          r"c\.yaml: not valid YAML: .* at line \d+, column \d+"),
+    _override("eval.prompts=[5]", r"eval\.prompts\[0\]: expected a string, got 5", "eval_prompt_numeric"),
+    _override("eval.prompts=['  ']", r"eval\.prompts\[0\]: is empty", "eval_prompt_empty"),
     Case("config_unknown_generator", lambda e: e.config(["generator.name=nope"]),
          r"generator\.name: unknown generator 'nope'; registered: .*sd"),
     # --- data files
@@ -167,6 +169,9 @@ CASES = [
          r"none\.txt: prompts file not found"),
     Case("sample_empty_prompt", lambda e: ["sample", "--model", str(e.sd), "--prompt", " ", "--out", str(e.tmp / "o")],
          r"--prompt: a prompt is empty"),
+    Case("sample_out_is_a_file",
+         lambda e: ["sample", "--model", str(e.sd), "--prompt", "a", "--out", str(_write(e.tmp / "o.txt", "x"))],
+         r"--out .*o\.txt: is a file; give a directory"),
     Case("sample_no_model", lambda e: ["sample", "--prompt", "a", "--out", str(e.tmp / "o")], r"give --model MODEL"),
     Case("sample_offline_hub_id",
          lambda e: ["sample", "--model", "someorg/never-downloaded", "--prompt", "a", "--out", str(e.tmp / "o")],
@@ -340,6 +345,7 @@ API_CASES = [
      r"rows\.jsonl:1: margin: expected a number, got 'big'"),
     ("prompts_file_not_utf8", lambda e, mp: _load_prompts(_latin1(e, "p.txt", "ok\ncaf\xe9\n")),
      r"p\.txt: line 2: the prompts file is not UTF-8 text"),
+    ("prompts_file_empty", lambda e, mp: _load_prompts(_write(e.tmp / "p.txt", "\n  \n")), r"p\.txt: no prompts"),
     ("decompression_bomb_without_skip_bad", lambda e, mp: _validate(e.pairs(e.row(chosen=str(_bomb(e, mp))))),
      r"bomb\.png: .*(decompression bomb|pixels).*set data\.skip_bad=true"),
 ]
