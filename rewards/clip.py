@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.config import num
+from mmalign.config import ConfigError, check_hub_model, num
 from mmalign.paths import resolve
 from mmalign.registry import register_reward
 from mmalign.rewards.common import reward_info
@@ -159,4 +159,20 @@ class ClipScore:
 @reward_info("image", True, "open_clip model: built-in name + tag/checkpoint, local-dir:, hf-hub:, or toy:")
 def build_clip(cfg: ClipRewardConfig) -> ClipScore:
     """CLIP score (open_clip): w * cos(image, text)."""
+    check_model_name(cfg.model)
     return ClipScore(cfg)
+
+
+def check_model_name(model: str | None) -> None:
+    """ConfigError naming `reward.model` when it is neither a built-in open_clip name nor a usable
+    local-dir: / hf-hub: source (an hf-hub id must be downloaded while HF_HUB_OFFLINE=1)."""
+    if model is None or model.startswith("local-dir:"):
+        return
+    if model.startswith("hf-hub:"):
+        check_hub_model("reward.model", model[len("hf-hub:"):])
+        return
+    import open_clip
+
+    if model not in open_clip.list_models():
+        raise ConfigError(f"reward.model: {model!r} is not a built-in open_clip model; give a built-in name "
+                          "(open_clip.list_models()), local-dir:PATH or hf-hub:ID")
