@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from mmalign import registry
-from mmalign.config import ConfigError, parse_dataclass, read_utf8
+from mmalign.config import ConfigError, one_line_yaml_error, parse_dataclass, read_utf8
 from mmalign.data.preference import jsonl_rows
 from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind
 from mmalign.rewards.common import build_reward
@@ -61,9 +61,9 @@ def reward_spec(name: str | None, args: Sequence[str] | None = None, config: str
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(read_utf8(p, "config")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {one_line_yaml_error(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping")
         spec = dict(data["reward"]) if isinstance(data.get("reward"), dict) else dict(data)

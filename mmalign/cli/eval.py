@@ -34,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate the base model (and the trained weights); write eval.json and before_after.png."""
     # deferred: torch and the model libraries load only when the command runs (a fast `mmalign --help`)
     import torch
-    import yaml
 
     from mmalign import registry
     from mmalign.config import Component, load_config, parse_component, parse_dataclass
@@ -54,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give --run RUN_DIR or --pretrained MODEL")
     if args.reward_config:
-        reward_comp = parse_component("reward", yaml.safe_load(Path(args.reward_config).read_text())["reward"],
-                                       "reward")
+        from mmalign.scoring import reward_spec
+
+        reward_comp = parse_component("reward", reward_spec(None, None, args.reward_config), "reward")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = registry.lookup("generator", gen_comp.name).build(gen_comp.args).to(device)
     reward = registry.lookup("reward", reward_comp.name).build(reward_comp.args) if reward_comp else None
