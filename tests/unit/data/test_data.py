@@ -57,7 +57,7 @@ def test_corrupt_and_missing_images_are_named(tmp_path):
 
 def test_malformed_manifest_rows(tmp_path):
     m = _manifest(tmp_path, [{"prompt": "p1", "chosen": "a.png"}])
-    with pytest.raises(DataError, match=r"row 1: missing rejected"):
+    with pytest.raises(DataError, match=r"\.jsonl:1: missing rejected"):
         read_manifest(m)
     (tmp_path / "x.jsonl").write_text("{not json\n")
     with pytest.raises(DataError, match=r"x\.jsonl:1: not valid JSON"):
