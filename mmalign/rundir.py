@@ -214,7 +214,7 @@ def disk_problem(path: Path, e: BaseException) -> str | None:
     if code == errno.EROFS:
         return f"read-only file system: cannot write {where}"
     if code in (errno.EACCES, errno.EPERM):
-        return f"permission denied: cannot write {where}"
+        return f"permission denied: {where}"
     if isinstance(e, RuntimeError):  # torch.save / safetensors hide the errno ("iostream error", "write failed")
         here = _existing_parent(path)
         with contextlib.suppress(OSError):

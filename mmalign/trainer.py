@@ -197,7 +197,7 @@ class Trainer:
             if self.reward is None:
                 raise TrainingError("data.kind=generated ranks samples with a reward: set `reward:`")
             self._claim()
-            with self.acc.autocast():
+            with self.acc.autocast(), rundir.writing(self.run_dir / "generated_pairs.safetensors"):
                 ds = generate_pairs(self.generator, self.reward, d, seed=self.cfg.run.seed, log=self._print,
                                     accelerator=self.acc, cache=self.run_dir / "generated_pairs.safetensors")
             self._log({"data/pairs": len(ds)})
@@ -214,7 +214,9 @@ class Trainer:
             ds = P.PreferenceDataset(ps, res, d.random_flip, seed=self.cfg.run.seed)
             self._claim()
             if d.cache_latents:
-                path = ds.cache_latents(self.generator, d.cache_dir or self.run_dir / "latent_cache", self.is_main)
+                where = d.cache_dir or self.run_dir / "latent_cache"
+                with rundir.writing(Path(where)):
+                    path = ds.cache_latents(self.generator, where, self.is_main)
                 self.acc.wait_for_everyone()
                 ds.use_latents(path)
         else:

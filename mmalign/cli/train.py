@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     # deferred: torch and the model libraries load only when the command runs (a fast `mmalign --help`)
     from mmalign.config import load_config
     from mmalign.evaluation import format_comparison
-    from mmalign.rundir import RunDirError
+    from mmalign.rundir import RunDirError, existing_run
     from mmalign.trainer import RunInterrupted, Trainer
 
     if args.resume and args.overwrite:
@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
         print(interrupted_message(e, args, run_dir), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # before training started (loading models, reading data)
-        print(f"interrupted before the first training step; nothing to resume. Start again with: "
-              f"{command(args, run_dir, '--overwrite')}", file=sys.stderr)
+        again = f"--resume {args.resume}" if args.resume else "--overwrite" if existing_run(run_dir) else ""
+        print(f"interrupted before the first training step; nothing new to resume. Start again with: "
+              f"{command(args, run_dir, again)}", file=sys.stderr)
         return 130
     except RunDirError as e:  # locked, or a disk that is full / read-only
         print(f"error: {e}", file=sys.stderr)

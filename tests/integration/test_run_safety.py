@@ -179,8 +179,10 @@ def test_torch_stream_errors_on_a_full_or_read_only_disk_are_named(tmp_path, cfg
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
     rc, err = _train(capsys, cfg, "--output-dir", tmp_path / "run")
     assert rc == 2 and "disk full while writing" in _one_line_error(err)
-    for code, words in [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")]:
-        assert rundir.disk_problem(tmp_path, OSError(code, "x", "/some/file")) == f"{words}: cannot write /some/file"
+    for code, words in [(errno.EROFS, "read-only file system: cannot write"), (errno.EACCES, "permission denied:"),
+                        (errno.EDQUOT, "disk full while writing")]:
+        assert rundir.disk_problem(tmp_path, OSError(code, "x", "/some/file")) == f"{words} /some/file"
+    assert rundir.disk_problem(tmp_path, OSError(errno.EIO, "x")) is None  # other errors are not renamed
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod")
@@ -286,3 +288,19 @@ def test_a_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, cfg, cap
     a, b = _weights(full), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _steps(run) == list(range(1, 17))
+
+
+def test_ctrl_c_before_training_is_one_line_and_suggests_the_same_resume(tmp_path, cfg, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert _train(capsys, cfg, "--output-dir", run)[0] == 0
+    before = _snapshot(run)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_build_data", interrupted)
+    rc, err = _train(capsys, cfg, "train.steps=3", "--output-dir", run, "--resume")
+    assert rc == 130 and "Traceback" not in err
+    assert err.strip().endswith(shlex.join(["mmalign", "train", str(cfg), "train.steps=3", "--output-dir", str(run),
+                                            "--resume", "latest"]))
+    assert _snapshot(run) == before
