@@ -26,7 +26,7 @@ import yaml
 
 from mmalign import registry
 from mmalign.config import ConfigError, one_line_yaml_error, parse_dataclass, read_utf8
-from mmalign.data.preference import jsonl_rows
+from mmalign.data.preference import json_type, jsonl_rows
 from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind
 from mmalign.rewards.common import build_reward
 from mmalign.types import Samples
@@ -178,7 +178,9 @@ def media_items(paths: Sequence[str] | None = None, prompts: Sequence[str] | Non
             if key is None:
                 raise ValueError(f"{manifest}:{i}: no media key (one of {', '.join(MEDIA_KEYS)})")
             prompt = row.get("prompt", row.get("caption", ""))
-            items.append((_resolve(base, str(row[key])), str(prompt)))
+            if not isinstance(prompt, str):
+                raise ValueError(f"{manifest}:{i}: prompt: expected text, got {json_type(prompt)} ({prompt!r:.40})")
+            items.append((_resolve(base, str(row[key])), prompt))
         if not items:
             raise ValueError(f"{manifest}: no rows")
         return items
