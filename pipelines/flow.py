@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmalign.config import check_hub_model, num
+from mmalign.config import ConfigError, check_hub_model, num
 from mmalign.pipelines.common import DTYPES, LoraSettings, TrainedAdapterMixin, TrainedModule
 from mmalign.registry import register_generator
 from mmalign.types import (
@@ -287,6 +287,10 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         self.latent_channels = tcfg.in_channels // 4 if self.is_flux else tcfg.in_channels
         sample = getattr(pipe, "default_sample_size", None) or tcfg.sample_size
         self.resolution = cfg.resolution or sample * self.vae_scale
+        multiple = self.vae_scale * (2 if self.is_flux else tcfg.patch_size)  # latents are cut into 2x2 patches
+        if self.resolution % multiple:
+            raise ConfigError(f"generator.resolution: {self.resolution} is not a multiple of {multiple} (the VAE's "
+                              f"downsampling x the transformer's patch size)")
         self.distilled_guidance = bool(getattr(tcfg, "guidance_embeds", False))
         self.compute_dtype = DTYPES[cfg.dtype]
         self.max_sequence_length = cfg.max_sequence_length

@@ -669,3 +669,13 @@ def test_guidance_refuses_a_guidance_distilled_flux(flux):
     finally:
         if restore:
             flux.distilled_guidance = False
+
+
+@pytest.mark.parametrize("which", ["tiny_sd3", "tiny_flux"])
+def test_a_resolution_the_latent_patches_cannot_tile_is_refused(which, request):
+    """A resolution that is not a multiple of the VAE's downsampling x the patch size is one line at load."""
+    from mmalign.config import ConfigError
+
+    path = request.getfixturevalue(which)
+    with pytest.raises(ConfigError, match=r"generator\.resolution: 33 is not a multiple of \d+"):
+        FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(path), resolution=33))
