@@ -412,10 +412,11 @@ class Trainer:
         if t.skip_nonfinite and self.acc.num_processes > 1:
             raise TrainingError("train.skip_nonfinite needs a single process (ranks could disagree on a skipped step)")
         # validation first: nothing is written into the run directory before _claim()
-        try:
-            rundir.check_free(self.run_dir, bool(self.resume), self.overwrite)
-        except rundir.RunDirError as e:
-            raise TrainingError(str(e)) from None
+        if self.is_main:  # the other ranks could see the directory after the main one has claimed it
+            try:
+                rundir.check_free(self.run_dir, bool(self.resume), self.overwrite)
+            except rundir.RunDirError as e:
+                raise TrainingError(str(e)) from None
         resume_from = self._resume_path()
         if resume_from is not None:
             self._check_resume_config(resume_from)
