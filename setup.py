@@ -12,6 +12,7 @@ so a new subpackage cannot be left out of the wheel by a hand-kept list
 (tests/integration/test_packaging.py checks the mapping). Non-Python files that must ship are declared
 as package data in pyproject.toml (the toy assets).
 """
+
 from __future__ import annotations
 
 import os

@@ -49,6 +49,7 @@ Real-mode options: --adapters (from hps, pickscore, aesthetic, image_reward), --
 --min-time, --threads (default 1 on CPU, torch's default on CUDA), --workdir, --out
 (default benchmarks/results/reward_throughput_real.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,10 @@ ADAPTERS = {
     # name: (reward spec factory, samples factory)
     "clip_hf": (lambda: {"name": "clip_hf", **fx.tiny("clip_hf")}, _images),
     "hps": (lambda: {"name": "hps", **fx.tiny("hps")}, _images),
-    "pickscore": (lambda: {"name": "pickscore", **fx.tiny("clip_hf"), "processor": fx.tiny("clip_hf")["model"]}, _images),
+    "pickscore": (
+        lambda: {"name": "pickscore", **fx.tiny("clip_hf"), "processor": fx.tiny("clip_hf")["model"]},
+        _images,
+    ),
     "aesthetic": (lambda: {"name": "aesthetic", **fx.tiny("aesthetic")}, _images),
     "image_reward": (lambda: {"name": "image_reward", **fx.tiny("image_reward")}, _images),
     "jpeg_compressibility": (lambda: {"name": "jpeg_compressibility"}, _images),
@@ -98,8 +102,10 @@ ADAPTERS = {
     "clap": (lambda: {"name": "clap", **fx.tiny("clap")}, _audio),
     "audiobox_aesthetics": (lambda: {"name": "audiobox_aesthetics", **fx.tiny("audiobox")}, _audio),
     "audio_judge/qwen2audio": (lambda: {"name": "audio_judge", "batch_size": 32, **fx.tiny("qwen2audio")}, _audio),
-    "video_from_image/hps": (lambda: {"name": "video_from_image", "segments": 4,
-                                      "image_reward": {"name": "hps", **fx.tiny("hps")}}, _video),
+    "video_from_image/hps": (
+        lambda: {"name": "video_from_image", "segments": 4, "image_reward": {"name": "hps", **fx.tiny("hps")}},
+        _video,
+    ),
 }
 
 
@@ -122,15 +128,27 @@ def bench(name: str, batches: list[int], min_time: float) -> list[dict]:
     for b in batches:
         samples = make(b)
         prompts = [f"a red circle number {i}" for i in range(b)]
-        singles = [(Samples(**{k: (v[i : i + 1] if torch.is_tensor(v) else v) for k, v in vars(samples).items()}), [p])
-                   for i, p in enumerate(prompts)]
+        singles = [
+            (Samples(**{k: (v[i : i + 1] if torch.is_tensor(v) else v) for k, v in vars(samples).items()}), [p])
+            for i, p in enumerate(prompts)
+        ]
         with torch.no_grad():
             batched = _rate(lambda: reward(samples, prompts), b, min_time)
             looped = _rate(lambda: [reward(s, p) for s, p in singles], b, min_time)
-        rows.append({"adapter": name, "batch": b, "batched_samples_per_s": batched, "loop_samples_per_s": looped,
-                     "speedup": batched / looped})
-        print(f"  {name:24s} batch {b:3d}: {batched:9.1f} samples/s batched, {looped:9.1f} per-sample loop "
-              f"(x{batched / looped:.2f})", file=sys.stderr)
+        rows.append(
+            {
+                "adapter": name,
+                "batch": b,
+                "batched_samples_per_s": batched,
+                "loop_samples_per_s": looped,
+                "speedup": batched / looped,
+            }
+        )
+        print(
+            f"  {name:24s} batch {b:3d}: {batched:9.1f} samples/s batched, {looped:9.1f} per-sample loop "
+            f"(x{batched / looped:.2f})",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -140,20 +158,54 @@ def bench(name: str, batches: list[int], min_time: float) -> list[dict]:
 # CLIPConfig terms; the same sizes as open_clip's ViT-H-14 config (embed_dim 1024, vision width
 # 1280 / 32 layers / head_width 80, text width 1024 / 24 layers / 16 heads), with nn.GELU.
 CLIP_H14 = {
-    "text_config": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-                        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407),
-    "vision_config": dict(image_size=224, patch_size=14, hidden_size=1280, intermediate_size=5120,
-                          num_hidden_layers=32, num_attention_heads=16, hidden_act="gelu", layer_norm_eps=1e-5),
+    "text_config": dict(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    ),
+    "vision_config": dict(
+        image_size=224,
+        patch_size=14,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    ),
     "projection_dim": 1024,
 }
 # openai/clip-vit-large-patch14 (the LAION aesthetic predictor's backbone), quick-GELU.
 CLIP_L14 = {
-    "text_config": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407),
-    "vision_config": dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                          num_hidden_layers=24, num_attention_heads=16, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "text_config": dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    ),
+    "vision_config": dict(
+        image_size=224,
+        patch_size=14,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    ),
     "projection_dim": 768,
 }
 # --arch tiny: the same builders at the docs/tiny_models.md sizes (checks the harness in seconds).
@@ -168,8 +220,13 @@ def _save_hf_clip(directory: Path, arch: dict) -> str:
     """Random transformers CLIPModel + CLIPTokenizer (open_clip BPE) + CLIPImageProcessor in `directory`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    model = CLIPModel(CLIPConfig(text_config=dict(arch["text_config"]), vision_config=dict(arch["vision_config"]),
-                                 projection_dim=arch["projection_dim"]))
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=dict(arch["text_config"]),
+            vision_config=dict(arch["vision_config"]),
+            projection_dim=arch["projection_dim"],
+        )
+    )
     model.save_pretrained(directory)
     del model
     gc.collect()
@@ -227,10 +284,17 @@ def build_real_image_reward(directory: Path, arch: str = "full") -> dict:
     sd = to_original_state_dict(model.state_dict())
     del model
     vw, tw, embed = cfg.vision_config.hidden_size, cfg.text_config.hidden_size, 256  # BLIP's ITC embed_dim
-    sd.update({"blip.vision_proj.weight": torch.randn(embed, vw) * 0.02, "blip.vision_proj.bias": torch.zeros(embed),
-               "blip.text_proj.weight": torch.randn(embed, tw) * 0.02, "blip.text_proj.bias": torch.zeros(embed)})
-    sd.setdefault("blip.text_encoder.embeddings.position_ids",
-                  torch.arange(cfg.text_config.max_position_embeddings)[None])
+    sd.update(
+        {
+            "blip.vision_proj.weight": torch.randn(embed, vw) * 0.02,
+            "blip.vision_proj.bias": torch.zeros(embed),
+            "blip.text_proj.weight": torch.randn(embed, tw) * 0.02,
+            "blip.text_proj.bias": torch.zeros(embed),
+        }
+    )
+    sd.setdefault(
+        "blip.text_encoder.embeddings.position_ids", torch.arange(cfg.text_config.max_position_embeddings)[None]
+    )
     path = directory / "ImageReward.pt"
     torch.save(sd, path)
     del sd
@@ -248,8 +312,14 @@ REAL_BUILDERS = {
 }
 
 
-def real_spec(name: str, directory: str | Path, arch: str = "full", dtype: str = "float32",
-              device: str | None = None, batch_size: int = 32) -> dict:
+def real_spec(
+    name: str,
+    directory: str | Path,
+    arch: str = "full",
+    dtype: str = "float32",
+    device: str | None = None,
+    batch_size: int = 32,
+) -> dict:
     """Build adapter `name`'s model files (random weights) under `directory`; return its reward spec."""
     if name not in REAL_BUILDERS:
         raise ValueError(f"real mode: unknown adapter {name!r}; known: {', '.join(REAL_ADAPTERS)}")
@@ -324,9 +394,11 @@ def bench_real(name: str, batches: list[int], args, workdir: Path) -> list[dict]
     # checkpoint files are deleted here; the loaded model lives on
     n_params, model_dtype = _param_count(reward)
     model_mib = _mib(torch.cuda.memory_allocated()) if cuda else None
-    print(f"  {name}: {n_params / 1e6:.1f} M parameters ({model_dtype}), built + saved in {build_s:.1f} s, "
-          f"loaded through the adapter in {load_s:.1f} s" + (f", {model_mib:.0f} MiB on the GPU" if cuda else ""),
-          file=sys.stderr)
+    print(
+        f"  {name}: {n_params / 1e6:.1f} M parameters ({model_dtype}), built + saved in {build_s:.1f} s, "
+        f"loaded through the adapter in {load_s:.1f} s" + (f", {model_mib:.0f} MiB on the GPU" if cuda else ""),
+        file=sys.stderr,
+    )
     rows = []
     for b in batches:
         g = torch.Generator().manual_seed(b)
@@ -345,14 +417,30 @@ def bench_real(name: str, batches: list[int], args, workdir: Path) -> list[dict]
                 torch.cuda.reset_peak_memory_stats()
             looped = _rate_sync(lambda: [reward(s, p) for s, p in singles], b, args.min_time, device, args.warmup)
             peak_l = _mib(torch.cuda.max_memory_allocated()) if cuda else None
-        rows.append({"adapter": name, "batch": b, "batched_samples_per_s": batched, "loop_samples_per_s": looped,
-                     "speedup": batched / looped, "peak_mem_batched_mib": peak_b, "peak_mem_loop_mib": peak_l,
-                     "model_mem_mib": model_mib, "params": n_params, "model_dtype": model_dtype,
-                     "adapter_batch_size": max(batches),
-                     "scores_finite": finite, "build_s": build_s, "load_s": load_s})
+        rows.append(
+            {
+                "adapter": name,
+                "batch": b,
+                "batched_samples_per_s": batched,
+                "loop_samples_per_s": looped,
+                "speedup": batched / looped,
+                "peak_mem_batched_mib": peak_b,
+                "peak_mem_loop_mib": peak_l,
+                "model_mem_mib": model_mib,
+                "params": n_params,
+                "model_dtype": model_dtype,
+                "adapter_batch_size": max(batches),
+                "scores_finite": finite,
+                "build_s": build_s,
+                "load_s": load_s,
+            }
+        )
         mem = f", peak {peak_b:.0f} MiB" if cuda else ""
-        print(f"  {name:24s} batch {b:3d}: {batched:9.2f} samples/s batched, {looped:9.2f} per-sample loop "
-              f"(x{batched / looped:.2f}){mem}", file=sys.stderr)
+        print(
+            f"  {name:24s} batch {b:3d}: {batched:9.2f} samples/s batched, {looped:9.2f} per-sample loop "
+            f"(x{batched / looped:.2f}){mem}",
+            file=sys.stderr,
+        )
     del reward, samples, singles, images, scores
     gc.collect()
     if cuda:
@@ -383,8 +471,11 @@ def main_real(args, ap: argparse.ArgumentParser) -> int:
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    print(f"real mode: {', '.join(names)} | arch {args.arch} | {args.device} ({_device_name(args.device)}) | "
-          f"{args.dtype} | {args.image_size} px | batches {batches}", file=sys.stderr)
+    print(
+        f"real mode: {', '.join(names)} | arch {args.arch} | {args.device} ({_device_name(args.device)}) | "
+        f"{args.dtype} | {args.image_size} px | batches {batches}",
+        file=sys.stderr,
+    )
     rows, skipped = [], []
     for n in names:
         if args.dtype == "bfloat16" and n not in REAL_BF16:
@@ -397,23 +488,40 @@ def main_real(args, ap: argparse.ArgumentParser) -> int:
     print("-" * len(header))
     for r in rows:
         peak = f"{r['peak_mem_batched_mib']:9.0f}" if r["peak_mem_batched_mib"] is not None else f"{'-':>9s}"
-        print(f"{r['adapter']:14s} {r['batch']:5d} {r['batched_samples_per_s']:11.2f} {r['loop_samples_per_s']:11.2f} "
-              f"{r['speedup']:8.2f} {peak}")
+        print(
+            f"{r['adapter']:14s} {r['batch']:5d} {r['batched_samples_per_s']:11.2f} {r['loop_samples_per_s']:11.2f} "
+            f"{r['speedup']:8.2f} {peak}"
+        )
     for n in skipped:
         print(f"{n:14s} skipped: no bfloat16 support")
     import open_clip
     import transformers
 
-    meta = {"mode": "real", "arch": args.arch, "device": args.device, "device_name": _device_name(args.device),
-            "dtype": args.dtype, "image_size": args.image_size, "torch": torch.__version__,
-            "cuda": torch.version.cuda if cuda else None, "transformers": transformers.__version__,
-            "open_clip": open_clip.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "min_time": args.min_time, "warmup": args.warmup,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
-            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None, "skipped": skipped,
-            "note": ("released architectures with random weights, loaded through the adapters; batched = one call "
-                     "on the batch (adapter batch_size = largest batch); loop = one call per image (batch 1); "
-                     "peak memory = torch.cuda.max_memory_allocated during the timed calls, weights included")}
+    meta = {
+        "mode": "real",
+        "arch": args.arch,
+        "device": args.device,
+        "device_name": _device_name(args.device),
+        "dtype": args.dtype,
+        "image_size": args.image_size,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "transformers": transformers.__version__,
+        "open_clip": open_clip.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "min_time": args.min_time,
+        "warmup": args.warmup,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "skipped": skipped,
+        "note": (
+            "released architectures with random weights, loaded through the adapters; batched = one call "
+            "on the batch (adapter batch_size = largest batch); loop = one call per image (batch 1); "
+            "peak memory = torch.cuda.max_memory_allocated during the timed calls, weights included"
+        ),
+    }
     out = Path(args.out or "benchmarks/results/reward_throughput_real.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
@@ -423,28 +531,49 @@ def main_real(args, ap: argparse.ArgumentParser) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", default=None, help="comma-separated, from: " + ", ".join(ADAPTERS)
-                    + " (with --real: " + ", ".join(REAL_ADAPTERS) + ")")
+    ap.add_argument(
+        "--adapters",
+        default=None,
+        help="comma-separated, from: " + ", ".join(ADAPTERS) + " (with --real: " + ", ".join(REAL_ADAPTERS) + ")",
+    )
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (0: leave torch's default; default 1, "
-                         "or torch's default with --real --device cuda)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (0: leave torch's default; default 1, "
+        "or torch's default with --real --device cuda)",
+    )
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/reward_throughput.json, "
-                                                "with --real benchmarks/results/reward_throughput_real.json)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default benchmarks/results/reward_throughput.json, "
+        "with --real benchmarks/results/reward_throughput_real.json)",
+    )
     real = ap.add_argument_group("real mode (released architectures, random weights)")
     real.add_argument("--real", action="store_true", help="benchmark the real-size architectures (see above)")
     real.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     real.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    real.add_argument("--arch", default="full", choices=["full", "tiny"],
-                      help="full: the released sizes; tiny: the same builders at the tiny sizes (harness check)")
+    real.add_argument(
+        "--arch",
+        default="full",
+        choices=["full", "tiny"],
+        help="full: the released sizes; tiny: the same builders at the tiny sizes (harness check)",
+    )
     real.add_argument("--image-size", type=int, default=224)
     real.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
     real.add_argument("--workdir", default=None, help="where the temporary checkpoints go (default: the temp dir)")
     args = ap.parse_args(argv)
     if not args.real:
-        for opt, default in (("device", "cpu"), ("dtype", "float32"), ("arch", "full"), ("image_size", 224),
-                             ("warmup", 1), ("workdir", None)):
+        for opt, default in (
+            ("device", "cpu"),
+            ("dtype", "float32"),
+            ("arch", "full"),
+            ("image_size", 224),
+            ("warmup", 1),
+            ("workdir", None),
+        ):
             if getattr(args, opt) != default:
                 ap.error(f"--{opt.replace('_', '-')} only applies with --real")
     threads = args.threads if args.threads is not None else (0 if args.real and args.device == "cuda" else 1)
@@ -465,11 +594,18 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['adapter']:24s} {r['batch']:5d} {r['batched_samples_per_s']:11.1f} {r['loop_samples_per_s']:11.1f} "
-              f"{r['speedup']:8.2f}")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "note": "tiny random models (docs/tiny_models.md); CPU; loop = one call per sample"}
+        print(
+            f"{r['adapter']:24s} {r['batch']:5d} {r['batched_samples_per_s']:11.1f} {r['loop_samples_per_s']:11.1f} "
+            f"{r['speedup']:8.2f}"
+        )
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "note": "tiny random models (docs/tiny_models.md); CPU; loop = one call per sample",
+    }
     out = Path(args.out or "benchmarks/results/reward_throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

@@ -12,6 +12,7 @@ shows here), wall time and the number of generated samples the method consumed.
 Merges its rows into benchmarks/results/toy_alignment.json (a row of the same config, seed and
 overrides is replaced), from which the docs' results pages are generated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,27 @@ def run_one(config: Path, seed: int, overrides: list[str], out_root: Path) -> di
         rs = cfg.method.args.rollout
         samples = -(-cfg.train.steps // rs.steps_per_round) * rs.prompts_per_round * rs.samples_per_prompt
     name = str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config)
-    return {"method": cfg.method.name, "generator": cfg.generator.name, "config": name, "overrides": overrides,
-            "reward": cfg.reward.name if cfg.reward
-            else None, "seed": seed, "steps": cfg.train.steps, "pairs": data[-1]["data/pairs"] if data else None,
-            "proxy_before": b.get("reward"), "proxy_after": a.get("reward"),
-            "gold_before": b.get("gold_accuracy"), "gold_after": a.get("gold_accuracy"),
-            "comp_before": b.get("gold_compositional"), "comp_after": a.get("gold_compositional"),
-            "div_before": b.get("diversity"), "div_after": a.get("diversity"),
-            "wall_s": wall, "samples_generated": samples, "eval_samples": a.get("n_samples")}
+    return {
+        "method": cfg.method.name,
+        "generator": cfg.generator.name,
+        "config": name,
+        "overrides": overrides,
+        "reward": cfg.reward.name if cfg.reward else None,
+        "seed": seed,
+        "steps": cfg.train.steps,
+        "pairs": data[-1]["data/pairs"] if data else None,
+        "proxy_before": b.get("reward"),
+        "proxy_after": a.get("reward"),
+        "gold_before": b.get("gold_accuracy"),
+        "gold_after": a.get("gold_accuracy"),
+        "comp_before": b.get("gold_compositional"),
+        "comp_after": a.get("gold_compositional"),
+        "div_before": b.get("diversity"),
+        "div_after": a.get("diversity"),
+        "wall_s": wall,
+        "samples_generated": samples,
+        "eval_samples": a.get("n_samples"),
+    }
 
 
 def merge(path: Path, rows: list[dict]) -> list[dict]:
@@ -67,8 +81,12 @@ def merge(path: Path, rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="*", type=Path,  # the VLM configs have their own table: toy_vlm.py
-                    default=sorted(p for p in (ROOT / "configs" / "toy").glob("*.yaml") if not p.stem.startswith("vlm_")))
+    ap.add_argument(
+        "--configs",
+        nargs="*",
+        type=Path,  # the VLM configs have their own table: toy_vlm.py
+        default=sorted(p for p in (ROOT / "configs" / "toy").glob("*.yaml") if not p.stem.startswith("vlm_")),
+    )
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for every run")
     ap.add_argument("--out-root", type=Path, default=ROOT / "runs" / "bench")
@@ -76,14 +94,18 @@ def main() -> None:
     args = ap.parse_args()
     rows = [run_one(c.resolve(), s, args.set, args.out_root) for c in args.configs for s in args.seeds]
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    print("\n| method | generator | reward | seed | steps | pairs | proxy before→after | gold before→after | "
-          "compositional before→after | diversity before→after | wall s | samples |")
+    print(
+        "\n| method | generator | reward | seed | steps | pairs | proxy before→after | gold before→after | "
+        "compositional before→after | diversity before→after | wall s | samples |"
+    )
     print("|---" * 12 + "|")
     for r in rows:
-        print(f"| {r['method']} | {r['generator']} | {r['reward']} | {r['seed']} | {r['steps']} | {fmt(r['pairs'])} | "
-              f"{fmt(r['proxy_before'])}→{fmt(r['proxy_after'])} | {fmt(r['gold_before'])}→{fmt(r['gold_after'])} | "
-              f"{fmt(r['comp_before'])}→{fmt(r['comp_after'])} | {fmt(r['div_before'])}→{fmt(r['div_after'])} | "
-              f"{r['wall_s']:.0f} | {r['samples_generated']} |")
+        print(
+            f"| {r['method']} | {r['generator']} | {r['reward']} | {r['seed']} | {r['steps']} | {fmt(r['pairs'])} | "
+            f"{fmt(r['proxy_before'])}→{fmt(r['proxy_after'])} | {fmt(r['gold_before'])}→{fmt(r['gold_after'])} | "
+            f"{fmt(r['comp_before'])}→{fmt(r['comp_after'])} | {fmt(r['div_before'])}→{fmt(r['div_after'])} | "
+            f"{r['wall_s']:.0f} | {r['samples_generated']} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(merge(args.out, rows), indent=2))
     print(f"\nwrote {args.out}")

@@ -13,6 +13,7 @@ them.
     python benchmarks/toy_latent_probe.py --latents mean --lr 1e-4
     python benchmarks/toy_latent_probe.py --latents sample --lr 1e-4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def main() -> None:
     from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
     from mmalign.toy.world import heldout_captions, render, train_captions
 
-    gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=args.model, lora=LoraSettings(rank=16, alpha=16),
-                                                     vae_latents=args.latents))
+    gen = LatentDiffusionGenerator(
+        SDGeneratorConfig(pretrained=args.model, lora=LoraSettings(rank=16, alpha=16), vae_latents=args.latents)
+    )
     g = torch.Generator().manual_seed(0)
 
     def scenes(caps, n: int, offset: int) -> tuple[list[str], torch.Tensor]:
@@ -55,8 +57,15 @@ def main() -> None:
     probe_x0 = gen.encode_images(probe_images, range(512))
     probe_noise = torch.randn(probe_x0.shape, generator=g)
     probe_t = torch.randint(0, gen.num_train_timesteps, (512,), generator=g)
-    chunks = [(probe_x0[i:i + 128], gen.encode_prompt(probe_caps[i:i + 128]), probe_t[i:i + 128],
-               probe_noise[i:i + 128]) for i in range(0, 512, 128)]
+    chunks = [
+        (
+            probe_x0[i : i + 128],
+            gen.encode_prompt(probe_caps[i : i + 128]),
+            probe_t[i : i + 128],
+            probe_noise[i : i + 128],
+        )
+        for i in range(0, 512, 128)
+    ]
 
     @torch.no_grad()
     def probe() -> tuple[float, float]:

@@ -17,6 +17,7 @@ were off the training distribution (docs/results/toy-world-log.md).
 
     python benchmarks/toy_manifold.py [--model toy:sd_toy|PATH] [--n 32] [--steps 20] [--cfg 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,24 +62,29 @@ def main() -> None:
     caps = list(train_captions())[:: max(1, len(train_captions()) // args.n)][: args.n]
     seeds = list(range(len(caps)))
     with torch.no_grad():
-        ro = gen.rollout(caps, num_steps=args.steps, guidance_scale=args.cfg, eta=0.0, seeds=seeds,
-                         need_log_probs=False)
+        ro = gen.rollout(
+            caps, num_steps=args.steps, guidance_scale=args.cfg, eta=0.0, seeds=seeds, need_log_probs=False
+        )
         own = ro.latents[:, -1].float()
         roundtrip = gen.encode_images(ro.samples.images)
         scenes = torch.stack([torch.from_numpy(np.array(render(c, s))).permute(2, 0, 1) for c, s in zip(caps, seeds)])
         rendered = gen.encode_images(scenes.float() / 255)
     cond = gen.encode_prompt(caps)
-    rows = {name: errors(gen, x, cond) for name, x in
-            (("rendered", rendered), ("own", own), ("roundtrip", roundtrip))}
-    print(f"model {args.model}: mean denoising error on {len(caps)} training captions "
-          f"(own samples: DDIM {args.steps} steps, cfg {args.cfg})")
+    rows = {name: errors(gen, x, cond) for name, x in (("rendered", rendered), ("own", own), ("roundtrip", roundtrip))}
+    print(
+        f"model {args.model}: mean denoising error on {len(caps)} training captions "
+        f"(own samples: DDIM {args.steps} steps, cfg {args.cfg})"
+    )
     print(f"{'t':>5} {'rendered':>10} {'own':>10} {'roundtrip':>10} {'own/rend':>9} {'rt/rend':>8}")
     for t in TIMESTEPS:
         r, o, rt = rows["rendered"][t], rows["own"][t], rows["roundtrip"][t]
         print(f"{t:>5} {r:>10.4f} {o:>10.4f} {rt:>10.4f} {o / r:>9.2f} {rt / r:>8.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "n": len(caps), "steps": args.steps, "cfg": args.cfg,
-                                    "errors": rows}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {"model": args.model, "n": len(caps), "steps": args.steps, "cfg": args.cfg, "errors": rows}, indent=1
+        )
+    )
     print(f"wrote {args.out}")
 
 

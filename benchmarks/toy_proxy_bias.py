@@ -13,6 +13,7 @@ last object left out, and how often each ordering holds.
 `--pairs RUN_DIR` also reads a run's generated preference pairs (`data.kind: generated`) and
 reports the mean number of detected objects and each gold constraint for chosen vs. rejected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def scene_table(proxy: str) -> None:
     print(f"| correct | {r['mean_correct']:.3f} | 0.000 |")
     print(f"| extra | {r['mean_extra']:.3f} | {r['drop_extra']:.3f} |")
     print(f"| missing | {r['mean_missing']:.3f} | {r['drop_missing']:.3f} |")
-    print(f"\ncorrect > extra: {r['correct_over_extra']:.3f}; correct > missing: {r['correct_over_missing']:.3f}; "
-          f"extra > missing: {r['extra_over_missing']:.3f}")
+    print(
+        f"\ncorrect > extra: {r['correct_over_extra']:.3f}; correct > missing: {r['correct_over_missing']:.3f}; "
+        f"extra > missing: {r['extra_over_missing']:.3f}"
+    )
 
 
 def pairs_table(run: Path) -> None:
@@ -59,7 +62,7 @@ def pairs_table(run: Path) -> None:
         objects, checks = [], {}
         with torch.no_grad():
             for i in range(0, len(prompts), 64):
-                for im, p in zip(gen.decode(latents[side][i:i + 64]).images, prompts[i:i + 64]):
+                for im, p in zip(gen.decode(latents[side][i : i + 64]).images, prompts[i : i + 64]):
                     pil = tensor_to_pil(im)
                     objects.append(len(detect(pil)))
                     for k, v in gold_score(pil, p).items():

@@ -15,6 +15,7 @@ config as shipped (latent proxy reward model), expert = `method.reward_path=expe
 Writes benchmarks/results/toy_rg_lcd.json. Not a test: numbers depend on the machine's load only
 through the seconds column.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,18 @@ def evaluate(gen, reward, prompts, steps: int, guidance: float) -> dict:
     from mmalign.evaluation import evaluate_generator
 
     t = time.perf_counter()
-    out, _ = evaluate_generator(gen, reward, prompts, seeds_per_prompt=2, seed=1234, num_steps=steps,
-                                guidance_scale=guidance, gold=True)
-    return {"steps": steps, "gold": out["gold_accuracy"], "compositional": out["gold_compositional"],
-            "proxy": out.get("reward"), "diversity": out.get("diversity"), "sample_s": time.perf_counter() - t,
-            "per_kind": out["gold_per_kind"]}
+    out, _ = evaluate_generator(
+        gen, reward, prompts, seeds_per_prompt=2, seed=1234, num_steps=steps, guidance_scale=guidance, gold=True
+    )
+    return {
+        "steps": steps,
+        "gold": out["gold_accuracy"],
+        "compositional": out["gold_compositional"],
+        "proxy": out.get("reward"),
+        "diversity": out.get("diversity"),
+        "sample_s": time.perf_counter() - t,
+        "per_kind": out["gold_per_kind"],
+    }
 
 
 def main() -> None:
@@ -72,8 +80,14 @@ def main() -> None:
     rows = []
     teacher = LatentDiffusionGenerator(SDGeneratorConfig(pretrained="toy:sd_toy", finetune="none")).to(device)
     for s in args.teacher_steps:
-        rows.append({"model": "teacher (DDIM)", "variant": "-", "train_s": None, **evaluate(teacher, reward, prompts, s,
-                                                                                           args.guidance)})
+        rows.append(
+            {
+                "model": "teacher (DDIM)",
+                "variant": "-",
+                "train_s": None,
+                **evaluate(teacher, reward, prompts, s, args.guidance),
+            }
+        )
         print(rows[-1])
     del teacher
     for i, v in enumerate(args.variants):
@@ -90,8 +104,15 @@ def main() -> None:
         if student.lcm_scheduler is None:
             raise SystemExit(f"{run_dir / 'final'}: not an LCM student (no LCMScheduler)")
         for s in args.student_steps:
-            rows.append({"model": "student (LCM)", "variant": v, "run": str(run_dir), "train_s": train_s,
-                         **evaluate(student, reward, prompts, s, args.guidance)})
+            rows.append(
+                {
+                    "model": "student (LCM)",
+                    "variant": v,
+                    "run": str(run_dir),
+                    "train_s": train_s,
+                    **evaluate(student, reward, prompts, s, args.guidance),
+                }
+            )
             print(rows[-1])
     fmt = lambda x: "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
     print(f"\nheld-out captions: {len(prompts)} x 2 seeds; guidance scale {args.guidance}\n")
@@ -99,8 +120,10 @@ def main() -> None:
     print("|---" * 9 + "|")
     for r in rows:
         train = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
-        print(f"| {r['model']} | {r['variant']} | {r['steps']} | {fmt(r['gold'])} | {fmt(r['compositional'])} | "
-              f"{fmt(r['proxy'])} | {fmt(r['diversity'])} | {r['sample_s']:.1f} | {train} |")
+        print(
+            f"| {r['model']} | {r['variant']} | {r['steps']} | {fmt(r['gold'])} | {fmt(r['compositional'])} | "
+            f"{fmt(r['proxy'])} | {fmt(r['diversity'])} | {r['sample_s']:.1f} | {train} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
     print(f"\nwrote {args.out}")

@@ -13,6 +13,7 @@ alignment method can be expected to raise it at the same budget, and the toy tab
 rank methods there. Prints held-out gold before -> after (and per constraint) for each
 evaluation and writes benchmarks/results/toy_sft_ceiling.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,20 @@ class RenderSFT(RAFT):
         x0 = generator.encode_images(images, layout_seeds).contiguous()
         n = len(rep)
         ones = lambda: torch.ones(n, device=x0.device)  # noqa: E731 (checkpoints refuse shared storage)
-        return Rollout(samples=Samples(images=images), latents=x0[:, None].clone(),
-                       timesteps=torch.zeros(0, dtype=torch.long), log_probs=None, prompts=rep,
-                       extras={"x0": x0, "rewards": ones(), "weights": ones(), "keep": torch.arange(n, device=x0.device),
-                               "group": torch.arange(len(prompts), device=x0.device).repeat_interleave(G)})
+        return Rollout(
+            samples=Samples(images=images),
+            latents=x0[:, None].clone(),
+            timesteps=torch.zeros(0, dtype=torch.long),
+            log_probs=None,
+            prompts=rep,
+            extras={
+                "x0": x0,
+                "rewards": ones(),
+                "weights": ones(),
+                "keep": torch.arange(n, device=x0.device),
+                "group": torch.arange(len(prompts), device=x0.device).repeat_interleave(G),
+            },
+        )
 
 
 register_method("render_sft", RenderSFTConfig)(lambda cfg: RenderSFT(cfg))
@@ -73,15 +84,19 @@ def main() -> None:
     ap.add_argument("--out-root", type=Path, default=ROOT / "runs" / "sft_ceiling")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_sft_ceiling.json")
     args = ap.parse_args()
-    cfg = load_config(args.config, ["method.name=render_sft", "method.baseline=false", "eval.gold=true",
-                                    f"run.seed={args.seed}", *args.set])
+    cfg = load_config(
+        args.config,
+        ["method.name=render_sft", "method.baseline=false", "eval.gold=true", f"run.seed={args.seed}", *args.set],
+    )
     run_dir = args.out_root / f"seed{args.seed}-{int(time.time())}"
     t = time.perf_counter()
     Trainer(cfg, run_dir=run_dir).fit()
     wall = time.perf_counter() - t
     rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
-    print(f"\nsupervised fine-tuning on correct renders ({' '.join(args.set) or 'raft.yaml defaults'}), "
-          f"{cfg.train.steps} steps, {wall:.0f} s")
+    print(
+        f"\nsupervised fine-tuning on correct renders ({' '.join(args.set) or 'raft.yaml defaults'}), "
+        f"{cfg.train.steps} steps, {wall:.0f} s"
+    )
     print("| step | held-out gold | samples | " + " | ".join(rows[0]["eval"].get("gold_per_constraint", {})) + " |")
     print("|---" * (3 + len(rows[0]["eval"].get("gold_per_constraint", {}))) + "|")
     for r in rows:
@@ -89,8 +104,17 @@ def main() -> None:
         per = " | ".join(f"{v:.3f}" for v in e.get("gold_per_constraint", {}).values())
         print(f"| {r['step']} | {e['gold_accuracy']:.3f} | {e['n_samples']} | {per} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"overrides": args.set, "seed": args.seed, "wall_s": wall,
-                                    "evals": [{"step": r["step"], **r["eval"]} for r in rows]}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "overrides": args.set,
+                "seed": args.seed,
+                "wall_s": wall,
+                "evals": [{"step": r["step"], **r["eval"]} for r in rows],
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -7,6 +7,7 @@ Each config trains the shipped toy VLM (toy:vlm_toy) on toy-world pairs; the hel
 hallucination rate (greedy answers on a fixed set of held-out scenes, per question type)
 is measured before and after. Writes benchmarks/results/toy_vlm.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,15 @@ def run_one(config: Path, overrides: list[str], out_root: Path, items) -> dict:
     gen = trainer.generator
     after = evaluate(gen.model, gen.processor, items)
     m = cfg.method.args
-    return {"config": str(config.relative_to(ROOT)), "loss_type": m.loss_type, "beta": m.beta,
-            "data": cfg.data.path, "steps": cfg.train.steps, "after": after, "wall_s": wall}
+    return {
+        "config": str(config.relative_to(ROOT)),
+        "loss_type": m.loss_type,
+        "beta": m.beta,
+        "data": cfg.data.path,
+        "steps": cfg.train.steps,
+        "after": after,
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -69,8 +77,10 @@ def main() -> None:
     items = heldout_items(args.heldout_scenes)
     before = base_rates(items)
     rows = [run_one(c.resolve(), args.set, args.out_root, items) for c in args.configs]
-    print(f"\nheld-out hallucination rate (greedy; {before['n']} questions on {args.heldout_scenes} held-out scenes), "
-          "base toy VLM -> after training\n")
+    print(
+        f"\nheld-out hallucination rate (greedy; {before['n']} questions on {args.heldout_scenes} held-out scenes), "
+        "base toy VLM -> after training\n"
+    )
     print("| config | loss | steps | " + " | ".join(TYPES) + " | wall s |")
     print("|---" * (len(TYPES) + 4) + "|")
     for r in rows:

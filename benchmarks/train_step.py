@@ -11,6 +11,7 @@ FLOPs come from torch.utils.flop_counter over one step; MFU divides the achieved
 by the device's *measured* peak (a large matmul in the benchmark's dtype).
 Prints a table and writes JSON (--out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,26 @@ from pathlib import Path
 import torch
 
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
 )
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
 
 
 def build_sd15_pipe(dtype):
@@ -42,8 +56,13 @@ def build_sd15_pipe(dtype):
 
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
     return StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**SD15_UNET), vae=tiny_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
-        tokenizer=tok, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+        unet=UNet2DConditionModel(**SD15_UNET),
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+        tokenizer=tok,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -97,10 +116,12 @@ def bench(model: str, finetune: str, ckpt: bool, batch: int, steps: int, device,
     opt = torch.optim.AdamW(params, lr=1e-5)
     method = DiffusionDPO(DiffusionDPOConfig())
     h = gen.resolution // gen.vae_scale
-    batch_data = {"prompts": ["a photo of an astronaut riding a horse"] * batch,
-                  "latents_w": torch.randn(batch, 4, h, h, device=device),
-                  "latents_l": torch.randn(batch, 4, h, h, device=device),
-                  "seeds": torch.arange(batch)}
+    batch_data = {
+        "prompts": ["a photo of an astronaut riding a horse"] * batch,
+        "latents_w": torch.randn(batch, 4, h, h, device=device),
+        "latents_l": torch.randn(batch, 4, h, h, device=device),
+        "seeds": torch.arange(batch),
+    }
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
@@ -122,11 +143,23 @@ def bench(model: str, finetune: str, ckpt: bool, batch: int, steps: int, device,
         step()
     sync(device)
     dt = (time.perf_counter() - t) / steps
-    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"model": model if model == "sd15" else "tiny", "finetune": finetune, "grad_ckpt": ckpt, "pairs": batch,
-            "step_ms": dt * 1e3, "pairs_per_s": batch / dt, "peak_mem_mb": mem / 2**20,
-            "gflop_per_step": flops / 1e9, "achieved_tflops": flops / dt / 1e12, "mfu": flops / dt / peak}
+    mem = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "model": model if model == "sd15" else "tiny",
+        "finetune": finetune,
+        "grad_ckpt": ckpt,
+        "pairs": batch,
+        "step_ms": dt * 1e3,
+        "pairs_per_s": batch / dt,
+        "peak_mem_mb": mem / 2**20,
+        "gflop_per_step": flops / 1e9,
+        "achieved_tflops": flops / dt / 1e12,
+        "mfu": flops / dt / peak,
+    }
 
 
 def main() -> None:
@@ -141,18 +174,33 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batch = args.batch or (4 if args.model == "sd15" else 8)
     peak = measured_peak_flops(device, dtype)
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} " \
-        f"({torch.get_num_threads()} threads)"
+    dev_name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    )
     print(f"device: {dev_name}, dtype {dtype}, measured matmul peak {peak / 1e12:.3f} TFLOP/s")
     rows = []
     for finetune in ("lora", "full"):
         for ckpt in (False, True):
             r = bench(args.model, finetune, ckpt, batch, args.steps, device, dtype, peak)
             rows.append(r)
-            print(f"  {finetune:5s} ckpt={str(ckpt):5s} {r['step_ms']:9.1f} ms/step {r['pairs_per_s']:8.2f} pairs/s "
-                  f"{r['peak_mem_mb']:9.0f} MB  {r['gflop_per_step']:9.2f} GFLOP  MFU {100 * r['mfu']:5.1f}%")
-    cols = ["model", "finetune", "grad_ckpt", "pairs", "step_ms", "pairs_per_s", "peak_mem_mb", "gflop_per_step",
-            "achieved_tflops", "mfu"]
+            print(
+                f"  {finetune:5s} ckpt={str(ckpt):5s} {r['step_ms']:9.1f} ms/step {r['pairs_per_s']:8.2f} pairs/s "
+                f"{r['peak_mem_mb']:9.0f} MB  {r['gflop_per_step']:9.2f} GFLOP  MFU {100 * r['mfu']:5.1f}%"
+            )
+    cols = [
+        "model",
+        "finetune",
+        "grad_ckpt",
+        "pairs",
+        "step_ms",
+        "pairs_per_s",
+        "peak_mem_mb",
+        "gflop_per_step",
+        "achieved_tflops",
+        "mfu",
+    ]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

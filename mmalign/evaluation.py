@@ -5,9 +5,11 @@ caption, so mode collapse is visible).
 
 `mmalign eval` (mmalign/cli/eval.py) runs it on a model or a run directory.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +26,9 @@ def gold_evaluator(gold: bool | str):
         return sources.lookup("gold_evaluator", gold)
     known = sources.names("gold_evaluator")
     if len(known) != 1:
-        raise sources.SourceError(f"gold: {len(known)} gold evaluators are registered ({', '.join(known) or 'none'}); "
-                                  "name one")
+        raise sources.SourceError(
+            f"gold: {len(known)} gold evaluators are registered ({', '.join(known) or 'none'}); name one"
+        )
     return sources.lookup("gold_evaluator", known[0])
 
 
@@ -79,9 +82,17 @@ def expand_prompts(prompts: list[str], prompts_from: str | None, max_prompts: in
 
 
 @torch.no_grad()
-def evaluate_generator(generator, reward, prompts: list[str], seeds_per_prompt: int = 1, seed: int = 1234,
-                       num_steps: int = 20, guidance_scale: float = 5.0, gold: bool | str = False,
-                       batch_size: int = 64) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate_generator(
+    generator,
+    reward,
+    prompts: list[str],
+    seeds_per_prompt: int = 1,
+    seed: int = 1234,
+    num_steps: int = 20,
+    guidance_scale: float = 5.0,
+    gold: bool | str = False,
+    batch_size: int = 64,
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Deterministic DDIM (eta=0) samples of every prompt x seed; returns (metrics, images).
 
     `gold`: False, True (the one registered gold evaluator) or a gold evaluator's name.
@@ -96,11 +107,17 @@ def evaluate_generator(generator, reward, prompts: list[str], seeds_per_prompt: 
     seeds = [seed + i for i in range(len(rep))]
     images, rewards = [], []
     for i in tqdm(range(0, len(rep), batch_size), desc=f"eval {len(rep)} samples", leave=False, dynamic_ncols=True):
-        ro = generator.rollout(rep[i:i + batch_size], num_steps=num_steps, guidance_scale=guidance_scale, eta=0.0,
-                               seeds=seeds[i:i + batch_size], need_log_probs=False)
+        ro = generator.rollout(
+            rep[i : i + batch_size],
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            eta=0.0,
+            seeds=seeds[i : i + batch_size],
+            need_log_probs=False,
+        )
         images.append(ro.samples.images.float().cpu())
         if reward is not None:
-            rewards.append(reward(ro.samples, rep[i:i + batch_size]).float().cpu())
+            rewards.append(reward(ro.samples, rep[i : i + batch_size]).float().cpu())
     images = torch.cat(images)
     if rewards:
         out["reward"] = float(torch.cat(rewards).mean())
@@ -111,20 +128,32 @@ def evaluate_generator(generator, reward, prompts: list[str], seeds_per_prompt: 
         out["gold_per_kind"] = rep_["per_kind"]
         out["gold_per_constraint"] = rep_["per_constraint"]
     if seeds_per_prompt > 1:
-        groups = [list(images[i * seeds_per_prompt:(i + 1) * seeds_per_prompt]) for i in range(len(prompts))]
+        groups = [list(images[i * seeds_per_prompt : (i + 1) * seeds_per_prompt]) for i in range(len(prompts))]
         out["diversity"] = diversity(groups)
     return out, images
 
 
 def evaluate_config(generator, reward, e) -> tuple[dict[str, Any], torch.Tensor]:
     """evaluate_generator with the settings of an `eval:` config block (EvalConfig)."""
-    return evaluate_generator(generator, reward, expand_prompts(e.prompts, e.prompts_from, e.max_prompts),
-                              e.images_per_prompt, e.seed, e.num_steps, e.guidance_scale, e.gold)
+    return evaluate_generator(
+        generator,
+        reward,
+        expand_prompts(e.prompts, e.prompts_from, e.max_prompts),
+        e.images_per_prompt,
+        e.seed,
+        e.num_steps,
+        e.guidance_scale,
+        e.gold,
+    )
 
 
 def format_comparison(before: dict, after: dict) -> str:
-    rows = [("gold accuracy", "gold_accuracy"), ("gold compositional", "gold_compositional"),
-            ("proxy reward", "reward"), ("diversity", "diversity")]
+    rows = [
+        ("gold accuracy", "gold_accuracy"),
+        ("gold compositional", "gold_compositional"),
+        ("proxy reward", "reward"),
+        ("diversity", "diversity"),
+    ]
     lines = [f"{'':22s}{'base':>10s}{'aligned':>10s}{'delta':>10s}"]
     for label, k in rows:
         if k in before and k in after:

@@ -1,4 +1,5 @@
 """Reading media files into the tensors `Samples` holds, with errors that name the file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -79,7 +80,9 @@ def image_grid(images: Tensor, nrow: int) -> Image.Image:
     """B,3,H,W in [0,1] -> one PIL grid image."""
     import torchvision
 
-    return tensor_to_pil(torchvision.utils.make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0))
+    return tensor_to_pil(
+        torchvision.utils.make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    )
 
 
 # --------------------------------------------------------------------------- video / audio
@@ -102,7 +105,9 @@ def media_kind(path: str | Path) -> str:
         return "video"
     if suf in IMAGE_SUFFIXES:
         return "image"
-    raise MediaError(f"{p}: unknown media type (suffix {suf or 'none'}); images, videos (frame folders, .mp4) or audio (.wav, .flac)")
+    raise MediaError(
+        f"{p}: unknown media type (suffix {suf or 'none'}); images, videos (frame folders, .mp4) or audio (.wav, .flac)"
+    )
 
 
 def load_video(source: str | Path, num_frames: int | None = None) -> Tensor:
@@ -197,8 +202,10 @@ def load_audio(source: str | Path) -> tuple[Tensor, int]:
         pass
     except Exception as e:
         if "torchcodec" in str(e).lower():
-            raise MediaError(f"{p}: no decoder for this format (pip install soundfile or torchcodec)"
-                             + (f"; WAV reader said: {wav_error}" if wav_error else "")) from None
+            raise MediaError(
+                f"{p}: no decoder for this format (pip install soundfile or torchcodec)"
+                + (f"; WAV reader said: {wav_error}" if wav_error else "")
+            ) from None
         raise MediaError(f"{p}: not a readable audio file ({e})") from None
     raise MediaError(f"{p}: no decoder for this format (pip install soundfile)")
 

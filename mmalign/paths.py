@@ -2,6 +2,7 @@
 root (mmalign.sources.register_asset_root; the toy world registers `toy`, so `toy:sd_toy` is
 its installed assets/sd_toy), wherever the package is installed, so configs work from any
 working directory."""
+
 from __future__ import annotations
 
 from mmalign import sources

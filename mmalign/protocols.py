@@ -21,12 +21,14 @@ Processes: under `accelerate launch` every process builds its own generator, rew
 and the trainer calls every hook on every process (rank r sees its share of a round's prompts)
 unless a docstring says otherwise. Tensors are on the generator's device unless stated.
 """
+
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -128,9 +130,18 @@ class DiffusionGenerator(Generator, Protocol):
         module (or the reference inside `reference()`)."""
         ...
 
-    def rollout(self, prompts: Sequence[str], num_steps: int = 20, guidance_scale: float = 5.0, eta: float = 1.0,
-                seeds: Sequence[int] | None = None, latents: Tensor | None = None, need_log_probs: bool = True,
-                decode: bool = True, sde_steps: Sequence[int] | None = None) -> Rollout:
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        num_steps: int = 20,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        seeds: Sequence[int] | None = None,
+        latents: Tensor | None = None,
+        need_log_probs: bool = True,
+        decode: bool = True,
+        sde_steps: Sequence[int] | None = None,
+    ) -> Rollout:
         """Sample `prompts` (no gradients): a `Rollout` with every latent x_T..x_0 [B, T+1, ...], the
         timesteps [T], per-step log-probabilities [B, T] float64 of the stochastic steps (None with
         `need_log_probs=False`) and decoded samples. Noise comes from `seeds` (one per sample), so a
@@ -141,16 +152,24 @@ class DiffusionGenerator(Generator, Protocol):
         """(Re)compute `rollout.extras["cond"/"uncond"]` from its prompts (after loading a buffer)."""
         ...
 
-    def step_log_prob(self, rollout: Rollout, step: int, index: Tensor | slice = slice(None),
-                      return_mean: bool = False) -> Any:
+    def step_log_prob(
+        self, rollout: Rollout, step: int, index: Tensor | slice = slice(None), return_mean: bool = False
+    ) -> Any:
         """log p(latents[:, step+1] | latents[:, step], c) [B'] float64 under the current model (or the
         reference inside `reference()`), for the samples `index`; with `return_mean` also the step's
         Gaussian mean and std, as (logp, mean, std). Differentiable; policy-gradient methods call it
         in `loss`."""
         ...
 
-    def denoise_error(self, x0: Tensor, cond: dict[str, Any], t: Tensor, noise: Tensor,
-                      uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0) -> Tensor:
+    def denoise_error(
+        self,
+        x0: Tensor,
+        cond: dict[str, Any],
+        t: Tensor,
+        noise: Tensor,
+        uncond: dict[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+    ) -> Tensor:
         """Per-sample mean squared error [B] of the denoiser on x0 [B, ...] noised with `noise` to
         timesteps `t` [B] (the CFG-guided prediction with `uncond` and a scale != 1). Differentiable;
         the Diffusion-DPO family and RAFT call it in `loss`."""
@@ -198,8 +217,9 @@ class GuidableGenerator(Protocol):
         """x̂_0 from a (guided) model output at x_t; differentiable (reward guidance backpropagates)."""
         ...
 
-    def sampler_step(self, pred: Tensor, x: Tensor, t: Any, t_prev: Any, eta: float = 0.0,
-                     noise: Tensor | None = None) -> Tensor:
+    def sampler_step(
+        self, pred: Tensor, x: Tensor, t: Any, t_prev: Any, eta: float = 0.0, noise: Tensor | None = None
+    ) -> Tensor:
         """One sampler step from a (guided) output: x_{t_prev}; `noise` is needed when eta > 0."""
         ...
 
@@ -228,13 +248,25 @@ class TokenGenerator(Generator, Protocol):
         inside `reference()`); zero outside the response. Differentiable."""
         ...
 
-    def generate_ids(self, prompts: Sequence, max_new_tokens: int | None = None, do_sample: bool = True,
-                     temperature: float | None = None, top_p: float | None = None) -> list[Tensor]:
+    def generate_ids(
+        self,
+        prompts: Sequence,
+        max_new_tokens: int | None = None,
+        do_sample: bool = True,
+        temperature: float | None = None,
+        top_p: float | None = None,
+    ) -> list[Tensor]:
         """One sampled response (token ids, cut after end-of-sequence) per encoded prompt."""
         ...
 
-    def rollout(self, prompts: Sequence[str], images: Sequence[Any] | None = None, num_samples: int = 1,
-                seeds: Sequence[int] | None = None, **sampling: Any) -> Rollout:
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        num_samples: int = 1,
+        seeds: Sequence[int] | None = None,
+        **sampling: Any,
+    ) -> Rollout:
         """`num_samples` responses per (image(s), prompt): Samples(text=[B*K]) prompt-major."""
         ...
 
@@ -264,7 +296,7 @@ class OnlineMethod(Method, Protocol):
     """A method that samples its own data: rounds of `collect` with the current policy, each
     followed by `rollout.steps_per_round` optimizer steps on micro-batches of that round."""
 
-    rollout: "RolloutSettings"  # prompts_per_round, samples_per_prompt, steps_per_round, sampler settings
+    rollout: RolloutSettings  # prompts_per_round, samples_per_prompt, steps_per_round, sampler settings
 
     def collect(self, generator: Any, reward: Any, prompts: Sequence[str], seeds: Sequence[int]) -> Any:
         """Sample and score one round on this process (no gradients): `prompts` are this rank's
@@ -326,8 +358,9 @@ class StatefulMethod(Protocol):
 class OwnDataMethod(Protocol):
     """An offline method that reads its own data format instead of preference image pairs."""
 
-    def build_dataset(self, data: Any, generator: Any, run_dir: Path, log: Callable[[str], None] = print,
-                      accelerator: Any = None) -> Any:
+    def build_dataset(
+        self, data: Any, generator: Any, run_dir: Path, log: Callable[[str], None] = print, accelerator: Any = None
+    ) -> Any:
         """The training dataset from the run's `data:` settings: a map-style dataset whose items
         `collate` (its own, if it has one) turns into `loss`'s batch. Called once, on every process."""
         ...
@@ -412,9 +445,15 @@ class MovesToDevice(Protocol):
 
 # =========================================================================== dispatch helpers
 ROLE_NAMES: dict[type, str] = {
-    Generator: "a generator", DiffusionGenerator: "a diffusion generator", GuidableGenerator: "a guidable generator",
-    TokenGenerator: "a token (VLM) generator", Method: "a method", OnlineMethod: "an online method",
-    Reward: "a per-sample reward", PairwiseJudge: "a pairwise judge", DistributionReward: "a distribution reward",
+    Generator: "a generator",
+    DiffusionGenerator: "a diffusion generator",
+    GuidableGenerator: "a guidable generator",
+    TokenGenerator: "a token (VLM) generator",
+    Method: "a method",
+    OnlineMethod: "an online method",
+    Reward: "a per-sample reward",
+    PairwiseJudge: "a pairwise judge",
+    DistributionReward: "a distribution reward",
 }
 
 
@@ -439,5 +478,7 @@ def require(obj: Any, role: type, who: str, what: str = "") -> None:
     if isinstance(obj, role):
         return
     lacks = missing_members(obj, role)
-    raise RoleError(f"{who} needs {role_name(role)}; {what or type(obj).__name__} is not one"
-                    + (f" (it lacks {', '.join(lacks)})" if lacks else ""))
+    raise RoleError(
+        f"{who} needs {role_name(role)}; {what or type(obj).__name__} is not one"
+        + (f" (it lacks {', '.join(lacks)})" if lacks else "")
+    )

@@ -6,13 +6,16 @@ themselves on import; `load_builtins()` imports the ones shipped with mmalign (f
 walking their packages) and `load_plugins()` runs the plug-ins installed under the
 `mmalign.plugins` entry-point group (the toy world is one: mmalign.toy.plugin).
 """
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
+
 
 @dataclass(frozen=True)
 class Entry:

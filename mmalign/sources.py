@@ -13,11 +13,13 @@ a spec by asking this registry:
 Plug-ins are loaded (registry.load_plugins) the first time a spec is resolved, so nothing of
 a plug-in is imported by a run that does not name it.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmalign import registry
 
@@ -70,7 +72,10 @@ def lookup(kind: str, spec: str) -> Callable[..., Any]:
     if spec not in table:
         registry.load_plugins()
     if spec not in table:
-        known = ", ".join(sorted(table)) or f"none (no installed plug-in registers one; entry points {registry.PLUGIN_GROUP!r})"
+        known = (
+            ", ".join(sorted(table))
+            or f"none (no installed plug-in registers one; entry points {registry.PLUGIN_GROUP!r})"
+        )
         raise SourceError(f"unknown {kind.replace('_', ' ')} {spec!r}; known: {known}")
     return table[spec]
 
@@ -90,4 +95,3 @@ def resolve_asset(path: str) -> str:
         registry.load_plugins()
     root = _ASSET_ROOTS.get(m["prefix"])
     return str(root / m["name"]) if root is not None else path
-

@@ -3,6 +3,7 @@
 Everything here builds offline: the CLIP BPE vocabulary ships inside open_clip's wheel, so
 a transformers CLIPTokenizer with ids identical to open_clip's can be written locally.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -35,10 +36,16 @@ def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 8, **kw):
     from diffusers import UNet2DConditionModel
 
     args = dict(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4, norm_num_groups=8,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
     )
     args.update(kw)
     return UNet2DConditionModel(**args)
@@ -48,9 +55,15 @@ def tiny_vae(sample_size: int = 32):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
-        norm_num_groups=8, sample_size=sample_size, layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        layers_per_block=1,
     )
 
 
@@ -58,9 +71,16 @@ def tiny_text_encoder(hidden: int = 32, projection: bool = False, projection_dim
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
@@ -69,8 +89,13 @@ def _scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -83,9 +108,14 @@ def make_tiny_sd(out_dir: str | Path, seed: int = 0, prediction_type: str = "eps
     torch.manual_seed(seed)
     tok_dir = write_clip_tokenizer(out / "_tok")
     pipe = StableDiffusionPipeline(
-        unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_text_encoder(),
-        tokenizer=CLIPTokenizer.from_pretrained(tok_dir), scheduler=_scheduler(prediction_type),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=tiny_unet(),
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(),
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        scheduler=_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -100,13 +130,21 @@ def make_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
     unet = tiny_unet(
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        use_linear_projection=True,
     )
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=tiny_vae(), text_encoder=tiny_text_encoder(32),
-        text_encoder_2=tiny_text_encoder(32, projection=True, projection_dim=32), tokenizer=tok,
-        tokenizer_2=tok, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+        unet=unet,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(32),
+        text_encoder_2=tiny_text_encoder(32, projection=True, projection_dim=32),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -136,9 +174,19 @@ def make_tiny_open_clip(out_dir: str | Path, seed: int = 0) -> Path:
 # --------------------------------------------------------------------------- tiny VLMs
 # (appended for the VLM adapter; the builders above are unchanged)
 
-VLM_SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 250, "<|image_pad|>": 250,
-               "<|video_pad|>": 251, "<|vision_start|>": 252, "<|vision_end|>": 253,
-               "<|im_start|>": 254, "<|im_end|>": 255}
+VLM_SPECIAL = {
+    "<pad>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<unk>": 3,
+    "<image>": 250,
+    "<|image_pad|>": 250,
+    "<|video_pad|>": 251,
+    "<|vision_start|>": 252,
+    "<|vision_end|>": 253,
+    "<|im_start|>": 254,
+    "<|im_end|>": 255,
+}
 
 
 def _vlm_chat_template(image: str) -> str:
@@ -173,40 +221,77 @@ def make_char_tokenizer(image_token: str = "<image>", video_token: str | None = 
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", additional_special_tokens=specials)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=specials,
+    )
     return tok
 
 
 def make_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny `LlavaForConditionalGeneration` (CLIP vision tower, Llama LM; 32x32 images ->
     16 image tokens) with a LlavaProcessor and a chat template, saved with save_pretrained."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=255),
-        image_token_index=250, vision_feature_select_strategy="default", vision_feature_layer=-2,
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=255,
+        ),
+        image_token_index=250,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     model = LlavaForConditionalGeneration(cfg).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 255
     tok = make_char_tokenizer("<image>")
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=_vlm_chat_template("<image>"))
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_vlm_chat_template("<image>"),
+    )
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
 
 
-def _save_tiny_qwen_vl(out_dir: str | Path, seed: int, config_cls, model_cls, processor_cls, vision_config: dict) -> Path:
+def _save_tiny_qwen_vl(
+    out_dir: str | Path, seed: int, config_cls, model_cls, processor_cls, vision_config: dict
+) -> Path:
     """A tiny Qwen-VL-family model (M-RoPE text tower, 56x56 images -> 4 image tokens) with its
     processor and a chat template, saved with save_pretrained."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
@@ -214,20 +299,36 @@ def _save_tiny_qwen_vl(out_dir: str | Path, seed: int, config_cls, model_cls, pr
     out = Path(out_dir)
     torch.manual_seed(seed)
     cfg = config_cls(
-        text_config={"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
-                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 255},
+        text_config={
+            "vocab_size": 256,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 512,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 255,
+        },
         vision_config=vision_config,
-        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
+        image_token_id=250,
+        video_token_id=251,
+        vision_start_token_id=252,
+        vision_end_token_id=253,
     )
     model = model_cls(cfg).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 255
     tok = make_char_tokenizer("<|image_pad|>", video_token="<|video_pad|>")
     ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
-    proc = processor_cls(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                         chat_template=_vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    proc = processor_cls(
+        image_processor=ip,
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=_vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
@@ -238,8 +339,14 @@ def make_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
     Qwen2VLProcessor and a chat template, saved with save_pretrained."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    return _save_tiny_qwen_vl(out_dir, seed, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
-                              {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2})
+    return _save_tiny_qwen_vl(
+        out_dir,
+        seed,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+        {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+    )
 
 
 # --------------------------------------------------------------------------- tiny flow transformers
@@ -249,9 +356,19 @@ def make_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
 def tiny_sd3_transformer(**kw):
     from diffusers import SD3Transformer2DModel
 
-    args = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-                pos_embed_max_size=8)
+    args = dict(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=8,
+    )
     args.update(kw)
     return SD3Transformer2DModel(**args)
 
@@ -268,14 +385,18 @@ def make_tiny_sd3(out_dir: str | Path, seed: int = 0, shift: float = 3.0) -> Pat
     vae = tiny_vae()
     vae.register_to_config(shift_factor=0.1)  # SD3 VAEs shift and scale their latents
     pipe = StableDiffusion3Pipeline(
-        transformer=tiny_sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-        vae=vae, text_encoder=tiny_text_encoder(16, projection=True, projection_dim=16), tokenizer=tok,
-        text_encoder_2=tiny_text_encoder(16, projection=True, projection_dim=16), tokenizer_2=tok,
-        text_encoder_3=None, tokenizer_3=None,
+        transformer=tiny_sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=tiny_text_encoder(16, projection=True, projection_dim=16),
+        tokenizer=tok,
+        text_encoder_2=tiny_text_encoder(16, projection=True, projection_dim=16),
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
-
 
 
 def make_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
@@ -287,18 +408,56 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "_tok"))
-    t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-                                 pad_token_id=49407, eos_token_id=49407, decoder_start_token_id=0))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 4, 8))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=32, layers_per_block=1, shift_factor=0.1, scaling_factor=0.5)
-    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
-                                            base_shift=0.5, max_shift=1.15)
-    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=tiny_text_encoder(32),
-                        tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=49408,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=49407,
+            eos_token_id=49407,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        layers_per_block=1,
+        shift_factor=0.1,
+        scaling_factor=0.5,
+    )
+    sched = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=sched,
+        vae=vae,
+        text_encoder=tiny_text_encoder(32),
+        tokenizer=tok,
+        text_encoder_2=t5,
+        tokenizer_2=tok,
+    )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -308,40 +467,81 @@ def make_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
     images -> 4 image tokens) with a Qwen2_5_VLProcessor, saved with save_pretrained."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    return _save_tiny_qwen_vl(out_dir, seed, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor,
-                              {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                               "out_hidden_size": 32, "window_size": 56, "fullatt_block_indexes": [1]})
+    return _save_tiny_qwen_vl(
+        out_dir,
+        seed,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        },
+    )
 
 
 def make_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny `LlavaNextForConditionalGeneration` (any-resolution tiling: a 32x32 base view plus
     grid crops chosen from `image_grid_pinpoints`, with image-newline tokens) with a
     LlavaNextProcessor, saved with save_pretrained."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
     cfg = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=255),
-        image_token_index=250, vision_feature_select_strategy="default", vision_feature_layer=-2,
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=255,
+        ),
+        image_token_index=250,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
         image_grid_pinpoints=pinpoints,
     )
     model = LlavaNextForConditionalGeneration(cfg).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 255
     tok = make_char_tokenizer("<image>")
-    ip = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                 image_grid_pinpoints=pinpoints)
-    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=_vlm_chat_template("<image>"))
+    ip = LlavaNextImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_vlm_chat_template("<image>"),
+    )
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out

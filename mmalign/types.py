@@ -3,11 +3,13 @@ rollout returns (`Rollout`), and the per-step Gaussian log-probability and per-s
 helpers the samplers and methods share. The roles themselves (typed protocols for methods,
 generators and rewards) are in `mmalign.protocols` (see docs/interfaces.md).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -77,7 +79,7 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def select(self, index: Sequence[int] | Tensor) -> "Rollout":
+    def select(self, index: Sequence[int] | Tensor) -> Rollout:
         """The sub-rollout of samples `index` (tensors with a batch dimension are indexed)."""
         idx = torch.as_tensor(index, dtype=torch.long)
         return Rollout(
@@ -90,12 +92,13 @@ class Rollout:
         )
 
     @staticmethod
-    def cat(parts: Sequence["Rollout"]) -> "Rollout":
+    def cat(parts: Sequence[Rollout]) -> Rollout:
         """Concatenate rollouts made with the same sampler settings."""
         first = parts[0]
         return Rollout(
             samples=Samples(images=torch.cat([p.samples.images for p in parts]))
-            if first.samples.images is not None else Samples(),
+            if first.samples.images is not None
+            else Samples(),
             latents=torch.cat([p.latents for p in parts]),
             timesteps=first.timesteps,
             log_probs=None if first.log_probs is None else torch.cat([p.log_probs for p in parts]),
@@ -129,15 +132,22 @@ def trained_step_noise_level(extras: dict[str, Any], step: int) -> float:
     """`step_noise_level` for a step whose log-probability is asked for: an error at a deterministic one."""
     eta = step_noise_level(extras["eta"], extras.get("sde_steps"), step)
     if eta <= 0:
-        raise ValueError(f"step {step} of this rollout is deterministic (its SDE steps: {extras.get('sde_steps')}; "
-                         f"eta {extras['eta']}): it has no log-probability")
+        raise ValueError(
+            f"step {step} of this rollout is deterministic (its SDE steps: {extras.get('sde_steps')}; "
+            f"eta {extras['eta']}): it has no log-probability"
+        )
     return eta
 
 
 def _index_samples(s: Samples, idx: Tensor) -> Samples:
     pick = lambda x: None if x is None else x[idx.to(x.device)]
-    return Samples(images=pick(s.images), video=pick(s.video), audio=pick(s.audio), sample_rate=s.sample_rate,
-                   text=None if s.text is None else [s.text[i] for i in idx.tolist()])
+    return Samples(
+        images=pick(s.images),
+        video=pick(s.video),
+        audio=pick(s.audio),
+        sample_rate=s.sample_rate,
+        text=None if s.text is None else [s.text[i] for i in idx.tolist()],
+    )
 
 
 def _index_tree(x: Any, idx: Tensor, n: int) -> Any:

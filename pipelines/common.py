@@ -3,12 +3,14 @@ transformer one in flow.py): which module trains (LoRA through peft, full, or no
 frozen reference policy, and the module training forwards go through (the trainer's DDP
 wrapper). One algorithm per file stays true: nothing here knows about samplers or losses.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,10 +52,15 @@ class TrainedModule:
             from peft import LoraConfig
 
             module.requires_grad_(False)
-            module.add_adapter(LoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                init_lora_weights="gaussian" if lora.init == "gaussian" else True,
-            ))
+            module.add_adapter(
+                LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                    init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+                )
+            )
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # LoRA weights train in float32
@@ -155,4 +162,3 @@ class TrainedAdapterMixin:
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
         x = self.vae.decode(z).sample.float()
         return Samples(images=((x + 1) / 2).clamp(0, 1))
-

@@ -63,14 +63,16 @@ conditions on `max_sequence_length` (default 256) zero "T5 tokens" after the CLI
 `model_output` runs them as one token whose attention logit is raised by log(n)
 (RepeatedTokenJointAttnProcessor): the same velocities up to float rounding, at the cost of one token.
 """
+
 from __future__ import annotations
 
 import inspect
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +101,12 @@ def _flow_lora() -> LoraSettings:
 
 SDE_TYPES = {"flow_grpo": "Flow-GRPO's SDE step", "dance_grpo": "DanceGRPO's"}
 # diffusers' compute_loss_weighting_for_sd3 silently gives weight 1 to any unknown name: check first
-LOSS_WEIGHTINGS = {"none": "w = 1", "sigma_sqrt": "w = sigma^-2",
-                   "cosmap": "w = 2 / (pi (1 - 2 sigma + 2 sigma^2))", "eps": "w = (1 - sigma)^2"}
+LOSS_WEIGHTINGS = {
+    "none": "w = 1",
+    "sigma_sqrt": "w = sigma^-2",
+    "cosmap": "w = 2 / (pi (1 - 2 sigma + 2 sigma^2))",
+    "eps": "w = (1 - sigma)^2",
+}
 
 
 def check_choice(field: str, value: str, choices: dict[str, str]) -> str:
@@ -175,8 +181,15 @@ class RepeatedTokenJointAttnProcessor:
 
         self.stock = JointAttnProcessor2_0()
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, last_token_repeats: int | None = None, **kwargs) -> Any:
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        last_token_repeats: int | None = None,
+        **kwargs,
+    ) -> Any:
         if encoder_hidden_states is None or not last_token_repeats or last_token_repeats == 1:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         B, n_image = hidden_states.shape[:2]
@@ -185,10 +198,20 @@ class RepeatedTokenJointAttnProcessor:
             x = x.view(B, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
             return x if norm is None else norm(x)
 
-        q = torch.cat([heads(attn.to_q(hidden_states), attn.norm_q),
-                       heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], 2)
-        k = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
-                       heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], 2)
+        q = torch.cat(
+            [
+                heads(attn.to_q(hidden_states), attn.norm_q),
+                heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q),
+            ],
+            2,
+        )
+        k = torch.cat(
+            [
+                heads(attn.to_k(hidden_states), attn.norm_k),
+                heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k),
+            ],
+            2,
+        )
         v = torch.cat([heads(attn.to_v(hidden_states), None), heads(attn.add_v_proj(encoder_hidden_states), None)], 2)
         bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
         bias[-1] = math.log(last_token_repeats)
@@ -200,8 +223,15 @@ class RepeatedTokenJointAttnProcessor:
         return attn.to_out[1](attn.to_out[0](image)), text
 
 
-def sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, sigma_max: float, noise_level: float,
-             sde_type: str = "flow_grpo") -> tuple[Tensor, float]:
+def sde_step(
+    v: Tensor,
+    x: Tensor,
+    sigma: float,
+    sigma_next: float,
+    sigma_max: float,
+    noise_level: float,
+    sde_type: str = "flow_grpo",
+) -> tuple[Tensor, float]:
     """Mean and std of the SDE step from sigma to sigma_next (float32 in, float32 out).
 
     flow_grpo: Flow-GRPO's, sigma_t = noise_level sqrt(sigma / (1 - sigma)); `sigma_max`
@@ -232,8 +262,10 @@ def sde_noise_level(sigma: float, sigma_max: float, noise_level: float, sde_type
         return noise_level
     denom = 1 - (sigma_max if sigma >= 1 else sigma)
     if denom <= 0:
-        raise ValueError(f"flow_grpo SDE: sigma_max={sigma_max} at sigma={sigma} makes sqrt(sigma / (1 - sigma)) "
-                         "infinite; the grid's second sigma must be < 1")
+        raise ValueError(
+            f"flow_grpo SDE: sigma_max={sigma_max} at sigma={sigma} makes sqrt(sigma / (1 - sigma)) "
+            "infinite; the grid's second sigma must be < 1"
+        )
     return noise_level * math.sqrt(sigma / denom)
 
 
@@ -265,12 +297,19 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
                 if cfg.drop_t5:
                     kw.update(text_encoder_3=None, tokenizer_3=None)
                 # folders saved without T5 (or IP-adapter parts) list them as [null, null] or not at all
-                kw.update({c: None for c in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
-                           if index.get(c, [None])[0] is None})
+                kw.update(
+                    {
+                        c: None
+                        for c in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+                        if index.get(c, [None])[0] is None
+                    }
+                )
                 pipe = StableDiffusion3Pipeline.from_pretrained(src, **kw)
             else:
-                raise ValueError(f"pretrained: {src} is a {index.get('_class_name')}; the flow generator loads "
-                                 "StableDiffusion3Pipeline or FluxPipeline layouts (use generator `sd` for UNets)")
+                raise ValueError(
+                    f"pretrained: {src} is a {index.get('_class_name')}; the flow generator loads "
+                    "StableDiffusion3Pipeline or FluxPipeline layouts (use generator `sd` for UNets)"
+                )
         self.pipe = pipe
         self.is_flux = type(pipe).__name__.startswith("Flux")
         self.pipe.set_progress_bar_config(disable=True)
@@ -289,8 +328,10 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         self.resolution = cfg.resolution or sample * self.vae_scale
         multiple = self.vae_scale * (2 if self.is_flux else tcfg.patch_size)  # latents are cut into 2x2 patches
         if self.resolution % multiple:
-            raise ConfigError(f"generator.resolution: {self.resolution} is not a multiple of {multiple} (the VAE's "
-                              f"downsampling x the transformer's patch size)")
+            raise ConfigError(
+                f"generator.resolution: {self.resolution} is not a multiple of {multiple} (the VAE's "
+                f"downsampling x the transformer's patch size)"
+            )
         self.distilled_guidance = bool(getattr(tcfg, "guidance_embeds", False))
         self.compute_dtype = DTYPES[cfg.dtype]
         self.max_sequence_length = cfg.max_sequence_length
@@ -321,8 +362,9 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         if self.is_flux:
             emb, pooled, _ = self.pipe.encode_prompt(texts, None, device=dev, max_sequence_length=m)
         else:
-            emb, _, pooled, _ = self.pipe.encode_prompt(texts, None, None, device=dev,
-                                                        do_classifier_free_guidance=False, max_sequence_length=m)
+            emb, _, pooled, _ = self.pipe.encode_prompt(
+                texts, None, None, device=dev, do_classifier_free_guidance=False, max_sequence_length=m
+            )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
     @staticmethod
@@ -332,8 +374,9 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
     # encode_images, decode: TrainedAdapterMixin (pipelines/common.py)
 
     # ------------------------------------------------------------------ model calls
-    def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float | None = None
-                     ) -> Tensor:
+    def model_output(
+        self, latents: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float | None = None
+    ) -> Tensor:
         """Velocity v_theta(x, t, c) in float32; t in scheduler units (sigma * num_train_timesteps)."""
         model = self._trained.current()
         dtype = next(model.parameters()).dtype if self._trained.use_ref else self.compute_dtype
@@ -348,8 +391,14 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
             if self.zero_tokens and emb.shape[1] == self.pipe.tokenizer_max_length + self.zero_tokens:
                 emb = emb[:, : emb.shape[1] - self.zero_tokens + 1]  # the zero tokens as one
                 kw = {"last_token_repeats": self.zero_tokens}
-            return model(hidden_states=latents.to(dtype), timestep=t, encoder_hidden_states=emb,
-                         pooled_projections=pooled, joint_attention_kwargs=kw, return_dict=False)[0].float()
+            return model(
+                hidden_states=latents.to(dtype),
+                timestep=t,
+                encoder_hidden_states=emb,
+                pooled_projections=pooled,
+                joint_attention_kwargs=kw,
+                return_dict=False,
+            )[0].float()
         from diffusers import FluxPipeline
 
         C, h, w = latents.shape[1:]
@@ -359,9 +408,16 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         g = None
         if self.distilled_guidance:
             g = torch.full((B,), 1.0 if guidance is None else guidance, device=latents.device, dtype=torch.float32)
-        out = model(hidden_states=packed, timestep=t / self.num_train_timesteps, guidance=g,
-                    pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
-                    return_dict=False)[0]
+        out = model(
+            hidden_states=packed,
+            timestep=t / self.num_train_timesteps,
+            guidance=g,
+            pooled_projections=pooled,
+            encoder_hidden_states=emb,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
         return FluxPipeline._unpack_latents(out, h * self.vae_scale, w * self.vae_scale, self.vae_scale).float()
 
     def guided_velocity(self, x: Tensor, t: Tensor, cond: dict, uncond: dict | None, scale: float) -> Tensor:
@@ -382,8 +438,13 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         h = self.resolution // self.vae_scale
         seq = (h // 2) ** 2 if self.is_flux else (h // self.transformer.config.patch_size) ** 2
         c = self.scheduler.config
-        return calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        return calculate_shift(
+            seq,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
+        )
 
     def train_sigmas(self, t: Tensor) -> Tensor:
         """Integer training timesteps t in [0, N) -> sigma in (0, 1), increasing in t.
@@ -410,8 +471,9 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         sigma = self.train_sigmas(t).to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
         return (1 - sigma) * x0.float() + sigma * noise.float(), sigma
 
-    def denoise_error(self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor, uncond: dict | None = None,
-                      guidance_scale: float = 1.0) -> Tensor:
+    def denoise_error(
+        self, x0: Tensor, cond: dict, t: Tensor, noise: Tensor, uncond: dict | None = None, guidance_scale: float = 1.0
+    ) -> Tensor:
         """Per-sample mean over latent dimensions of ||(noise - x0) - v_theta(x_sigma)||^2,
         times w(sigma) of the config's `loss_weighting` (none: w = 1, the plain error).
 
@@ -474,8 +536,10 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         """
         sde_steps = None if sde_steps is None else tuple(sde_steps)
         if need_log_probs and (eta <= 0 or sde_steps == ()):
-            raise ValueError("rollout: eta=0 is the deterministic ODE sampler and has no step log-probabilities "
-                             "(nor sde_steps=[]); use eta>0 or need_log_probs=False")
+            raise ValueError(
+                "rollout: eta=0 is the deterministic ODE sampler and has no step log-probabilities "
+                "(nor sde_steps=[]); use eta>0 or need_log_probs=False"
+            )
         prompts = list(prompts)
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
         dev, shape = self.device, self.latent_shape
@@ -501,10 +565,20 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
                 traj.append(x)
             samples = self.decode(x) if decode else Samples()
         return Rollout(
-            samples=samples, latents=torch.stack(traj, 1), timesteps=timesteps,
-            log_probs=torch.stack(logps, 1) if logps else None, prompts=prompts,
-            extras={"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "eta": eta,
-                    "num_steps": num_steps, "sde_type": self.cfg.sde_type, "sde_steps": sde_steps},
+            samples=samples,
+            latents=torch.stack(traj, 1),
+            timesteps=timesteps,
+            log_probs=torch.stack(logps, 1) if logps else None,
+            prompts=prompts,
+            extras={
+                "cond": cond,
+                "uncond": uncond,
+                "guidance_scale": guidance_scale,
+                "eta": eta,
+                "num_steps": num_steps,
+                "sde_type": self.cfg.sde_type,
+                "sde_steps": sde_steps,
+            },
         )
 
     # ------------------------------------------------------------------ hooks of the guided samplers
@@ -516,8 +590,10 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
     def sampling_timesteps(self, num_steps: int) -> list[tuple[float, float]]:
         """(t, t_next) of each step of `rollout(num_steps=...)`; t_next = 0 at the last."""
         if self.distilled_guidance:
-            raise ValueError("guided sampling combines u + s (c - u) per step; a guidance-distilled FLUX model takes "
-                             "its scale through an embedding and has no unconditional branch")
+            raise ValueError(
+                "guided sampling combines u + s (c - u) per step; a guidance-distilled FLUX model takes "
+                "its scale through an embedding and has no unconditional branch"
+            )
         timesteps, sigmas = self.sampling_schedule(num_steps)
         ts = [float(t) for t in timesteps] + [0.0]
         self._guided_sigmas = {ts[k]: (sigmas[k], sigmas[k + 1]) for k in range(num_steps)}
@@ -558,8 +634,9 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         """x̂_0 = x_t - sigma v (differentiable)."""
         return x - self._sigma(t) * pred
 
-    def sampler_step(self, pred: Tensor, x: Tensor, t: float, t_next: float, eta: float = 0.0,
-                     noise: Tensor | None = None) -> Tensor:
+    def sampler_step(
+        self, pred: Tensor, x: Tensor, t: float, t_next: float, eta: float = 0.0, noise: Tensor | None = None
+    ) -> Tensor:
         """One step of `rollout`'s sampler from a (guided) velocity: Euler at eta = 0, else the config's SDE."""
         sigma, sigma_next = self._step_sigmas(t)
         mean, std = sde_step(pred, x, sigma, sigma_next, self._guided_sigma_max, eta, self.cfg.sde_type)
@@ -577,8 +654,9 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
         rollout.extras["uncond"] = self.encode_prompt(rollout.prompts, negative=True) if cfg_on else None
         return rollout
 
-    def step_log_prob(self, rollout: Rollout, step: int, index: Tensor | slice = slice(None),
-                      return_mean: bool = False):
+    def step_log_prob(
+        self, rollout: Rollout, step: int, index: Tensor | slice = slice(None), return_mean: bool = False
+    ):
         """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model.
 
         With `return_mean`, also the step's Gaussian mean and sigma_t (`sde_noise_level`; the
@@ -610,8 +688,9 @@ class FlowMatchingGenerator(TrainedAdapterMixin):
             type(self.pipe).save_lora_weights(out, transformer_lora_layers=layers, safe_serialization=True)
         else:
             self.transformer.save_pretrained(out / "transformer", safe_serialization=True)
-        (out / "mmalign_generator.json").write_text(json.dumps({"pretrained": self.cfg.pretrained,
-                                                                "finetune": self.cfg.finetune}))
+        (out / "mmalign_generator.json").write_text(
+            json.dumps({"pretrained": self.cfg.pretrained, "finetune": self.cfg.finetune})
+        )
         return out
 
     def load_trained(self, path: str | Path) -> None:

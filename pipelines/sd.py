@@ -15,14 +15,15 @@ LoRA (peft) or fully, and plays the DiffusionGenerator and GuidableGenerator rol
 - `reference()`: the frozen reference policy. With LoRA the adapters are disabled (no
   second model); with full fine-tuning a frozen copy is made once.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +132,10 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         dev = self.device
         if self.is_xl:
             pe, ne, pooled, npooled = self.pipe.encode_prompt(
-                prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=negative,
+                prompts,
+                device=dev,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=negative,
                 negative_prompt=[self.cfg.negative_prompt] * len(prompts) if negative else None,
             )
             emb, pool = (ne, npooled) if negative else (pe, pooled)
@@ -154,8 +158,9 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
     # encode_images, decode: TrainedAdapterMixin (pipelines/common.py)
 
     # ------------------------------------------------------------------ model calls
-    def model_output(self, latents: Tensor, t: Tensor, cond: dict[str, Any], timestep_cond: Tensor | None = None
-                     ) -> Tensor:
+    def model_output(
+        self, latents: Tensor, t: Tensor, cond: dict[str, Any], timestep_cond: Tensor | None = None
+    ) -> Tensor:
         unet = self._trained.current()
         dtype = next(unet.parameters()).dtype if self._trained.use_ref else latents.dtype
         enc = cond["encoder_hidden_states"].to(dtype)
@@ -168,8 +173,15 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
             kw["timestep_cond"] = timestep_cond.to(dtype)
         return unet(latents.to(dtype), t, encoder_hidden_states=enc, **kw).sample.float()
 
-    def denoise_error(self, x0: Tensor, cond: dict[str, Any], t: Tensor, noise: Tensor,
-                      uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0) -> Tensor:
+    def denoise_error(
+        self,
+        x0: Tensor,
+        cond: dict[str, Any],
+        t: Tensor,
+        noise: Tensor,
+        uncond: dict[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+    ) -> Tensor:
         """Per-sample mean squared error of the denoiser at timesteps t (shape [B]).
 
         With `uncond` and `guidance_scale` != 1 the error is that of the classifier-free
@@ -255,8 +267,10 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
             return self.lcm_rollout(prompts, num_steps, guidance_scale, seeds, latents, decode)
         sde_steps = None if sde_steps is None else tuple(sde_steps)
         if need_log_probs and (eta <= 0 or sde_steps == ()):
-            raise ValueError("rollout: eta=0 is deterministic DDIM and has no step log-probabilities (nor "
-                             "sde_steps=[]); use eta>0 or need_log_probs=False")
+            raise ValueError(
+                "rollout: eta=0 is deterministic DDIM and has no step log-probabilities (nor "
+                "sde_steps=[]); use eta>0 or need_log_probs=False"
+            )
         prompts = list(prompts)
         B = len(prompts)
         seeds = list(seeds) if seeds is not None else list(range(B))
@@ -292,8 +306,14 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
             timesteps=timesteps,
             log_probs=torch.stack(logps, 1) if logps else None,
             prompts=prompts,
-            extras={"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "eta": eta,
-                    "stride": stride, "sde_steps": sde_steps},
+            extras={
+                "cond": cond,
+                "uncond": uncond,
+                "guidance_scale": guidance_scale,
+                "eta": eta,
+                "stride": stride,
+                "sde_steps": sde_steps,
+            },
         )
 
     @property
@@ -308,8 +328,10 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
     def sampling_timesteps(self, num_steps: int) -> list[tuple[int, int]]:
         """(t, t_prev) of each DDIM step of `rollout(num_steps=...)`; t_prev < 0 at the last."""
         if self.lcm_scheduler is not None:
-            raise ValueError("guided sampling walks DDIM steps with CFG; a latent consistency model (LCMScheduler) "
-                             "samples with `lcm_rollout` instead")
+            raise ValueError(
+                "guided sampling walks DDIM steps with CFG; a latent consistency model (LCMScheduler) "
+                "samples with `lcm_rollout` instead"
+            )
         self.scheduler.set_timesteps(num_steps, device="cpu")
         stride = self.num_train_timesteps // num_steps
         return [(t, t - stride) for t in self.scheduler.timesteps.tolist()]
@@ -349,8 +371,9 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         alpha, sigma = self.alpha_sigma(t)
         return (x - sigma * self.to_eps(pred, x, t)) / alpha
 
-    def sampler_step(self, pred: Tensor, x: Tensor, t: int, prev_t: int, eta: float = 0.0,
-                     noise: Tensor | None = None) -> Tensor:
+    def sampler_step(
+        self, pred: Tensor, x: Tensor, t: int, prev_t: int, eta: float = 0.0, noise: Tensor | None = None
+    ) -> Tensor:
         """One DDIM step from a (guided) model output: x_{t_prev}; `noise` is needed when eta > 0."""
         mean, std = self.ddim_step(self.to_eps(pred, x, t), x, t, prev_t, eta)
         if std > 0:
@@ -366,8 +389,9 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         rollout.extras["uncond"] = self.encode_prompt(rollout.prompts, negative=True) if g != 1.0 else None
         return rollout
 
-    def step_log_prob(self, rollout: Rollout, step: int, index: Tensor | slice = slice(None),
-                      return_mean: bool = False):
+    def step_log_prob(
+        self, rollout: Rollout, step: int, index: Tensor | slice = slice(None), return_mean: bool = False
+    ):
         """log p(latents[:, step+1] | latents[:, step], c) under the current (or reference) model.
 
         With `return_mean`, also the step's Gaussian mean and the std a KL penalty divides by:
@@ -379,17 +403,24 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         x_next = rollout.latents[index, step + 1].to(self.device)
         t = int(rollout.timesteps[step])
         sub = lambda d: None if d is None else _index_cond(d, index)
-        eps = self.guided_eps(x, torch.tensor(t, device=self.device), sub(ex["cond"]), sub(ex["uncond"]),
-                              ex["guidance_scale"])
+        eps = self.guided_eps(
+            x, torch.tensor(t, device=self.device), sub(ex["cond"]), sub(ex["uncond"]), ex["guidance_scale"]
+        )
         mean, std = self.ddim_step(eps, x, t, t - ex["stride"], trained_step_noise_level(ex, step))
         logp = step_gaussian_log_prob(x_next, mean, std)
         return (logp, mean, std) if return_mean else logp
 
     # ------------------------------------------------------------------ latent consistency models
     @torch.no_grad()
-    def lcm_rollout(self, prompts: Sequence[str], num_steps: int = 4, guidance_scale: float = 8.0,
-                    seeds: Sequence[int] | None = None, latents: Tensor | None = None,
-                    decode: bool = True) -> Rollout:
+    def lcm_rollout(
+        self,
+        prompts: Sequence[str],
+        num_steps: int = 4,
+        guidance_scale: float = 8.0,
+        seeds: Sequence[int] | None = None,
+        latents: Tensor | None = None,
+        decode: bool = True,
+    ) -> Rollout:
         """LCM multistep sampling (Luo et al., "Latent Consistency Models", Alg. 3) with the
         LCMScheduler: each step maps x_t to the consistency function's x0 estimate and
         re-noises it to the next timestep. One conditional pass per step; the CFG scale enters
@@ -429,8 +460,9 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
         comps = {**self.pipe.components, "unet": self.unet, "scheduler": self.lcm_scheduler}
         kw = {"requires_safety_checker": False} if "requires_safety_checker" in self.pipe.config else {}
         type(self.pipe)(**comps, **kw).save_pretrained(out, safe_serialization=True)
-        (out / "mmalign_generator.json").write_text(json.dumps({"pretrained": self.cfg.pretrained,
-                                                                "finetune": self.cfg.finetune, "lcm": True}))
+        (out / "mmalign_generator.json").write_text(
+            json.dumps({"pretrained": self.cfg.pretrained, "finetune": self.cfg.finetune, "lcm": True})
+        )
         return out
 
     # ------------------------------------------------------------------ saving
@@ -449,8 +481,9 @@ class LatentDiffusionGenerator(TrainedAdapterMixin):
             type(self.pipe).save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
         else:
             self.unet.save_pretrained(out / "unet", safe_serialization=True)
-        (out / "mmalign_generator.json").write_text(json.dumps({"pretrained": self.cfg.pretrained,
-                                                                "finetune": self.cfg.finetune}))
+        (out / "mmalign_generator.json").write_text(
+            json.dumps({"pretrained": self.cfg.pretrained, "finetune": self.cfg.finetune})
+        )
         return out
 
     def load_trained(self, path: str | Path) -> None:

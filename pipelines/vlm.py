@@ -14,14 +14,16 @@ score is the log-probability of a response given (image(s), prompt): token log-p
 - Padding: right by default; with left padding, position ids are derived from the
   attention mask (M-RoPE models compute their own from it).
 """
+
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +44,9 @@ class VLMLoraSettings:
     alpha: float = num(32.0, gt=0)
     dropout: float = num(0.0, ge=0, lt=1)
     # linear layers of the language model (names as in Llama / Qwen2 / Mistral)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
     def validate(self) -> None:
         if self.rank <= 0:
@@ -108,21 +111,30 @@ class VLMGenerator:
         self.cfg = cfg
         cfg.pretrained = resolve(cfg.pretrained)
         src = str(Path(cfg.pretrained).expanduser()) if Path(cfg.pretrained).expanduser().is_dir() else cfg.pretrained
-        pkw: dict[str, Any] = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels))
-                               if v is not None}
-        self.processor = processor or AutoProcessor.from_pretrained(src, revision=cfg.revision,
-                                                                    trust_remote_code=cfg.trust_remote_code, **pkw)
-        kw: dict[str, Any] = {"revision": cfg.revision, "dtype": DTYPES[cfg.dtype],
-                              "trust_remote_code": cfg.trust_remote_code}
+        pkw: dict[str, Any] = {
+            k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v is not None
+        }
+        self.processor = processor or AutoProcessor.from_pretrained(
+            src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **pkw
+        )
+        kw: dict[str, Any] = {
+            "revision": cfg.revision,
+            "dtype": DTYPES[cfg.dtype],
+            "trust_remote_code": cfg.trust_remote_code,
+        }
         if cfg.attn_implementation:
             kw["attn_implementation"] = cfg.attn_implementation
         self.base = model or AutoModelForImageTextToText.from_pretrained(src, **kw)
         self.base.config.use_cache = False
-        self.uses_mrope = hasattr(self.base, "get_rope_index") or hasattr(getattr(self.base, "model", None),
-                                                                           "get_rope_index")
+        self.uses_mrope = hasattr(self.base, "get_rope_index") or hasattr(
+            getattr(self.base, "model", None), "get_rope_index"
+        )
         vision = _find_modules(self.base, VISION_NAMES)
-        proj = [n for n in _find_modules(self.base, PROJECTOR_NAMES)
-                if not (cfg.train_vision_tower and any(n.startswith(v + ".") for v in vision))]
+        proj = [
+            n
+            for n in _find_modules(self.base, PROJECTOR_NAMES)
+            if not (cfg.train_vision_tower and any(n.startswith(v + ".") for v in vision))
+        ]
         self.vision_modules, self.projector_modules = vision, proj
         self._ref_model: nn.Module | None = None
         if cfg.finetune == "lora":
@@ -133,11 +145,19 @@ class VLMGenerator:
             targets = "|".join(cfg.lora.target_modules)
             # LoRA on the language model only: skip anything under the vision tower / projector
             regex = rf"^(?!.*\b({frozen})\b).*\.({targets})$"
-            save = ([n.rsplit(".", 1)[-1] for n in vision] if cfg.train_vision_tower else []) + \
-                   ([n.rsplit(".", 1)[-1] for n in proj] if cfg.train_projector else [])
-            self.model = get_peft_model(self.base, LoraConfig(
-                r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=regex, modules_to_save=save or None))
+            save = ([n.rsplit(".", 1)[-1] for n in vision] if cfg.train_vision_tower else []) + (
+                [n.rsplit(".", 1)[-1] for n in proj] if cfg.train_projector else []
+            )
+            self.model = get_peft_model(
+                self.base,
+                LoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=regex,
+                    modules_to_save=save or None,
+                ),
+            )
             for p in self.model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -159,7 +179,7 @@ class VLMGenerator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: Any) -> "VLMGenerator":
+    def to(self, device: Any) -> VLMGenerator:
         self.model.to(device)
         if self._ref_model is not None:
             self._ref_model.to(device)
@@ -200,8 +220,14 @@ class VLMGenerator:
         """Image / video / vision-boundary placeholder ids (never valid inside a response)."""
         ids = set()
         for cfg in (self.base.config, self.processor):
-            for k in ("image_token_id", "image_token_index", "video_token_id", "video_token_index",
-                      "vision_start_token_id", "vision_end_token_id"):
+            for k in (
+                "image_token_id",
+                "image_token_index",
+                "video_token_id",
+                "video_token_index",
+                "vision_start_token_id",
+                "vision_end_token_id",
+            ):
                 v = getattr(cfg, k, None)
                 if isinstance(v, int) and v >= 0:
                     ids.add(v)
@@ -239,8 +265,14 @@ class VLMGenerator:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence, max_new_tokens: int | None = None, do_sample: bool = True,
-                     temperature: float | None = None, top_p: float | None = None) -> list[Tensor]:
+    def generate_ids(
+        self,
+        prompts: Sequence,
+        max_new_tokens: int | None = None,
+        do_sample: bool = True,
+        temperature: float | None = None,
+        top_p: float | None = None,
+    ) -> list[Tensor]:
         """Sample one response per encoded prompt (`EncodedPrompt`s); returns the new token ids,
         cut after the first end-of-sequence token (kept)."""
         seqs = build_sequences(prompts, [torch.zeros(0, dtype=torch.long)] * len(prompts), self.pad_id, "left")
@@ -250,15 +282,19 @@ class VLMGenerator:
         inp = self._model_inputs(seqs, model)
         inp.pop("position_ids", None)
         eos = self.base.generation_config.eos_token_id
-        kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
-                  pad_token_id=self.pad_id, eos_token_id=eos)
+        kw = dict(
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=eos,
+        )
         if self.multimodal_token_ids:  # a sampled image token would break image-token/feature counts
             kw["suppress_tokens"] = sorted(self.multimodal_token_ids)
         if do_sample:
             kw.update(temperature=temperature or self.cfg.temperature, top_p=top_p or self.cfg.top_p)
         out = model.generate(**inp, **kw)
         model.train(was_training)
-        new = out[:, seqs["input_ids"].shape[1]:].cpu()
+        new = out[:, seqs["input_ids"].shape[1] :].cpu()
         eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         res = []
         for row in new:
@@ -268,9 +304,17 @@ class VLMGenerator:
         return res
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], images: Sequence[Any] | None = None, num_samples: int = 1,
-                seeds: Sequence[int] | None = None, max_new_tokens: int | None = None,
-                temperature: float | None = None, do_sample: bool = True, **_: Any) -> Rollout:
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        num_samples: int = 1,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        do_sample: bool = True,
+        **_: Any,
+    ) -> Rollout:
         """K = num_samples sampled responses per (image(s), prompt). `images[i]` is a PIL image,
         a path or a list of them. Returns a Rollout whose samples.text holds the B*K responses
         (prompt-major), extras["response_ids"] their token ids and extras["group"] the prompt index."""
@@ -287,10 +331,14 @@ class VLMGenerator:
         ids = self.generate_ids(rep, max_new_tokens, do_sample, temperature)
         texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         n = len(rep)
-        return Rollout(samples=Samples(text=texts), latents=torch.zeros(n, 0), timesteps=torch.zeros(0),
-                       log_probs=None, prompts=[p for p in prompts for _ in range(num_samples)],
-                       extras={"response_ids": ids,
-                               "group": torch.arange(len(prompts)).repeat_interleave(num_samples)})
+        return Rollout(
+            samples=Samples(text=texts),
+            latents=torch.zeros(n, 0),
+            timesteps=torch.zeros(0),
+            log_probs=None,
+            prompts=[p for p in prompts for _ in range(num_samples)],
+            extras={"response_ids": ids, "group": torch.arange(len(prompts)).repeat_interleave(num_samples)},
+        )
 
     # ------------------------------------------------------------------ saving
     def save_trained(self, out_dir: str | Path) -> Path:
@@ -300,8 +348,9 @@ class VLMGenerator:
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out, safe_serialization=True)
         self.processor.save_pretrained(out)
-        (out / "mmalign_generator.json").write_text(json.dumps({"pretrained": self.cfg.pretrained,
-                                                                "finetune": self.cfg.finetune}))
+        (out / "mmalign_generator.json").write_text(
+            json.dumps({"pretrained": self.cfg.pretrained, "finetune": self.cfg.finetune})
+        )
         return out
 
     def load_trained(self, path: str | Path) -> None:

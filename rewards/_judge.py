@@ -22,11 +22,13 @@ Precision: `dtype: auto` (the default) loads the judge in bfloat16 when it runs 
 chat models' released dtype; a 7B judge needs about 16 GB instead of 33 GB in float32) and
 float32 on CPU; an explicit dtype wins. The judge runs on `device`, or on CUDA when available.
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -76,15 +78,25 @@ def _load_model(model_id: str, dtype: str, auto_classes: Sequence[str]):
 class ChatJudge:
     """Chat template + processor + one forward pass -> log-probs of answer tokens."""
 
-    def __init__(self, model: str, processor: str | None, device: str | None, dtype: str,
-                 auto_classes: Sequence[str], media_item: Callable[[], dict]):
+    def __init__(
+        self,
+        model: str,
+        processor: str | None,
+        device: str | None,
+        dtype: str,
+        auto_classes: Sequence[str],
+        media_item: Callable[[], dict],
+    ):
         from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(processor or model)
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError(f"{processor or model}: the processor has no tokenizer")
-        if getattr(self.processor, "chat_template", None) is None and getattr(self.tokenizer, "chat_template", None) is None:
+        if (
+            getattr(self.processor, "chat_template", None) is None
+            and getattr(self.tokenizer, "chat_template", None) is None
+        ):
             raise ValueError(f"{processor or model}: neither the processor nor the tokenizer has a chat template")
         self.tokenizer.padding_side = "left"  # the last position is then the next-token position for every row
         device = judge_device(device)
@@ -112,7 +124,7 @@ class ChatJudge:
     def _continuation(self, prefix: str, answer: str) -> list[int] | None:
         pre = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
         full = self.tokenizer(prefix + answer, add_special_tokens=False)["input_ids"]
-        return full[len(pre):] if full[: len(pre)] == pre else None
+        return full[len(pre) :] if full[: len(pre)] == pre else None
 
     def answer_id(self, answer: str) -> int:
         """The one token id of `answer` as the model would emit it after the generation prompt.
@@ -146,8 +158,11 @@ class ChatJudge:
         """[B, V] log-softmax of the next token after each rendered text."""
         inputs = self.processor(text=texts, padding=True, return_tensors="pt", **media_kwargs)
         mtype = self.model.dtype
-        inputs = {k: (v.to(self.device, mtype) if torch.is_floating_point(v) else v.to(self.device))
-                  for k, v in inputs.items() if isinstance(v, Tensor)}
+        inputs = {
+            k: (v.to(self.device, mtype) if torch.is_floating_point(v) else v.to(self.device))
+            for k, v in inputs.items()
+            if isinstance(v, Tensor)
+        }
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         with torch.no_grad():
             logits = self.model(**inputs, **extra).logits
@@ -272,8 +287,10 @@ class JudgeBase:
             texts = [self.judge.render(self._question(self.cfg.likert_template, p)) for p in prompts]
             logp = self._batched(texts, [[m] for m in media])
             return expected_rating(logp, self.rating_ids, self.rating_values)
-        raise ValueError(f"reward {self.name!r}: mode {mode!r} scores single samples only with yes_no or likert; "
-                         f"use .prefer(a, b, prompts) for pairwise")
+        raise ValueError(
+            f"reward {self.name!r}: mode {mode!r} scores single samples only with yes_no or likert; "
+            f"use .prefer(a, b, prompts) for pairwise"
+        )
 
     def first_media(self, media_a: list, media_b: list, prompts: Sequence[str]) -> Tensor:
         """P1(a, b): P(first is better) with a shown first, one order only."""

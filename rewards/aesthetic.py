@@ -17,10 +17,12 @@ as DDPO's scorer does; preprocessing is CLIPImageProcessor's pipeline in torch (
 rewards/clip_hf.py), so the reward is differentiable with respect to the pixels (used for
 reward-gradient methods such as DRaFT / AlignProp).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -16,10 +16,11 @@ chat template; one forward pass (no generate). Loads Qwen2AudioForConditionalGen
 AutoModelForMultimodalLM from a hub id ("Qwen/Qwen2-Audio-7B-Instruct") or a directory.
 Not differentiable (the Whisper feature extractor is numpy).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -27,9 +28,9 @@ from torch import Tensor
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from .common import check_batch, check_model_spec, reward_info
 from ._judge import ChatJudge, JudgeBase, JudgeScoring
 from .clap import audio_to_mono, resample
+from .common import check_batch, check_model_spec, reward_info
 
 
 @dataclass
@@ -37,10 +38,14 @@ class AudioJudgeConfig(JudgeScoring):
     model: str = "Qwen/Qwen2-Audio-7B-Instruct"
     processor: str | None = None
     yes_no_template: str = 'Does this audio match "{prompt}"? Please answer yes or no.'
-    likert_template: str = ('How well does this audio match the description "{prompt}"? Rate it from 1 to {n}, '
-                            "where {n} is a perfect match. Answer with only the number.")
-    pairwise_template: str = ('Which audio better matches the description "{prompt}"? Answer 1 if the first audio '
-                              "is better or 2 if the second audio is better.")
+    likert_template: str = (
+        'How well does this audio match the description "{prompt}"? Rate it from 1 to {n}, '
+        "where {n} is a perfect match. Answer with only the number."
+    )
+    pairwise_template: str = (
+        'Which audio better matches the description "{prompt}"? Answer 1 if the first audio '
+        "is better or 2 if the second audio is better."
+    )
 
     def validate(self) -> None:
         check_model_spec(self.model, "model")
@@ -53,9 +58,14 @@ class AudioJudge(JudgeBase):
     n_labels = ()  # Qwen2-Audio's template already writes "Audio 1:", "Audio 2:"
 
     def __init__(self, cfg: AudioJudgeConfig, name: str = "audio_judge"):
-        judge = ChatJudge(cfg.model, cfg.processor, cfg.device, cfg.dtype,
-                          ("AutoModelForMultimodalLM", "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"),
-                          lambda: {"type": "audio"})
+        judge = ChatJudge(
+            cfg.model,
+            cfg.processor,
+            cfg.device,
+            cfg.dtype,
+            ("AutoModelForMultimodalLM", "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"),
+            lambda: {"type": "audio"},
+        )
         super().__init__(cfg, judge, name)
         fe = getattr(judge.processor, "feature_extractor", None)
         if fe is None:
@@ -67,7 +77,9 @@ class AudioJudge(JudgeBase):
         if samples.sample_rate is None:
             raise ValueError(f"reward {self.name!r}: Samples.sample_rate is not set")
         with torch.no_grad():
-            wave = resample(audio_to_mono(audio.float(), f"reward {self.name!r}"), int(samples.sample_rate), self.sampling_rate)
+            wave = resample(
+                audio_to_mono(audio.float(), f"reward {self.name!r}"), int(samples.sample_rate), self.sampling_rate
+            )
         return [w.cpu().numpy() for w in wave]
 
     def media_kwargs(self, flat_media: list) -> dict:

@@ -45,15 +45,17 @@ Verified against the package on tiny random models (tests/fixtures/audiobox,
 scripts/make_audiobox_reference.py; scores agree to ~1e-5) and, once, on the full-size random
 model (agreement to 5e-7; not committed: 380 MB). Differentiable with respect to the waveform (all torch).
 """
+
 from __future__ import annotations
 
 import ast
 import json
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,13 +102,26 @@ WAVLM_BASE: dict[str, Any] = {
     "normalize": False,
 }
 # What the package supports differently is not what it builds: refuse rather than guess.
-_FIXED = {"extractor_mode": "default", "activation_fn": "gelu", "layer_norm_first": False,
-          "relative_position_embedding": True, "gru_rel_pos": True, "normalize": False}
+_FIXED = {
+    "extractor_mode": "default",
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "relative_position_embedding": True,
+    "gru_rel_pos": True,
+    "normalize": False,
+}
 
 # AesMultiOutput's dataclass defaults (config.json from save_pretrained lists only what differs).
 HEAD_DEFAULTS: dict[str, Any] = {
-    "proj_num_layer": 1, "proj_ln": False, "proj_act_fn": "gelu", "proj_dropout": 0.0, "nth_layer": 13,
-    "use_weighted_layer_sum": True, "precision": "32", "normalize_embed": True, "output_dim": 1,
+    "proj_num_layer": 1,
+    "proj_ln": False,
+    "proj_act_fn": "gelu",
+    "proj_dropout": 0.0,
+    "nth_layer": 13,
+    "use_weighted_layer_sum": True,
+    "precision": "32",
+    "normalize_embed": True,
+    "output_dim": 1,
 }
 
 
@@ -117,6 +132,7 @@ def parse_conv_layers(spec: str | Sequence[Sequence[int]]) -> list[tuple[int, in
     """The original's `conv_feature_layers` ("[(512,10,5)] + [(512,3,2)] * 4 + ...", which it
     eval()s) read with a literal-only evaluator, or a list of (dim, kernel, stride)."""
     if isinstance(spec, str):
+
         def ev(node: ast.AST) -> Any:
             if isinstance(node, ast.Constant) and isinstance(node.value, int):
                 return node.value
@@ -157,15 +173,32 @@ def hf_wavlm_config(arch: Mapping[str, Any]):
 
     conv = parse_conv_layers(arch["conv_feature_layers"])
     return WavLMConfig(
-        hidden_size=arch["encoder_embed_dim"], num_hidden_layers=arch["encoder_layers"],
-        num_attention_heads=arch["encoder_attention_heads"], intermediate_size=arch["encoder_ffn_embed_dim"],
-        hidden_act="gelu", feat_extract_activation="gelu", feat_extract_norm="group",
-        conv_dim=[c[0] for c in conv], conv_kernel=[c[1] for c in conv], conv_stride=[c[2] for c in conv],
-        conv_bias=arch["conv_bias"], num_conv_pos_embeddings=arch["conv_pos"],
-        num_conv_pos_embedding_groups=arch["conv_pos_groups"], num_buckets=arch["num_buckets"],
-        max_bucket_distance=arch["max_distance"], do_stable_layer_norm=False, layer_norm_eps=1e-5,
-        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-        final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0, apply_spec_augment=False,
+        hidden_size=arch["encoder_embed_dim"],
+        num_hidden_layers=arch["encoder_layers"],
+        num_attention_heads=arch["encoder_attention_heads"],
+        intermediate_size=arch["encoder_ffn_embed_dim"],
+        hidden_act="gelu",
+        feat_extract_activation="gelu",
+        feat_extract_norm="group",
+        conv_dim=[c[0] for c in conv],
+        conv_kernel=[c[1] for c in conv],
+        conv_stride=[c[2] for c in conv],
+        conv_bias=arch["conv_bias"],
+        num_conv_pos_embeddings=arch["conv_pos"],
+        num_conv_pos_embedding_groups=arch["conv_pos_groups"],
+        num_buckets=arch["num_buckets"],
+        max_bucket_distance=arch["max_distance"],
+        do_stable_layer_norm=False,
+        layer_norm_eps=1e-5,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+        mask_feature_prob=0.0,
+        apply_spec_augment=False,
     )
 
 
@@ -206,7 +239,7 @@ def _rename(key: str, rules) -> str | None:
     for pattern, target in rules:
         m = pattern.match(key)
         if m:
-            return target.replace("{i}", m.groupdict().get("i") or "") + key[m.end():]
+            return target.replace("{i}", m.groupdict().get("i") or "") + key[m.end() :]
     return None
 
 
@@ -218,7 +251,7 @@ def convert_state_dict(sd: Mapping[str, Tensor], source: str = "checkpoint") -> 
         if key.startswith(("proj_layer.", "layer_weights.")):
             out[key] = value
             continue
-        sub = key[len("wavlm_model."):] if key.startswith("wavlm_model.") else None
+        sub = key[len("wavlm_model.") :] if key.startswith("wavlm_model.") else None
         if sub in _DROPPED:
             continue
         new = _rename(sub, _FORWARD) if sub is not None else None
@@ -294,11 +327,16 @@ class AudioboxAestheticsModel(nn.Module):
         self.wavlm = WavLMModel(hf_wavlm_config(arch))
         dim, n_states = arch["encoder_embed_dim"], arch["encoder_layers"] + 1
         self.layer_weights = nn.ParameterDict({k: nn.Parameter(torch.ones(n_states) / n_states) for k in AXES})
-        self.proj_layer = nn.ModuleDict({
-            k: nn.Sequential(*mlp_block(dim, 1, heads["proj_num_layer"], heads["proj_act_fn"], heads["proj_ln"],
-                                        heads["proj_dropout"]))
-            for k in AXES
-        })
+        self.proj_layer = nn.ModuleDict(
+            {
+                k: nn.Sequential(
+                    *mlp_block(
+                        dim, 1, heads["proj_num_layer"], heads["proj_act_fn"], heads["proj_ln"], heads["proj_dropout"]
+                    )
+                )
+                for k in AXES
+            }
+        )
 
     def hidden_states(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """[N, T] windows, [N] valid lengths -> hidden states [N, F, C, layers+1], frame mask [N, F] (True = valid)."""
@@ -371,19 +409,24 @@ def load_original(spec: str) -> tuple[dict[str, Tensor], dict[str, Any], str]:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickles with arbitrary objects are refused on purpose
-            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True) ({e}); use the hub "
-                             "layout instead (config.json + model.safetensors, facebook/audiobox-aesthetics)") from None
+            raise ValueError(
+                f"{path}: not loadable with torch.load(weights_only=True) ({e}); use the hub "
+                "layout instead (config.json + model.safetensors, facebook/audiobox-aesthetics)"
+            ) from None
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-            raise ValueError(f"{path}: expected a checkpoint dict with 'state_dict' "
-                             "(Audiobox Aesthetics checkpoint.pt)")
+            raise ValueError(
+                f"{path}: expected a checkpoint dict with 'state_dict' (Audiobox Aesthetics checkpoint.pt)"
+            )
         cfg = dict(ckpt.get("model_cfg") or {})
         if "target_transform" in ckpt:
             cfg["target_transform"] = ckpt["target_transform"]
         sd = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}  # as AesPredictor renames
         return sd, cfg, str(path)
     if _looks_local(spec):
-        raise FileNotFoundError(f"model: {spec} not found (expected a hub id, a directory with config.json + "
-                                "model.safetensors, or a checkpoint.pt file)")
+        raise FileNotFoundError(
+            f"model: {spec} not found (expected a hub id, a directory with config.json + "
+            "model.safetensors, or a checkpoint.pt file)"
+        )
     from huggingface_hub import hf_hub_download
 
     sd, cfg = _read_hub_dir(hf_hub_download(spec, "config.json"), hf_hub_download(spec, "model.safetensors"))
@@ -399,8 +442,10 @@ def head_config(cfg: Mapping[str, Any], arch: Mapping[str, Any], source: str) ->
     if int(heads["output_dim"]) != 1:
         raise ValueError(f"{source}: output_dim={heads['output_dim']}, expected 1")
     if int(heads["nth_layer"]) != arch["encoder_layers"] + 1:
-        raise ValueError(f"{source}: nth_layer={heads['nth_layer']} but the original only runs with nth_layer = "
-                         f"encoder_layers + 1 = {arch['encoder_layers'] + 1} (check the `wavlm` config)")
+        raise ValueError(
+            f"{source}: nth_layer={heads['nth_layer']} but the original only runs with nth_layer = "
+            f"encoder_layers + 1 = {arch['encoder_layers'] + 1} (check the `wavlm` config)"
+        )
     tt = cfg.get("target_transform")
     if not isinstance(tt, Mapping) or any(not isinstance(tt.get(k), Mapping) for k in AXES):
         raise ValueError(f"{source}: target_transform must give mean and std for each of {', '.join(AXES)}")
@@ -500,9 +545,12 @@ class AudioboxAesthetics:
                     raise ValueError(f"{who}: sample {i} is empty or not [C, T] / [T] (shape {tuple(w.shape)})")
                 mono.append(resample(w, int(sample_rate), SAMPLE_RATE))
             chunks, lengths, owner = self.windows(mono)
-            parts = [self.model(chunks[i : i + self.cfg.batch_size].to(self.model.wavlm.dtype),
-                                lengths[i : i + self.cfg.batch_size])
-                     for i in range(0, len(chunks), self.cfg.batch_size)]
+            parts = [
+                self.model(
+                    chunks[i : i + self.cfg.batch_size].to(self.model.wavlm.dtype), lengths[i : i + self.cfg.batch_size]
+                )
+                for i in range(0, len(chunks), self.cfg.batch_size)
+            ]
             weight = lengths.to(self.compute_dtype) / self.window
             total = torch.zeros(len(mono), dtype=self.compute_dtype, device=self.device).index_add(0, owner, weight)
             out = {}
@@ -532,9 +580,11 @@ class AudioboxAesthetics:
 
 
 @register_reward("audiobox_aesthetics", AudioboxAestheticsConfig)
-@reward_info("audio", "config (default yes)",
-             "transformers WavLMModel + Audiobox Aesthetics heads (hub config.json + model.safetensors, "
-             "or checkpoint.pt)")
+@reward_info(
+    "audio",
+    "config (default yes)",
+    "transformers WavLMModel + Audiobox Aesthetics heads (hub config.json + model.safetensors, or checkpoint.pt)",
+)
 def build_audiobox_aesthetics(cfg: AudioboxAestheticsConfig) -> AudioboxAesthetics:
     """Audiobox Aesthetics: CE/CU/PC/PQ quality axes (default PQ) from WavLM over 10 s windows; prompt unused."""
     return AudioboxAesthetics(cfg)

@@ -22,10 +22,12 @@ Two feature paths (`features`):
   ours stays in the input dtype; for fusion models, the three crops of long inputs are taken
   at fixed positions. For inputs up to max_length_s the two agree to ~1e-3 dB (tested).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,16 +73,24 @@ class TorchClapFeatures:
         self.crop = long_audio_crop
         fusion = self.truncation == "fusion"
         self.fbank = torchaudio.functional.melscale_fbanks(
-            n_freqs=self.n_fft // 2 + 1, f_min=float(fe.frequency_min), f_max=float(fe.frequency_max),
-            n_mels=int(fe.feature_size), sample_rate=self.sr,
-            norm=None if fusion else "slaney", mel_scale="htk" if fusion else "slaney",
+            n_freqs=self.n_fft // 2 + 1,
+            f_min=float(fe.frequency_min),
+            f_max=float(fe.frequency_max),
+            n_mels=int(fe.feature_size),
+            sample_rate=self.sr,
+            norm=None if fusion else "slaney",
+            mel_scale="htk" if fusion else "slaney",
         )  # [n_freqs, n_mels]
 
     def log_mel(self, wave: Tensor) -> Tensor:
         """[T] -> [frames, n_mels] in dB."""
         window = torch.hann_window(self.n_fft, periodic=True, dtype=wave.dtype, device=wave.device)
-        spec = torch.stft(wave, self.n_fft, self.hop, window=window, center=True, pad_mode="reflect",
-                          return_complex=True).abs() ** 2  # [freq, frames]
+        spec = (
+            torch.stft(
+                wave, self.n_fft, self.hop, window=window, center=True, pad_mode="reflect", return_complex=True
+            ).abs()
+            ** 2
+        )  # [freq, frames]
         mel = self.fbank.to(wave).T @ spec
         return 10.0 * torch.log10(mel.clamp(min=1e-10)).T
 
@@ -111,7 +121,9 @@ class TorchClapFeatures:
                     return mel.unsqueeze(0).repeat(4, 1, 1), False
                 starts = torch.arange(total - chunk + 1).tensor_split(3)
                 idx = [int(s[len(s) // 2]) if len(s) else 0 for s in starts]
-                shrink = F.interpolate(mel[None, None], size=[chunk, mel.shape[1]], mode="bilinear", align_corners=False)[0, 0]
+                shrink = F.interpolate(
+                    mel[None, None], size=[chunk, mel.shape[1]], mode="bilinear", align_corners=False
+                )[0, 0]
                 crops = [mel[i : i + chunk] for i in idx]
                 return torch.stack([shrink, *crops]), True
             mel = self.log_mel(self._pad(wave))
@@ -187,8 +199,9 @@ class ClapScore:
     def features(self, waves: Tensor) -> tuple[Tensor, Tensor]:
         if self.cfg.features == "torch":
             return self.torch_features(waves)
-        fe = self.feature_extractor([w.detach().cpu().double().numpy() for w in waves], sampling_rate=self.sampling_rate,
-                                    return_tensors="pt")
+        fe = self.feature_extractor(
+            [w.detach().cpu().double().numpy() for w in waves], sampling_rate=self.sampling_rate, return_tensors="pt"
+        )
         return fe["input_features"].to(self.device), fe["is_longer"].to(self.device)
 
     def audio_embeds(self, waves: Tensor) -> Tensor:
@@ -215,7 +228,9 @@ class ClapScore:
 
 
 @register_reward("clap", ClapConfig)
-@reward_info("audio", "config (default yes, torch mel path)", "transformers ClapModel + ClapFeatureExtractor + tokenizer")
+@reward_info(
+    "audio", "config (default yes, torch mel path)", "transformers ClapModel + ClapFeatureExtractor + tokenizer"
+)
 def build_clap(cfg: ClapConfig) -> ClapScore:
     """CLAP score: exp(logit_scale_a) * cos(audio, text); torch log-mel keeps it differentiable."""
     return ClapScore(cfg)

@@ -15,13 +15,15 @@ Load from any of:
   model: "toy:proxy_clip"                              (the toy world's proxy reward)
   model_config: {embed_dim: ..., vision_cfg: ..., text_cfg: ...}, pretrained: file
 """
+
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +56,7 @@ class ClipRewardConfig:
         if (self.model is None) == (self.model_config is None):
             raise ValueError("model: give exactly one of `model` or `model_config`")
         if self.model is not None and self.model.startswith("local-dir:"):
-            d = Path(self.model[len("local-dir:"):])
+            d = Path(self.model[len("local-dir:") :])
             if not (d / "open_clip_config.json").is_file():
                 raise ValueError(f"model: {d / 'open_clip_config.json'} not found")
         if self.pretrained and Path(self.pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}:
@@ -111,7 +113,7 @@ class ClipScore:
         if cfg.device:
             self.to(cfg.device)
 
-    def to(self, device: Any) -> "ClipScore":
+    def to(self, device: Any) -> ClipScore:
         self.model.to(device)
         return self
 
@@ -169,10 +171,12 @@ def check_model_name(model: str | None) -> None:
     if model is None or model.startswith("local-dir:"):
         return
     if model.startswith("hf-hub:"):
-        check_hub_model("reward.model", model[len("hf-hub:"):])
+        check_hub_model("reward.model", model[len("hf-hub:") :])
         return
     import open_clip
 
     if model not in open_clip.list_models():
-        raise ConfigError(f"reward.model: {model!r} is not a built-in open_clip model; give a built-in name "
-                          "(open_clip.list_models()), local-dir:PATH or hf-hub:ID")
+        raise ConfigError(
+            f"reward.model: {model!r} is not a built-in open_clip model; give a built-in name "
+            "(open_clip.list_models()), local-dir:PATH or hf-hub:ID"
+        )

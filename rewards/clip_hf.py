@@ -18,10 +18,12 @@ normalisation; tested) and ours carries gradients.
 
 `HFClip` (loading + features) is shared with PickScore and the LAION aesthetic predictor.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +48,14 @@ from .common import (
 class HFClip:
     """A transformers CLIPModel with its tokenizer and torch image transform."""
 
-    def __init__(self, model: str, processor: str | None = None, device: str | None = None,
-                 dtype: str = "float32", need_text: bool = True):
+    def __init__(
+        self,
+        model: str,
+        processor: str | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        need_text: bool = True,
+    ):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         self.model = CLIPModel.from_pretrained(model, dtype=torch_dtype(dtype)).eval().requires_grad_(False)
@@ -78,7 +86,9 @@ class HFClip:
         return F.normalize(f, dim=-1) if normalize else f
 
     def text_features(self, prompts: Sequence[str], normalize: bool = True) -> Tensor:
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        tok = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         tok = {k: v.to(self.device) for k, v in tok.items()}
         f = as_features(self.model.get_text_features(**tok)).to(self.compute_dtype)
         return F.normalize(f, dim=-1) if normalize else f
@@ -135,7 +145,9 @@ class ClipHFScore:
         bs, out = self.cfg.batch_size, []
         with grad_mode(self.differentiable):
             for i in range(0, len(images), bs):
-                cos = cosine_scores(self.clip.image_features(images[i : i + bs]), self.clip.text_features(prompts[i : i + bs]))
+                cos = cosine_scores(
+                    self.clip.image_features(images[i : i + bs]), self.clip.text_features(prompts[i : i + bs])
+                )
                 out.append(cos)
         return clip_score_formula(torch.cat(out), self.cfg.weight, self.cfg.clip_at_zero)
 

@@ -9,12 +9,14 @@
 - `build_reward`: a reward from a registry name plus a dict of arguments, validated by
   that entry's config dataclass (used by `mix`, `ensemble`, `video_from_image`, the CLI).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ HF_PREFIX = "hf-hub:"
 def resolve_file(spec: str, what: str = "checkpoint") -> str:
     """A local file path, or `hf-hub:ORG/REPO/FILE` fetched with huggingface_hub."""
     if spec.startswith(HF_PREFIX):
-        parts = spec[len(HF_PREFIX):].split("/")
+        parts = spec[len(HF_PREFIX) :].split("/")
         if len(parts) < 3:
             raise ValueError(f"{what}: {spec!r} should look like hf-hub:ORG/REPO/FILE")
         from huggingface_hub import hf_hub_download
@@ -90,7 +92,9 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, Tensor], source: str) 
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}[
+        name
+    ]
 
 
 # --------------------------------------------------------------------------- calling

@@ -30,13 +30,15 @@ the padding and the ViT then fails on the non-square input; we pad it.
 tests/fixtures/hps_reference.safetensors (scripts/make_hps_reference.py) holds the reference
 transform's outputs.
 """
+
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

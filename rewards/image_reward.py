@@ -62,11 +62,13 @@ sizes of rewards/fixtures.py, loads a deterministic state dict into it strictly,
 its scores; tests/unit/rewards/test_rewards_image_reward.py checks that this adapter, loading the same
 state dict through the key mapping, gives the same scores.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -109,11 +111,29 @@ def image_reward_v1_config():
     from transformers import BlipConfig
 
     return BlipConfig(
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu"),
-        text_config=dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072,
-                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512,
-                         layer_norm_eps=1e-12, hidden_act="gelu", is_decoder=True, pad_token_id=0),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=16,
+            layer_norm_eps=1e-6,
+            hidden_act="gelu",
+        ),
+        text_config=dict(
+            vocab_size=30524,
+            hidden_size=768,
+            encoder_hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=512,
+            layer_norm_eps=1e-12,
+            hidden_act="gelu",
+            is_decoder=True,
+            pad_token_id=0,
+        ),
     )
 
 
@@ -168,8 +188,10 @@ def convert_original_state_dict(sd: Mapping[str, Tensor], source: str = "checkpo
         else:
             out[new] = value
     if unknown:
-        raise ValueError(f"{source}: not an ImageReward checkpoint: {len(unknown)} unknown keys, e.g. {unknown[:5]} "
-                         "(expected blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*)")
+        raise ValueError(
+            f"{source}: not an ImageReward checkpoint: {len(unknown)} unknown keys, e.g. {unknown[:5]} "
+            "(expected blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*)"
+        )
     return out
 
 
@@ -198,8 +220,10 @@ class ImageRewardModel(nn.Module):
         if not getattr(tcfg, "is_decoder", False):
             tcfg.is_decoder = True  # builds the cross-attention blocks (BlipTextLayer)
         if tcfg.encoder_hidden_size != vcfg.hidden_size:
-            raise ValueError(f"blip_config: text encoder_hidden_size {tcfg.encoder_hidden_size} != vision hidden_size "
-                             f"{vcfg.hidden_size} (the text encoder cross-attends to the image tokens)")
+            raise ValueError(
+                f"blip_config: text encoder_hidden_size {tcfg.encoder_hidden_size} != vision hidden_size "
+                f"{vcfg.hidden_size} (the text encoder cross-attends to the image tokens)"
+            )
         self.vision_model = BlipVisionModel(vcfg)
         self.text_encoder = BlipTextModel(tcfg, add_pooling_layer=False)
         self.mlp = AestheticMLP(tcfg.hidden_size)
@@ -208,8 +232,12 @@ class ImageRewardModel(nn.Module):
         """The text encoder's first ([CLS]) token after cross-attending to all image tokens: [B, D]."""
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
+        out = self.text_encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+        )
         return out.last_hidden_state[:, 0, :]
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -224,7 +252,9 @@ class ImageRewardModel(nn.Module):
 @dataclass
 class ImageRewardConfig:
     checkpoint: str = IMAGE_REWARD_CHECKPOINT  # the released ImageReward.pt: local path or hf-hub:ORG/REPO/FILE
-    blip_config: str | None = None  # None: ImageReward v1.0 (ViT-L/16 224 px + BERT-base); or hub id / dir of a BlipConfig
+    blip_config: str | None = (
+        None  # None: ImageReward v1.0 (ViT-L/16 224 px + BERT-base); or hub id / dir of a BlipConfig
+    )
     tokenizer: str = "bert-base-uncased"  # hub id or local directory of a BERT tokenizer
     max_length: int = num(IMAGE_REWARD_MAX_LENGTH, ge=1)
     batch_size: int = num(16, ge=1)
@@ -275,14 +305,18 @@ class ImageReward:
         head = sd.get("mlp.layers.0.weight")
         width = int(blip_cfg.text_config.hidden_size)
         if head is not None and head.shape[1] != width:
-            raise ValueError(f"{path}: MLP head expects {head.shape[1]}-d text features but the BLIP config "
-                             f"({cfg.blip_config or 'ImageReward v1.0'}) has a {width}-d text encoder")
+            raise ValueError(
+                f"{path}: MLP head expects {head.shape[1]}-d text features but the BLIP config "
+                f"({cfg.blip_config or 'ImageReward v1.0'}) has a {width}-d text encoder"
+            )
         model = ImageRewardModel(blip_cfg)
         try:
             load_strict(model, sd, path)
         except RuntimeError as e:  # shape mismatches (e.g. a 384 px BLIP config for a 224 px checkpoint)
-            raise ValueError(f"{path}: checkpoint does not match the BLIP config "
-                             f"({cfg.blip_config or 'ImageReward v1.0'}): {str(e).splitlines()[-1].strip()}") from None
+            raise ValueError(
+                f"{path}: checkpoint does not match the BLIP config "
+                f"({cfg.blip_config or 'ImageReward v1.0'}): {str(e).splitlines()[-1].strip()}"
+            ) from None
         dtype = torch_dtype(cfg.dtype)
         self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         model.vision_model.to(dtype)
@@ -295,8 +329,14 @@ class ImageReward:
         size = int(blip_cfg.vision_config.image_size)
         self.image_size = size
         # ImageReward._transform(224): Resize(224, BICUBIC) -> CenterCrop(224) -> ToTensor -> Normalize
-        self.transform = ClipTransform(resize=size, crop=(size, size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-                                       crop_offset="round", interpolation="bicubic")
+        self.transform = ClipTransform(
+            resize=size,
+            crop=(size, size),
+            mean=OPENAI_CLIP_MEAN,
+            std=OPENAI_CLIP_STD,
+            crop_offset="round",
+            interpolation="bicubic",
+        )
 
     @property
     def device(self) -> torch.device:
@@ -310,13 +350,21 @@ class ImageReward:
         """The original (non-differentiable) PIL path: torchvision Resize/CenterCrop/ToTensor/Normalize."""
         from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-        tf = Compose([Resize(self.image_size, interpolation=InterpolationMode.BICUBIC), CenterCrop(self.image_size),
-                      lambda im: im.convert("RGB"), ToTensor(), Normalize(self.transform.mean, self.transform.std)])
+        tf = Compose(
+            [
+                Resize(self.image_size, interpolation=InterpolationMode.BICUBIC),
+                CenterCrop(self.image_size),
+                lambda im: im.convert("RGB"),
+                ToTensor(),
+                Normalize(self.transform.mean, self.transform.std),
+            ]
+        )
         return torch.stack([tf(im) for im in pil_images])
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.cfg.max_length,
-                             return_tensors="pt")
+        tok = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+        )
         return {"input_ids": tok["input_ids"].to(self.device), "attention_mask": tok["attention_mask"].to(self.device)}
 
     def raw_scores(self, pixel_values: Tensor, prompts: Sequence[str]) -> Tensor:

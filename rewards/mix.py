@@ -19,11 +19,13 @@ ensemble:  members R_1..R_k scored on the same samples, aggregated as in Coste e
 Members are given as `{name: REGISTERED_NAME, **its config}`; each is validated by its own
 config dataclass.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -68,8 +70,14 @@ class PerPromptStatTracker:
         return adv.to(rewards.device, rewards.dtype if rewards.is_floating_point() else torch.float32)
 
     def get_stats(self) -> dict[str, dict[str, float]]:
-        return {p: {"mean": float(torch.tensor(list(b)).mean()), "std": float(torch.tensor(list(b)).std(unbiased=False)),
-                    "count": len(b)} for p, b in self.stats.items()}
+        return {
+            p: {
+                "mean": float(torch.tensor(list(b)).mean()),
+                "std": float(torch.tensor(list(b)).std(unbiased=False)),
+                "count": len(b),
+            }
+            for p, b in self.stats.items()
+        }
 
     def clear(self) -> None:
         self.stats = {}
@@ -112,8 +120,15 @@ class MixConfig:
 class RewardMix:
     """sum_k w_k R_k, then optionally per-prompt advantages."""
 
-    def __init__(self, rewards: list[Any], weights: Sequence[float] | None = None, normalize: str = "none",
-                 buffer_size: int = 16, min_count: int = 16, name: str = "mix"):
+    def __init__(
+        self,
+        rewards: list[Any],
+        weights: Sequence[float] | None = None,
+        normalize: str = "none",
+        buffer_size: int = 16,
+        min_count: int = 16,
+        name: str = "mix",
+    ):
         self.rewards, self.name = rewards, name
         self.weights = list(weights) if weights is not None else [1.0] * len(rewards)
         self.modality = rewards[0].modality
@@ -181,8 +196,15 @@ class EnsembleConfig:
 
 
 class RewardEnsemble:
-    def __init__(self, members: list[Any], how: str = "mean", uwo_lambda: float = 0.5,
-                 scales: Sequence[float] | None = None, offsets: Sequence[float] | None = None, name: str = "ensemble"):
+    def __init__(
+        self,
+        members: list[Any],
+        how: str = "mean",
+        uwo_lambda: float = 0.5,
+        scales: Sequence[float] | None = None,
+        offsets: Sequence[float] | None = None,
+        name: str = "ensemble",
+    ):
         self.members, self.how, self.uwo_lambda, self.name = members, how, uwo_lambda, name
         self.scales = list(scales) if scales is not None else [1.0] * len(members)
         self.offsets = list(offsets) if offsets is not None else [0.0] * len(members)

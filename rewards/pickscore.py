@@ -18,10 +18,12 @@ from the LAION CLIP-H repo, the model from PickScore_v1); offline, pass a local 
 Preprocessing is the CLIPImageProcessor pipeline in torch (see rewards/clip_hf.py for the exact
 steps and the difference to the uint8 path), so the score is differentiable in the pixels.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor

@@ -9,11 +9,12 @@ Reinforcement Learning", DDPO): each image is quantised to uint8, saved as JPEG 
 
 Both ignore the prompt and are not differentiable.
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -19,10 +19,12 @@ aesthetic), or from `consistency_reward` if given.
 The inner reward is named by registry name + args (`image_reward: {name: hps, ...}`).
 Differentiable iff the inner reward is (frame selection is indexing).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,9 @@ from mmalign.types import Samples
 from .common import build_reward, check_batch, grad_mode, reward_info
 
 
-def segment_indices(num_frames: int, segments: int, pick: str = "first", generator: torch.Generator | None = None,
-                    batch: int = 1) -> Tensor:
+def segment_indices(
+    num_frames: int, segments: int, pick: str = "first", generator: torch.Generator | None = None, batch: int = 1
+) -> Tensor:
     """[batch, segments] frame indices, one per segment of span num_frames // segments."""
     if segments > num_frames:
         raise ValueError(f"segments ({segments}) > frames ({num_frames})")
@@ -78,8 +81,10 @@ def image_embedder(reward: Any):
     fn = getattr(reward, "image_features", None)  # rewards/clip.py (open_clip): raw images in
     if fn is not None:
         return lambda x: F.normalize(fn(x), dim=-1)
-    raise ValueError(f"reward {getattr(reward, 'name', reward)!r} has no image encoder for frame consistency; "
-                     "set consistency_reward to a CLIP-family reward (clip, clip_hf, pickscore, hps, aesthetic)")
+    raise ValueError(
+        f"reward {getattr(reward, 'name', reward)!r} has no image encoder for frame consistency; "
+        "set consistency_reward to a CLIP-family reward (clip, clip_hf, pickscore, hps, aesthetic)"
+    )
 
 
 @dataclass
@@ -113,11 +118,17 @@ class VideoFromImage:
         self.cfg, self.name = cfg, name
         self.image_reward = build_reward(cfg.image_reward, "image_reward")
         if self.image_reward.modality != "image":
-            raise ValueError(f"image_reward: {cfg.image_reward['name']!r} scores {self.image_reward.modality}, not images")
+            raise ValueError(
+                f"image_reward: {cfg.image_reward['name']!r} scores {self.image_reward.modality}, not images"
+            )
         self.differentiable = bool(self.image_reward.differentiable)
         self._embed = None
         if cfg.consistency_weight:
-            src = build_reward(cfg.consistency_reward, "consistency_reward") if cfg.consistency_reward else self.image_reward
+            src = (
+                build_reward(cfg.consistency_reward, "consistency_reward")
+                if cfg.consistency_reward
+                else self.image_reward
+            )
             self._embed = image_embedder(src)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -140,8 +151,12 @@ class VideoFromImage:
 
     def consistency(self, video: Tensor) -> Tensor:
         b, f = video.shape[:2]
-        emb = torch.cat([self._embed(video.flatten(0, 1)[i : i + self.cfg.frame_batch_size])
-                         for i in range(0, b * f, self.cfg.frame_batch_size)])
+        emb = torch.cat(
+            [
+                self._embed(video.flatten(0, 1)[i : i + self.cfg.frame_batch_size])
+                for i in range(0, b * f, self.cfg.frame_batch_size)
+            ]
+        )
         return consecutive_cosine(emb.view(b, f, -1))
 
     def __call__(self, samples: Samples, prompts: Sequence[str]) -> Tensor:

@@ -20,18 +20,19 @@ local directory; the processor's chat template renders the question. Every answe
 must be a single token after the generation prompt (checked at load, clear error if not).
 Not differentiable: the processor's image path is PIL/numpy.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import Tensor
 
 from mmalign.registry import register_reward
 from mmalign.types import Samples
 
-from .common import check_batch, check_model_spec, images_to_uint8_pil, reward_info
 from ._judge import ChatJudge, JudgeBase, JudgeScoring
+from .common import check_batch, check_model_spec, images_to_uint8_pil, reward_info
 
 VQASCORE_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
 
@@ -41,10 +42,14 @@ class VLMJudgeConfig(JudgeScoring):
     model: str = "Qwen/Qwen2-VL-7B-Instruct"  # hub id or local directory
     processor: str | None = None  # default: model
     yes_no_template: str = VQASCORE_QUESTION
-    likert_template: str = ('How well does this image match the prompt "{prompt}"? Rate it from 1 to {n}, '
-                            "where {n} is a perfect match. Answer with only the number.")
-    pairwise_template: str = ('Which image better matches the prompt "{prompt}"? Answer 1 if the first image '
-                              "is better or 2 if the second image is better.")
+    likert_template: str = (
+        'How well does this image match the prompt "{prompt}"? Rate it from 1 to {n}, '
+        "where {n} is a perfect match. Answer with only the number."
+    )
+    pairwise_template: str = (
+        'Which image better matches the prompt "{prompt}"? Answer 1 if the first image '
+        "is better or 2 if the second image is better."
+    )
 
     def validate(self) -> None:
         check_model_spec(self.model, "model")
@@ -57,8 +62,14 @@ class VLMJudge(JudgeBase):
     n_labels = ("Image 1:", "Image 2:")
 
     def __init__(self, cfg: VLMJudgeConfig, name: str = "vlm_judge"):
-        judge = ChatJudge(cfg.model, cfg.processor, cfg.device, cfg.dtype,
-                          ("AutoModelForImageTextToText", "AutoModelForMultimodalLM"), lambda: {"type": "image"})
+        judge = ChatJudge(
+            cfg.model,
+            cfg.processor,
+            cfg.device,
+            cfg.dtype,
+            ("AutoModelForImageTextToText", "AutoModelForMultimodalLM"),
+            lambda: {"type": "image"},
+        )
         super().__init__(cfg, judge, name)
 
     def media_list(self, samples: Samples) -> list:

@@ -17,6 +17,7 @@ Wired in through `hooks:` in mkdocs.yml; `scripts/build_docs.sh` builds with `--
 `python scripts/docs_hooks.py --readme` rewrites the README's headline results block from the
 same JSON (`--check` only reports whether it is stale; tests/integration/test_docs.py runs it).
 """
+
 from __future__ import annotations
 
 import ast
@@ -70,8 +71,10 @@ def render_toy_alignment(data: list[dict], filters: dict[str, str]) -> str:
     rows = [r for r in data if all(str(r.get(k)) == v for k, v in filters.items())]
     if not rows:
         return "(no rows in benchmarks/results/toy_alignment.json for this selection yet)"
-    lines = ["| method | config | generator | seed | steps | held-out gold | proxy | diversity | samples | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | config | generator | seed | steps | held-out gold | proxy | diversity | samples | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         config = f"`{Path(r['config']).name}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
         wall = "-" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.0f} min"
@@ -79,7 +82,8 @@ def render_toy_alignment(data: list[dict], filters: dict[str, str]) -> str:
             f"| {r.get('label', r['method'])}{_mark(r)} | {config} | {r['generator']} | {r['seed']} | {r['steps']} "
             f"| {_fmt(r['gold_before'])} → {_fmt(r['gold_after'])} | {_fmt(r.get('proxy_before'))} → "
             f"{_fmt(r.get('proxy_after'))} | {_fmt(r.get('div_before'))} → {_fmt(r.get('div_after'))} "
-            f"| {_fmt(r.get('samples_generated'))} | {wall} |")
+            f"| {_fmt(r.get('samples_generated'))} | {wall} |"
+        )
     return "\n".join(lines) + _source_note(rows)
 
 
@@ -90,9 +94,13 @@ def render_toy_vlm(data: dict, filters: dict[str, str]) -> str:
     lines = ["| config | loss | steps | " + " | ".join(types) + " |", "|---" * (len(types) + 3) + "|"]
     for r in rows:
         cells = " | ".join(f"{_fmt(data['before'].get(t))} → {_fmt(r['after'].get(t))}" for t in types)
-        lines.append(f"| `{Path(r['config']).name}`{_mark(r) or _mark(data)} | {r['loss_type']} | {r['steps']} | {cells} |")
+        lines.append(
+            f"| `{Path(r['config']).name}`{_mark(r) or _mark(data)} | {r['loss_type']} | {r['steps']} | {cells} |"
+        )
     n = data["before"].get("n")
-    head = f"Held-out questions: {n} on {data.get('heldout_scenes')} held-out scenes; '-' = not recorded.\n\n" if n else ""
+    head = (
+        f"Held-out questions: {n} on {data.get('heldout_scenes')} held-out scenes; '-' = not recorded.\n\n" if n else ""
+    )
     return head + "\n".join(lines) + _source_note(rows + [data])
 
 
@@ -102,8 +110,9 @@ def render_toy_guidance(data: dict, filters: dict[str, str]) -> str:
     lines = ["| method | gold | Δ vs best static (s.e.) | proxy | cost vs CFG 4 |", "|---|---|---|---|---|"]
     for r in rows:
         delta = "-" if r.get("delta") is None else f"{r['delta']:+.3f} ({r['se']:.3f})"
-        lines.append(f"| {r['method']}{_mark(data)} | {_fmt(r['gold'])} | {delta} | {_fmt(r['proxy'])} "
-                     f"| {r['cost_pct']:+.0f}% |")
+        lines.append(
+            f"| {r['method']}{_mark(data)} | {_fmt(r['gold'])} | {delta} | {_fmt(r['proxy'])} | {r['cost_pct']:+.0f}% |"
+        )
     return "\n".join(lines) + _source_note([data])
 
 
@@ -119,8 +128,16 @@ def _guidance_summary(data: dict) -> list[dict]:
         d = [a - b for a, b in zip(r["gold_correct"], best["gold_correct"])]
         m = mean(d)
         se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-        out.append({"method": r["method"], "gold": r["gold_acc"], "delta": None if r is best else m,
-                    "se": se, "proxy": mean(r["proxy"]), "cost_pct": (r["seconds"] / ref["seconds"] - 1) * 100})
+        out.append(
+            {
+                "method": r["method"],
+                "gold": r["gold_acc"],
+                "delta": None if r is best else m,
+                "se": se,
+                "proxy": mean(r["proxy"]),
+                "cost_pct": (r["seconds"] / ref["seconds"] - 1) * 100,
+            }
+        )
     return out
 
 
@@ -186,8 +203,11 @@ def render_config(spec: str, page: str) -> str:
             continue
         key = node.target.id
         default, bounds = _num_field(src, node.value)
-        default = default if default is not None else (
-            ast.get_source_segment(src, node.value) if node.value is not None else "required")
+        default = (
+            default
+            if default is not None
+            else (ast.get_source_segment(src, node.value) if node.value is not None else "required")
+        )
         default = re.sub(r"^field\(default_factory=lambda: (.*)\)$", r"\1", default or "")
         default = re.sub(r"^field\(default_factory=(\w+)\)$", r"\1()", default)
         above, ln = [], node.lineno - 1
@@ -242,16 +262,24 @@ def render_headline(data: list[dict]) -> str:
     for r in data:
         if not r.get("overrides"):
             groups.setdefault(r["config"], []).append(r)
-    lines = ["| method | config | generator | steps | held-out gold before → after (run seeds) |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | config | generator | steps | held-out gold before → after (run seeds) |",
+        "|---|---|---|---|---|",
+    ]
     for config, rows in groups.items():
         rows = sorted(rows, key=lambda r: r["seed"])
         after = " / ".join(_fmt(r["gold_after"]) + _mark(r) for r in rows)
         seeds = " / ".join(str(r["seed"]) for r in rows)
         r0 = rows[0]
-        lines.append(f"| {r0['method']} | `{config}` | {r0['generator']} | {r0['steps']} "
-                     f"| {_fmt(r0['gold_before'])} → {after} ({seeds}) |")
-    note = f"\n\n{DAGGER} from an earlier run of the same benchmark (its JSON was not kept); see the results page." \
-        if any(r.get("source") for r in data) else ""
+        lines.append(
+            f"| {r0['method']} | `{config}` | {r0['generator']} | {r0['steps']} "
+            f"| {_fmt(r0['gold_before'])} → {after} ({seeds}) |"
+        )
+    note = (
+        f"\n\n{DAGGER} from an earlier run of the same benchmark (its JSON was not kept); see the results page."
+        if any(r.get("source") for r in data)
+        else ""
+    )
     return "\n".join(lines) + note
 
 

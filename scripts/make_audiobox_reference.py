@@ -28,6 +28,7 @@ How it was made (the package is not a dependency of mmalign; use a throwaway ven
     /tmp/abavenv/bin/pip install --no-deps audiobox_aesthetics==0.0.4
     /tmp/abavenv/bin/python scripts/make_audiobox_reference.py
 """
+
 from __future__ import annotations
 
 import json
@@ -67,10 +68,12 @@ def reference_wave(seconds: float, sample_rate: int, channels: int, seed: int) -
     chans = []
     for c in range(channels):
         f = 110.0 * (1 + seed + 0.5 * c)
-        x = (0.3 * torch.sin(2 * math.pi * f * t)
-             + 0.15 * torch.sin(2 * math.pi * 2.71 * f * t + 0.3) * (0.5 + 0.5 * torch.sin(2 * math.pi * 0.7 * t))
-             + 0.1 * torch.sin(2 * math.pi * (200.0 + 90.0 * t) * t)
-             + 0.05 * torch.sin(2 * math.pi * 3141.5 * t + 1.0 + c))
+        x = (
+            0.3 * torch.sin(2 * math.pi * f * t)
+            + 0.15 * torch.sin(2 * math.pi * 2.71 * f * t + 0.3) * (0.5 + 0.5 * torch.sin(2 * math.pi * 0.7 * t))
+            + 0.1 * torch.sin(2 * math.pi * (200.0 + 90.0 * t) * t)
+            + 0.05 * torch.sin(2 * math.pi * 3141.5 * t + 1.0 + c)
+        )
         chans.append(x)
     return torch.stack(chans).float()
 
@@ -83,10 +86,28 @@ def main() -> None:
     aes.DEFAULT_AUDIO_CFG = WavLMConfig(dict(aes.DEFAULT_AUDIO_CFG.__dict__, **TINY_WAVLM))
     OUT.mkdir(parents=True, exist_ok=True)
     heads = {
-        "a": dict(proj_num_layer=1, proj_ln=False, proj_act_fn="gelu", proj_dropout=0.0, nth_layer=3,
-                  use_weighted_layer_sum=True, precision="32", normalize_embed=True, output_dim=1),
-        "b": dict(proj_num_layer=2, proj_ln=True, proj_act_fn="gelu", proj_dropout=0.1, nth_layer=3,
-                  use_weighted_layer_sum=True, precision="bf16", normalize_embed=False, output_dim=1),
+        "a": dict(
+            proj_num_layer=1,
+            proj_ln=False,
+            proj_act_fn="gelu",
+            proj_dropout=0.0,
+            nth_layer=3,
+            use_weighted_layer_sum=True,
+            precision="32",
+            normalize_embed=True,
+            output_dim=1,
+        ),
+        "b": dict(
+            proj_num_layer=2,
+            proj_ln=True,
+            proj_act_fn="gelu",
+            proj_dropout=0.1,
+            nth_layer=3,
+            use_weighted_layer_sum=True,
+            precision="bf16",
+            normalize_embed=False,
+            output_dim=1,
+        ),
     }
     torch.manual_seed(0)
     for name, cfg in heads.items():

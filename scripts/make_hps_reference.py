@@ -28,6 +28,7 @@ How it was run (the project venv has torch / torchvision / PIL; nothing is insta
 
 (`--hpsv2-src` may also be a checkout of github.com/tgxs002/HPSv2: the directory holding `hpsv2/`.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,17 @@ SEED = 0
 # that is only resized, one already at the model size, and a non-square image whose longest
 # side equals the model size (the reference neither resizes nor pads it)
 CASES = [
-    (512, 768, 224), (768, 512, 224),
-    (300, 200, 32), (200, 300, 32), (37, 53, 32), (64, 37, 32), (64, 39, 32), (20, 30, 32),
-    (64, 64, 32), (32, 32, 32), (32, 20, 32),
+    (512, 768, 224),
+    (768, 512, 224),
+    (300, 200, 32),
+    (200, 300, 32),
+    (37, 53, 32),
+    (64, 37, 32),
+    (64, 39, 32),
+    (20, 30, 32),
+    (64, 64, 32),
+    (32, 32, 32),
+    (32, 20, 32),
 ]
 
 
@@ -90,8 +99,13 @@ def main() -> None:
     transform, constants = import_transform(Path(args.hpsv2_src))
     tensors = {}
     for h, w, size in CASES:
-        tf = transform.image_transform(size, is_train=False, mean=constants.OPENAI_DATASET_MEAN,
-                                       std=constants.OPENAI_DATASET_STD, resize_longest_max=True)
+        tf = transform.image_transform(
+            size,
+            is_train=False,
+            mean=constants.OPENAI_DATASET_MEAN,
+            std=constants.OPENAI_DATASET_STD,
+            resize_longest_max=True,
+        )
         u8 = fx.det_images(1, h, w, SEED)[0]
         out = tf(Image.fromarray(u8.permute(1, 2, 0).numpy())).float().contiguous()
         name = case_name(h, w, size)
@@ -104,7 +118,7 @@ def main() -> None:
         print(f"{name}: output {tuple(out.shape)}, mean {out.mean().item():.6f}")
     meta = {
         "about": "HPSv2 eval transform (hpsv2 1.2.0 transform.py image_transform, resize_longest_max=True) "
-                 "on det_images(1, h, w, seed) from rewards/fixtures.py; made by scripts/make_hps_reference.py",
+        "on det_images(1, h, w, seed) from rewards/fixtures.py; made by scripts/make_hps_reference.py",
         "seed": str(SEED),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

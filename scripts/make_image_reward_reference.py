@@ -28,6 +28,7 @@ How it was run (the package needs transformers < 5; nothing here touches the pro
     /tmp/irvenv/bin/pip install --no-deps --no-build-isolation fairscale==0.4.13
     /tmp/irvenv/bin/python scripts/make_image_reward_reference.py --image-reward-src /tmp/ir/src
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,21 +95,37 @@ def main() -> None:
     tok_dir = fx.write_bert_tokenizer(tmp / "tokenizer")
     vocab = fx.bert_vocab()
     med_config = {  # BLIP's configs/med_config.json at tiny sizes
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": t["text_width"], "initializer_range": 0.02,
-        "intermediate_size": t["text_intermediate"], "layer_norm_eps": 1e-12,
-        "max_position_embeddings": t["max_position_embeddings"], "model_type": "bert",
-        "num_attention_heads": t["text_heads"], "num_hidden_layers": t["text_layers"], "pad_token_id": 0,
-        "type_vocab_size": 2, "vocab_size": len(vocab) + 2, "encoder_width": t["vision_width"],
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": t["text_width"],
+        "initializer_range": 0.02,
+        "intermediate_size": t["text_intermediate"],
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": t["max_position_embeddings"],
+        "model_type": "bert",
+        "num_attention_heads": t["text_heads"],
+        "num_hidden_layers": t["text_layers"],
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": len(vocab) + 2,
+        "encoder_width": t["vision_width"],
         "add_cross_attention": True,
     }
     (tmp / "med_config.json").write_text(json.dumps(med_config))
 
     def tiny_vit(vit_name, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
-        enc = vit.VisionTransformer(img_size=t["image_size"], patch_size=t["patch_size"], embed_dim=t["vision_width"],
-                                    depth=t["vision_layers"], num_heads=t["vision_heads"],
-                                    use_grad_checkpointing=use_grad_checkpointing, ckpt_layer=ckpt_layer,
-                                    drop_path_rate=0.1)  # as create_vit('large'); identity in eval mode
+        enc = vit.VisionTransformer(
+            img_size=t["image_size"],
+            patch_size=t["patch_size"],
+            embed_dim=t["vision_width"],
+            depth=t["vision_layers"],
+            num_heads=t["vision_heads"],
+            use_grad_checkpointing=use_grad_checkpointing,
+            ckpt_layer=ckpt_layer,
+            drop_path_rate=0.1,
+        )  # as create_vit('large'); identity in eval mode
         return enc, t["vision_width"]
 
     def tiny_tokenizer():  # blip.init_tokenizer with a local vocabulary
@@ -140,16 +157,28 @@ def main() -> None:
             pairs = [model.score(PROMPTS[i], pil[i]) for i in range(n)]  # image i with prompt i
             last = [model.score(PROMPTS[-1], pil[i]) for i in range(n)]  # every image with the long prompt
             _, rank_rewards = model.inference_rank(PROMPTS[0], pil)  # one prompt, all images
-            image_sets.append({"n": n, "height": h, "width": w, "pair_scores": pairs, "long_prompt_scores": last,
-                               "rank_prompt0_scores": rank_rewards})
+            image_sets.append(
+                {
+                    "n": n,
+                    "height": h,
+                    "width": w,
+                    "pair_scores": pairs,
+                    "long_prompt_scores": last,
+                    "rank_prompt0_scores": rank_rewards,
+                }
+            )
             print(f"{h}x{w}: pairs {pairs}\n       long {last}\n       rank {rank_rewards}")
 
     ref = {
         "about": "Scores of the original ImageReward code (image-reward 1.5) on a tiny model; "
-                 "made by scripts/make_image_reward_reference.py. Weights: rewards/fixtures.py "
-                 "det_state_dict(keys, seed) in the original key layout.",
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                     "timm": importlib.import_module("timm").__version__, "image-reward": "1.5"},
+        "made by scripts/make_image_reward_reference.py. Weights: rewards/fixtures.py "
+        "det_state_dict(keys, seed) in the original key layout.",
+        "versions": {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "timm": importlib.import_module("timm").__version__,
+            "image-reward": "1.5",
+        },
         "seed": SEED,
         "tiny": t,
         "med_config": med_config,

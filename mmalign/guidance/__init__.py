@@ -8,10 +8,19 @@
 They need a few sampling hooks from the generator (see common.py); `mmalign sample
 --guidance ...` runs them from the command line.
 """
+
 from .common import Evaluator, parse_weight, weight_at
 from .dynamic_cfg import dynamic_cfg_sample
 from .reward_guidance import guide_prediction, reward_guided_sample
 from .search import beam_search_sample, best_of_n_sample
 
-__all__ = ["Evaluator", "parse_weight", "weight_at", "dynamic_cfg_sample", "reward_guided_sample",
-           "guide_prediction", "best_of_n_sample", "beam_search_sample"]
+__all__ = [
+    "Evaluator",
+    "parse_weight",
+    "weight_at",
+    "dynamic_cfg_sample",
+    "reward_guided_sample",
+    "guide_prediction",
+    "best_of_n_sample",
+    "beam_search_sample",
+]

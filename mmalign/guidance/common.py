@@ -18,10 +18,12 @@ rectified-flow transformers (velocity outputs, x̂_0 = x_t - sigma v, alpha = 1 
 Euler step or Flow-GRPO's SDE step at eta > 0). Every guided output is linear in (u, c): u + s (c - u) for any
 parameterisation, so candidates of CFG scale cost no extra model pass.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +34,7 @@ from mmalign.types import Rollout, Samples
 # A weight: a constant, (start, end) linear in sampling progress, or a function of progress.
 # Progress runs from 0 at the first (noisiest) step to 1 at the last.
 Weight = Union[float, tuple[float, float], Callable[[float], float]]
+
 
 def check_guidable(generator: Any, who: str) -> None:
     """One line (a RoleError, a TypeError) unless `generator` is a GuidableGenerator."""
@@ -80,8 +83,9 @@ class Evaluator:
         if self.space not in ("image", "latent"):
             raise ValueError(f"evaluator {self.name!r}: space must be 'image' or 'latent', got {self.space!r}")
         if self.space == "image" and isinstance(self.fn, Reward) and self.fn.modality != "image":
-            raise TypeError(f"evaluator {self.label}: reward scores {self.fn.modality} samples, "
-                            "but these samplers make images")
+            raise TypeError(
+                f"evaluator {self.label}: reward scores {self.fn.modality} samples, but these samplers make images"
+            )
         if not self.name:
             self.name = getattr(self.fn, "name", None) or getattr(self.fn, "__name__", "evaluator")
 
@@ -114,8 +118,14 @@ def as_evaluators(items: Any) -> list[Evaluator]:
     return out
 
 
-def score_candidates(evaluators: Sequence[Evaluator], x0: Tensor, prompts: Sequence[str], decode: Callable,
-                     batch_size: int = 64, images: Tensor | None = None) -> dict[str, Tensor]:
+def score_candidates(
+    evaluators: Sequence[Evaluator],
+    x0: Tensor,
+    prompts: Sequence[str],
+    decode: Callable,
+    batch_size: int = 64,
+    images: Tensor | None = None,
+) -> dict[str, Tensor]:
     """Raw score of each evaluator on each latent x̂_0 [N,...] (prompts: N strings) -> {name: [N]}.
 
     Image-space evaluators see `decode(x0)` (decoded once, in chunks of `batch_size`, and
@@ -123,7 +133,7 @@ def score_candidates(evaluators: Sequence[Evaluator], x0: Tensor, prompts: Seque
     out: dict[str, Tensor] = {}
     need_images = any(e.space == "image" for e in evaluators)
     if need_images and images is None:
-        images = torch.cat([decode(x0[i:i + batch_size]).images for i in range(0, len(x0), batch_size)])
+        images = torch.cat([decode(x0[i : i + batch_size]).images for i in range(0, len(x0), batch_size)])
     for e in evaluators:
         if e.space == "image":
             s = e.fn(Samples(images=images), list(prompts))
@@ -138,8 +148,13 @@ def score_candidates(evaluators: Sequence[Evaluator], x0: Tensor, prompts: Seque
     return out
 
 
-def combine_scores(evaluators: Sequence[Evaluator], raw: dict[str, Tensor], num_candidates: int, progress: float,
-                   normalize: str = "zscore") -> Tensor:
+def combine_scores(
+    evaluators: Sequence[Evaluator],
+    raw: dict[str, Tensor],
+    num_candidates: int,
+    progress: float,
+    normalize: str = "zscore",
+) -> Tensor:
     """Σ_k w_k(progress) · norm(score_k), candidates grouped per sample: raw [B*K] -> [B, K].
 
     normalize: "zscore" standardises each evaluator over the K candidates of a sample (so
@@ -174,8 +189,21 @@ def default_seeds(prompts: Sequence[str], seeds: Sequence[int] | None) -> list[i
     return seeds
 
 
-def make_rollout(generator: Any, x: Tensor, traj: list[Tensor], steps: list[tuple[int, int]], prompts: list[str],
-                 decode: bool, **extras: Any) -> Rollout:
+def make_rollout(
+    generator: Any,
+    x: Tensor,
+    traj: list[Tensor],
+    steps: list[tuple[int, int]],
+    prompts: list[str],
+    decode: bool,
+    **extras: Any,
+) -> Rollout:
     samples = generator.decode(x) if decode else Samples()
-    return Rollout(samples=samples, latents=torch.stack(traj, 1), timesteps=torch.tensor([t for t, _ in steps]),
-                   log_probs=None, prompts=prompts, extras=extras)
+    return Rollout(
+        samples=samples,
+        latents=torch.stack(traj, 1),
+        timesteps=torch.tensor([t for t, _ in steps]),
+        log_probs=None,
+        prompts=prompts,
+        extras=extras,
+    )

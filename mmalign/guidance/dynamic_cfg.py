@@ -17,16 +17,27 @@ candidate; ties also go to the first candidate, so list the default scale first.
 The chosen scale of every step is returned per sample (`extras["cfg_schedule"]`, [B, T]).
 With a single candidate s this is plain CFG at s, step for step (`generator.rollout`).
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from mmalign.types import Rollout
 
-from .common import (as_evaluators, cfg_combine, check_guidable, combine_scores, default_seeds, make_rollout,
-                     progress_of, score_candidates, weight_at)
+from .common import (
+    as_evaluators,
+    cfg_combine,
+    check_guidable,
+    combine_scores,
+    default_seeds,
+    make_rollout,
+    progress_of,
+    score_candidates,
+    weight_at,
+)
 
 
 @torch.no_grad()

@@ -25,9 +25,11 @@ always sees x̂_0(x_t), as universal guidance does.)
 With `through_model` (default) the gradient goes through the denoiser (∂x̂_0/∂x_t includes
 ∂ε̂/∂x_t); without it ε̂ is held fixed (∂x̂_0/∂x_t = 1/α), which is cheaper. With every weight 0 at a step, the step is plain CFG.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,8 +37,16 @@ from torch import Tensor
 from mmalign.protocols import Reward
 from mmalign.types import Rollout
 
-from .common import (as_evaluators, cfg_combine, check_guidable, default_seeds, make_rollout, progress_of,
-                     score_candidates, weight_at)
+from .common import (
+    as_evaluators,
+    cfg_combine,
+    check_guidable,
+    default_seeds,
+    make_rollout,
+    progress_of,
+    score_candidates,
+    weight_at,
+)
 
 
 def guide_prediction(pred: Tensor, grad: Tensor, prediction_type: str, alpha: float, sigma: float) -> Tensor:
@@ -75,8 +85,10 @@ def reward_guided_sample(
         raise ValueError("reward guidance: give at least one reward")
     for e in evals:
         if e.space == "image" and not (isinstance(e.fn, Reward) and e.fn.differentiable):
-            raise ValueError(f"reward guidance: reward {e.label} is not differentiable; gradient guidance needs a "
-                             "differentiable reward (e.g. clip)")
+            raise ValueError(
+                f"reward guidance: reward {e.label} is not differentiable; gradient guidance needs a "
+                "differentiable reward (e.g. clip)"
+            )
     prompts = list(prompts)
     seeds = default_seeds(prompts, seeds)
     steps = generator.sampling_timesteps(num_steps)
@@ -120,5 +132,14 @@ def reward_guided_sample(
             x = generator.sampler_step(pred, x, t, t_prev, eta, noise)
         traj.append(x)
     with torch.no_grad():
-        return make_rollout(generator, x, traj, steps, prompts, decode, guidance_norm=norms,
-                            seeds=torch.tensor(seeds), guidance_scale=guidance_scale)
+        return make_rollout(
+            generator,
+            x,
+            traj,
+            steps,
+            prompts,
+            decode,
+            guidance_norm=norms,
+            seeds=torch.tensor(seeds),
+            guidance_scale=guidance_scale,
+        )

@@ -11,9 +11,11 @@ step) and the best W of the W·K children of a prompt survive. W = 1 is per-step
 sampling (the best of K proposals at every step). The children's model outputs are reused
 for their next step, so a step costs W·K model passes and W·K evaluator calls.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +23,7 @@ from torch import Tensor
 from mmalign.protocols import DiffusionGenerator, require
 from mmalign.types import Rollout, Samples, per_sample_randn
 
-from .common import (as_evaluators, cfg_combine, check_guidable, combine_scores, default_seeds, score_candidates)
+from .common import as_evaluators, cfg_combine, check_guidable, combine_scores, default_seeds, score_candidates
 
 
 @torch.no_grad()
@@ -52,21 +54,31 @@ def best_of_n_sample(
     seeds = default_seeds(prompts, seeds)
     rep = [p for p in prompts for _ in range(n)]
     cand_seeds = [s * n + j for s in seeds for j in range(n)]
-    parts = [generator.rollout(rep[i:i + batch_size], num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                               seeds=cand_seeds[i:i + batch_size], need_log_probs=False)
-             for i in range(0, len(rep), batch_size)]
+    parts = [
+        generator.rollout(
+            rep[i : i + batch_size],
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            seeds=cand_seeds[i : i + batch_size],
+            need_log_probs=False,
+        )
+        for i in range(0, len(rep), batch_size)
+    ]
     ro = Rollout.cat(parts)
     raw = score_candidates(evals, ro.latents[:, -1], rep, generator.decode, batch_size, images=ro.samples.images)
     scores = combine_scores(evals, raw, n, 1.0, normalize)  # B, n
     chosen = scores.argmax(1).cpu()
     flat = torch.arange(len(prompts)) * n + chosen
     out = ro.select(flat)
-    out.extras.update({
-        "seeds": torch.tensor([cand_seeds[i] for i in flat.tolist()]),
-        "chosen": chosen,
-        "candidate_scores": scores.cpu(),
-        "candidate_rewards": {k: v.view(-1, n).cpu() for k, v in raw.items()},
-    })
+    out.extras.update(
+        {
+            "seeds": torch.tensor([cand_seeds[i] for i in flat.tolist()]),
+            "chosen": chosen,
+            "candidate_scores": scores.cpu(),
+            "candidate_rewards": {k: v.view(-1, n).cpu() for k, v in raw.items()},
+        }
+    )
     return out
 
 
@@ -79,13 +91,20 @@ def _take(x: Any, idx: Tensor) -> Any:
     return x
 
 
-def _guided_pred(generator: Any, x: Tensor, t: int, cond: dict, uncond: dict | None, scale: float,
-                 batch_size: int) -> Tensor:
+def _guided_pred(
+    generator: Any, x: Tensor, t: int, cond: dict, uncond: dict | None, scale: float, batch_size: int
+) -> Tensor:
     outs = []
     for i in range(0, len(x), batch_size):
         sl = torch.arange(i, min(i + batch_size, len(x)))
-        outs.append(cfg_combine(*generator.cfg_outputs(x[i:i + batch_size], t, _take(cond, sl),
-                                                       None if uncond is None else _take(uncond, sl)), scale))
+        outs.append(
+            cfg_combine(
+                *generator.cfg_outputs(
+                    x[i : i + batch_size], t, _take(cond, sl), None if uncond is None else _take(uncond, sl)
+                ),
+                scale,
+            )
+        )
     return torch.cat(outs)
 
 
@@ -147,7 +166,7 @@ def beam_search_sample(
             images = None
         else:
             child_pred, x0 = None, xc
-            images = torch.cat([generator.decode(xc[i:i + batch_size]).images for i in range(0, len(xc), batch_size)])
+            images = torch.cat([generator.decode(xc[i : i + batch_size]).images for i in range(0, len(xc), batch_size)])
         raw = score_candidates(evals, x0, child_prompts, generator.decode, batch_size, images=images)
         scores = combine_scores(evals, raw, W * K, k / max(len(steps) - 1, 1), normalize)  # B, W*K
         keep = scores.topk(W, dim=1).indices.cpu()  # sorted: best first

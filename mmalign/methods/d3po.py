@@ -55,13 +55,15 @@ labelled pairs. With `reference: base` the reference log-probs are recomputed wi
 initial model; with `sampler` they are the stored log-probs, i.e. the policy that sampled the
 buffer (so sample with the model you train). Labelled ties contribute nothing and are counted.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +77,9 @@ from mmalign.registry import register_method
 from mmalign.types import Rollout, Samples
 
 
-def d3po_step_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float,
-                   eps: float | None) -> Tensor:
+def d3po_step_loss(
+    logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float, eps: float | None
+) -> Tensor:
     """Per-pair loss at one step, -log sigmoid(beta [clip(log rho_w) - clip(log rho_l)]) with
     log rho = logp - ref clipped to [log(1-eps), log(1+eps)]; eps=None disables the clipping."""
     lw, ll = logp_w - ref_w, logp_l - ref_l
@@ -88,8 +91,9 @@ def d3po_step_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor,
 
 @dataclass
 class D3POConfig:
-    rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(samples_per_prompt=2,
-                                                                             same_initial_noise=True))
+    rollout: RolloutSettings = field(
+        default_factory=lambda: RolloutSettings(samples_per_prompt=2, same_initial_noise=True)
+    )
     beta: float = num(0.1, gt=0)  # the reference code's config/base.py
     clip_eps: float | None = num(0.1, gt=0)  # rho clamped to [1 - eps, 1 + eps]; None: no clipping
     # base: the frozen initial model (the paper's code); sampler: the round's sampler (a trust-region variant)
@@ -115,19 +119,24 @@ class D3POConfig:
             if self.tie_threshold:
                 raise ValueError("tie_threshold: compares reward gaps; with labels the ties are the file's `tie: true`")
             if not (Path(self.buffer) / "buffer.safetensors").is_file():
-                raise ValueError(f"buffer: {self.buffer} has no buffer.safetensors (write one with "
-                                 "`mmalign sample --label-pairs`)")
+                raise ValueError(
+                    f"buffer: {self.buffer} has no buffer.safetensors (write one with `mmalign sample --label-pairs`)"
+                )
             if not Path(self.labels).is_file():
                 raise ValueError(f"labels: {self.labels} not found")
             if self.preference != "reward":
-                raise ValueError(f"preference: {self.preference!r} asks the reward; with labels the preferences "
-                                 "are the file's (remove `preference` or method.buffer and method.labels)")
+                raise ValueError(
+                    f"preference: {self.preference!r} asks the reward; with labels the preferences "
+                    "are the file's (remove `preference` or method.buffer and method.labels)"
+                )
             read_labels(self.labels, buffer_prompts(self.buffer))  # every line, before any model loads
         if self.tie_threshold < 0:
             raise ValueError(f"tie_threshold: must be >= 0, got {self.tie_threshold}")
         if self.preference == "pairwise" and self.tie_threshold >= 0.5:
-            raise ValueError(f"tie_threshold: with preference: pairwise it bounds |P(first better) - 0.5|, so it "
-                             f"must be < 0.5 (got {self.tie_threshold}; 0.5 makes every pair a tie)")
+            raise ValueError(
+                f"tie_threshold: with preference: pairwise it bounds |P(first better) - 0.5|, so it "
+                f"must be < 0.5 (got {self.tie_threshold}; 0.5 makes every pair a tie)"
+            )
         if self.rollout.samples_per_prompt != 2:
             raise ValueError("rollout.samples_per_prompt: D3PO compares exactly 2 trajectories per prompt")
         if not self.rollout.same_initial_noise:
@@ -135,8 +144,10 @@ class D3POConfig:
         if self.rollout.eta <= 0:
             raise ValueError("rollout.eta: D3PO needs stochastic steps (eta > 0)")
         if self.rollout.sde_steps() is not None:
-            raise ValueError(f"rollout.sde_window: D3PO trains on steps drawn from the whole trajectory, so every "
-                             f"step must be stochastic (got {list(self.rollout.sde_window)}; use [0.0, 1.0])")
+            raise ValueError(
+                f"rollout.sde_window: D3PO trains on steps drawn from the whole trajectory, so every "
+                f"step must be stochastic (got {list(self.rollout.sde_window)}; use [0.0, 1.0])"
+            )
 
 
 class D3PO:
@@ -158,9 +169,11 @@ class D3PO:
         if self.cfg.labels is None:
             return
         if reward is not None:
-            raise ConfigError(f"method.labels: D3PO takes its preferences from {self.cfg.labels}, not from a "
-                              "reward; remove `reward:` (evaluation then reports gold accuracy only) or remove "
-                              "method.buffer and method.labels to rank by the reward")
+            raise ConfigError(
+                f"method.labels: D3PO takes its preferences from {self.cfg.labels}, not from a "
+                "reward; remove `reward:` (evaluation then reports gold accuracy only) or remove "
+                "method.buffer and method.labels to rank by the reward"
+            )
         self.labelled = load_labelled(self.cfg.buffer, self.cfg.labels, generator)
 
     def collect(self, generator: DiffusionGenerator, reward, prompts, seeds):
@@ -244,24 +257,30 @@ def pairs_from_margin(margin: Tensor, tie_threshold: float) -> tuple[Tensor, int
 def check_pairwise(reward) -> None:
     """Refuse `preference: pairwise` with a reward that cannot compare two samples."""
     if reward is None:
-        raise ConfigError("method.preference: pairwise asks the reward which sample of a pair is better: set "
-                          "`reward:` to a pairwise judge (vlm_judge, audio_judge)")
+        raise ConfigError(
+            "method.preference: pairwise asks the reward which sample of a pair is better: set "
+            "`reward:` to a pairwise judge (vlm_judge, audio_judge)"
+        )
     if not isinstance(reward, PairwiseJudge):
         name = getattr(reward, "name", type(reward).__name__)
-        raise ConfigError(f"method.preference: pairwise needs a reward with prefer(samples_a, samples_b, prompts), "
-                          f"but reward {name!r} only scores single samples; use a pairwise judge (vlm_judge, "
-                          "audio_judge) or `preference: reward`")
+        raise ConfigError(
+            f"method.preference: pairwise needs a reward with prefer(samples_a, samples_b, prompts), "
+            f"but reward {name!r} only scores single samples; use a pairwise judge (vlm_judge, "
+            "audio_judge) or `preference: reward`"
+        )
 
 
 def _every_other(s: Samples, start: int) -> Samples:
     pick = lambda x: None if x is None else x[start::2]
-    return Samples(images=pick(s.images), video=pick(s.video), audio=pick(s.audio), sample_rate=s.sample_rate,
-                   text=pick(s.text))
+    return Samples(
+        images=pick(s.images), video=pick(s.video), audio=pick(s.audio), sample_rate=s.sample_rate, text=pick(s.text)
+    )
 
 
 @torch.no_grad()
-def judge_pairs(judge, samples: Samples, prompts: Sequence[str], swap_average: bool = True
-                ) -> tuple[Tensor, float | None]:
+def judge_pairs(
+    judge, samples: Samples, prompts: Sequence[str], swap_average: bool = True
+) -> tuple[Tensor, float | None]:
     """p[j] = P(sample 2j beats sample 2j+1) from the judge, and its position bias
     mean(P1(a, b) + P1(b, a) - 1) (None without swap_average; P1(x, y) = prefer_first(x, y), or
     prefer(x, y) for a judge without prefer_first).
@@ -282,9 +301,16 @@ LABEL_KEYS = ("prompt", "sample_ids", "choice", "tie")
 
 
 @torch.no_grad()
-def write_for_labelling(generator, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
-                        num_steps: int = 20, guidance_scale: float = 4.0, eta: float = 1.0,
-                        batch_size: int = 64) -> Rollout:
+def write_for_labelling(
+    generator,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    num_steps: int = 20,
+    guidance_scale: float = 4.0,
+    eta: float = 1.0,
+    batch_size: int = 64,
+) -> Rollout:
     """Sample D3PO pairs (2 trajectories per prompt from one initial noise) and write them for labelling:
 
         OUT/buffer.safetensors, buffer.json  the trajectories and log-probs (`method.buffer: OUT`)
@@ -294,19 +320,38 @@ def write_for_labelling(generator, prompts: Sequence[str], seeds: Sequence[int],
 
     A labeller sets `choice` (0 or 1) or `tie: true` on every line (`read_labels`).
     """
-    rs = RolloutSettings(prompts_per_round=len(prompts), samples_per_prompt=2, num_steps=num_steps,
-                         guidance_scale=guidance_scale, eta=eta, same_initial_noise=True, reencode=False)
+    rs = RolloutSettings(
+        prompts_per_round=len(prompts),
+        samples_per_prompt=2,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        same_initial_noise=True,
+        reencode=False,
+    )
     ro = collect(generator, None, prompts, seeds, rs, batch_size=batch_size)
     if ro.samples.images is None:
-        raise ValueError(f"write_for_labelling: the generator returned {ro.samples.modality} samples; "
-                         "only images are written for labelling")
+        raise ValueError(
+            f"write_for_labelling: the generator returned {ro.samples.modality} samples; "
+            "only images are written for labelling"
+        )
     out = Path(out_dir)
     names = dump_rollout(ro, out)
     with open(out / "pairs.jsonl", "w") as f:
         for j, prompt in enumerate(prompts):  # collect() keeps the 2 samples of prompt j at 2j, 2j+1
             ids = [2 * j, 2 * j + 1]
-            f.write(json.dumps({"prompt": prompt, "sample_ids": ids, "choice": None, "tie": False,
-                                "images": [names[i] for i in ids]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "sample_ids": ids,
+                        "choice": None,
+                        "tie": False,
+                        "images": [names[i] for i in ids],
+                    }
+                )
+                + "\n"
+            )
     return ro
 
 
@@ -316,8 +361,10 @@ def buffer_prompts(buffer: str | Path) -> list[str]:
     try:
         prompts = json.loads(path.read_text())["prompts"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a labelling buffer's metadata ({type(e).__name__}: {e}); rewrite the "
-                        "round with `mmalign sample --label-pairs`") from None
+        raise DataError(
+            f"{path}: not a labelling buffer's metadata ({type(e).__name__}: {e}); rewrite the "
+            "round with `mmalign sample --label-pairs`"
+        ) from None
     if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
         raise DataError(f"{path}: `prompts` must be a list of strings")
     return prompts
@@ -347,11 +394,15 @@ def read_labels(path: str | Path, prompts: Sequence[str]) -> tuple[Tensor, int]:
             raise DataError(f"{at}: sample_ids must be a list of 2 different sample ids (integers), got {ids!r}")
         for i in ids:
             if not 0 <= i < len(prompts):
-                raise DataError(f"{at}: sample id {i} out of range (the buffer has {len(prompts)} samples, "
-                                f"ids 0..{len(prompts) - 1})")
+                raise DataError(
+                    f"{at}: sample id {i} out of range (the buffer has {len(prompts)} samples, "
+                    f"ids 0..{len(prompts) - 1})"
+                )
             if prompt != prompts[i]:
-                raise DataError(f"{at}: prompt {prompt!r} does not match the buffer's prompt of sample {i}, "
-                                f"{prompts[i]!r} (labels of another buffer?)")
+                raise DataError(
+                    f"{at}: prompt {prompt!r} does not match the buffer's prompt of sample {i}, "
+                    f"{prompts[i]!r} (labels of another buffer?)"
+                )
         if type(tie) is not bool:
             raise DataError(f"{at}: tie must be true or false, got {tie!r}")
         if tie:
@@ -361,8 +412,10 @@ def read_labels(path: str | Path, prompts: Sequence[str]) -> tuple[Tensor, int]:
             continue
         if type(choice) is not int or choice not in (0, 1):
             hint = " (is this line still unlabelled?)" if choice is None else ""
-            raise DataError(f"{at}: choice must be 0 or 1 (the index in sample_ids of the preferred sample) "
-                            f"unless tie is true, got {choice!r}{hint}")
+            raise DataError(
+                f"{at}: choice must be 0 or 1 (the index in sample_ids of the preferred sample) "
+                f"unless tie is true, got {choice!r}{hint}"
+            )
         pairs.append((ids[choice], ids[1 - choice]))
     if not pairs and not ties:
         raise DataError(f"{path}: no labels (the file has no lines)")
@@ -377,14 +430,17 @@ def load_labelled(buffer_dir: str | Path, labels: str | Path, generator) -> Roll
         raise DataError(f"{buffer_dir}: the buffer has no step log-probs (sampled with eta=0?)")
     shape, want = tuple(ro.latents.shape[2:]), tuple(generator.latent_shape)
     if shape != want:
-        raise DataError(f"{buffer_dir}: latents of shape {shape}, but this generator's are {want} "
-                        "(written with another model?)")
+        raise DataError(
+            f"{buffer_dir}: latents of shape {shape}, but this generator's are {want} (written with another model?)"
+        )
     pairs, ties = read_labels(labels, ro.prompts)
     x_T = ro.latents[:, 0]
     for w, l in pairs.tolist():
         if not torch.equal(x_T[w], x_T[l]):
-            raise DataError(f"{labels}: samples {w} and {l} do not start from one initial noise; D3PO compares "
-                            f"the two samples of a pair listed in {Path(buffer_dir) / 'pairs.jsonl'}")
+            raise DataError(
+                f"{labels}: samples {w} and {l} do not start from one initial noise; D3PO compares "
+                f"the two samples of a pair listed in {Path(buffer_dir) / 'pairs.jsonl'}"
+            )
     if not len(pairs):
         raise DataError(f"{labels}: all {ties} labelled pairs are ties; nothing to train on")
     ro.extras["pairs"] = pairs.to(ro.latents.device)

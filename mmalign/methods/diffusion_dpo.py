@@ -13,10 +13,11 @@ preference-layer terms this is DPO on the per-sample score -e with beta/2.
 The policy's winner and loser go through one batched forward; the reference pass runs
 without autograd, with LoRA adapters disabled (no second UNet) unless fine-tuning fully.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -29,8 +30,13 @@ from mmalign.types import per_sample_randint, per_sample_randn
 
 
 def diffusion_dpo_loss(
-    policy_err_w: Tensor, policy_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float,
-    loss_type: str = "dpo", eps: float = 0.0,
+    policy_err_w: Tensor,
+    policy_err_l: Tensor,
+    ref_err_w: Tensor,
+    ref_err_l: Tensor,
+    beta: float,
+    loss_type: str = "dpo",
+    eps: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-sample Diffusion-DPO losses and metrics from per-sample denoising errors.
 
@@ -89,8 +95,9 @@ class DiffusionDPO:
         x_l = batch["latents_l"] if "latents_l" in batch else generator.encode_images(batch["rejected"], seeds)
         x_w, x_l = x_w.to(generator.device).float(), x_l.to(generator.device).float()
         noise = per_sample_randn(seeds, x_w.shape[1:], x_w.device)
-        t = per_sample_randint(seeds, self.cfg.min_timestep, self.cfg.max_timestep or generator.num_train_timesteps,
-                               x_w.device)
+        t = per_sample_randint(
+            seeds, self.cfg.min_timestep, self.cfg.max_timestep or generator.num_train_timesteps, x_w.device
+        )
         cond = generator.encode_prompt(prompts)
         cond2 = generator.cat_cond(cond, cond)
         s = self.cfg.train_guidance_scale
@@ -104,14 +111,16 @@ class DiffusionDPO:
             ref_w, ref_l = generator.denoise_error(x, cond2, t2, noise2, **guided).chunk(2)
         err_w, err_l = generator.denoise_error(x, cond2, t2, noise2, **guided).chunk(2)
 
-        losses, m = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.beta, self.cfg.loss_type,
-                                       self.cfg.label_smoothing)
+        losses, m = diffusion_dpo_loss(
+            err_w, err_l, ref_w, ref_l, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing
+        )
         loss = losses.mean()
         if self.cfg.sft_weight:
             loss = loss + self.cfg.sft_weight * err_w.mean()
         metrics = {k: float(v.detach().mean()) for k, v in m.items()}
-        metrics.update(mse_w=float(err_w.detach().mean()), mse_l=float(err_l.detach().mean()),
-                       ref_mse_w=float(ref_w.mean()))
+        metrics.update(
+            mse_w=float(err_w.detach().mean()), mse_l=float(err_l.detach().mean()), ref_mse_w=float(ref_w.mean())
+        )
         return loss, metrics
 
 

@@ -31,6 +31,7 @@ Experts (required): a registered expert source `prefix:name` (mmalign.sources; t
 image} (paths relative to the manifest), read once and VAE-encoded when first needed.
 No reward model is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ from mmalign.registry import register_method
 from mmalign.types import Rollout, per_sample_randint, per_sample_randn
 
 
-def dro_loss(err_expert: Tensor, ref_expert: Tensor, err_policy: Tensor, ref_policy: Tensor,
-             margin: float) -> tuple[Tensor, Tensor]:
+def dro_loss(
+    err_expert: Tensor, ref_expert: Tensor, err_policy: Tensor, ref_policy: Tensor, margin: float
+) -> tuple[Tensor, Tensor]:
     """Per-sample hinge loss and the ranking difference d (negative = expert ranked above)."""
     d = (err_expert - ref_expert) - (err_policy - ref_policy)
     return torch.relu(d + margin), d
@@ -84,8 +86,10 @@ def policy_target(ro: Rollout, k: Tensor, alphas_cumprod: Tensor, mode: str) -> 
     k = k.to(ro.latents.device)
     if mode == "sampler_prediction":
         if "eps" not in ro.extras:
-            raise ValueError("diffusion_dro: policy_target sampler_prediction needs the sampler's predictions "
-                             "(extras['eps']); this buffer was collected without them")
+            raise ValueError(
+                "diffusion_dro: policy_target sampler_prediction needs the sampler's predictions "
+                "(extras['eps']); this buffer was collected without them"
+            )
         return ro.extras["eps"][rows, k].float()
     a = alphas_cumprod.to(ro.latents.device)[ro.timesteps.to(k.device)[k]].float().view(-1, 1, 1, 1)
     x_t, x0 = ro.latents[rows, k].float(), ro.latents[:, -1].float()
@@ -95,8 +99,9 @@ def policy_target(ro: Rollout, k: Tensor, alphas_cumprod: Tensor, mode: str) -> 
 @dataclass
 class DiffusionDROConfig:
     experts: str  # a registered expert source "prefix:name" (e.g. toy:render) or a JSONL manifest of {prompt, image}
-    rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(samples_per_prompt=1, eta=0.0,
-                                                                             guidance_scale=1.0))
+    rollout: RolloutSettings = field(
+        default_factory=lambda: RolloutSettings(samples_per_prompt=1, eta=0.0, guidance_scale=1.0)
+    )
     margin: float = num(0.001, ge=0)
     expert_seed: int = num(0, ge=0)
     # sampler_prediction: the sampler's own noise prediction at the step (the paper's code);
@@ -128,8 +133,9 @@ class DiffusionDRO:
 
         if sources.is_spec(self.cfg.experts) and not Path(self.cfg.experts).is_file():
             render = sources.lookup("expert_source", self.cfg.experts)  # fn(prompt, seed) -> PIL image
-            return torch.stack([pil_to_tensor(render(p, self.cfg.expert_seed * 100_003 + s))
-                                for p, s in zip(prompts, seeds)])
+            return torch.stack(
+                [pil_to_tensor(render(p, self.cfg.expert_seed * 100_003 + s)) for p, s in zip(prompts, seeds)]
+            )
         if self._manifest is None:
             path = Path(self.cfg.experts)
             self._manifest = {}
@@ -154,8 +160,15 @@ class DiffusionDRO:
         if self.cfg.policy_target == "sampler_prediction":
             ro = sample_with_predictions(generator, rep, sample_seeds, rs)
         else:
-            ro = generator.rollout(rep, num_steps=rs.num_steps, guidance_scale=rs.guidance_scale, eta=rs.eta,
-                                   seeds=sample_seeds, need_log_probs=False, decode=False)
+            ro = generator.rollout(
+                rep,
+                num_steps=rs.num_steps,
+                guidance_scale=rs.guidance_scale,
+                eta=rs.eta,
+                seeds=sample_seeds,
+                need_log_probs=False,
+                decode=False,
+            )
         images = self._expert_images(rep, sample_seeds)
         ro.extras["expert_x0"] = generator.encode_images(images, sample_seeds)
         ro.extras["rewards"] = torch.zeros(len(rep))  # no reward model: for the round metrics only
@@ -196,14 +209,20 @@ class DiffusionDRO:
         with torch.no_grad(), generator.reference():
             r_e, r_p = errors().chunk(2)
         losses, d = dro_loss(e_e, r_e, e_p, r_p, self.cfg.margin)
-        return losses.mean(), {"rank_acc": float((d.detach() < 0).float().mean()), "d": float(d.detach().mean()),
-                               "mse_expert": float(e_e.detach().mean()), "mse_policy": float(e_p.detach().mean())}
+        return losses.mean(), {
+            "rank_acc": float((d.detach() < 0).float().mean()),
+            "d": float(d.detach().mean()),
+            "mse_expert": float(e_e.detach().mean()),
+            "mse_policy": float(e_p.detach().mean()),
+        }
 
 
 def check_epsilon(generator) -> None:
     if generator.prediction_type != "epsilon":
-        raise ValueError("diffusion_dro: implemented for epsilon-prediction models (the paper's code trains "
-                         f"SD 1.5 / SDXL), got prediction_type {generator.prediction_type!r}")
+        raise ValueError(
+            "diffusion_dro: implemented for epsilon-prediction models (the paper's code trains "
+            f"SD 1.5 / SDXL), got prediction_type {generator.prediction_type!r}"
+        )
 
 
 @register_method("diffusion_dro", DiffusionDROConfig)

@@ -55,6 +55,7 @@ The old-policy EMA and the round counter live in the method; `state_dict` /
 `load_state_dict` put them in every checkpoint (method.pt), so a resumed run continues the same
 EMA (tests/unit/methods/test_online_methods.py: a resumed run equals an uninterrupted one).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -75,8 +76,9 @@ def optimality_probability(advantages: Tensor, adv_clip: float) -> Tensor:
     return 0.5 + 0.5 * (advantages / adv_clip).clamp(-1, 1)
 
 
-def nft_loss(x0_hat: Tensor, x0_hat_old: Tensor, x0: Tensor, r: Tensor, beta: float
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+def nft_loss(
+    x0_hat: Tensor, x0_hat_old: Tensor, x0: Tensor, r: Tensor, beta: float
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-sample DiffusionNFT losses (before the A_max scale) from x0 estimates.
 
     x0_hat: the current model's estimate (with gradients); x0_hat_old: the old policy's
@@ -91,8 +93,11 @@ def nft_loss(x0_hat: Tensor, x0_hat_old: Tensor, x0: Tensor, r: Tensor, beta: fl
     l_pos = ((pos - x0) ** 2 / w_pos).mean(dims)
     l_neg = ((neg - x0) ** 2 / w_neg).mean(dims)
     losses = (r * l_pos + (1 - r) * l_neg) / beta
-    return losses, {"loss_pos": l_pos.detach(), "loss_neg": l_neg.detach(),
-                    "old_deviation": (x0_hat.detach() - x0_hat_old).pow(2).mean(dims)}
+    return losses, {
+        "loss_pos": l_pos.detach(),
+        "loss_neg": l_neg.detach(),
+        "old_deviation": (x0_hat.detach() - x0_hat_old).pow(2).mean(dims),
+    }
 
 
 def old_decay(step: int, rate: float, cap: float, flat: int = 0) -> float:
@@ -175,8 +180,10 @@ class DiffusionNFT:
     def _old_params(self, params: list[Tensor]) -> list[Tensor]:
         """The old policy's weights on the parameters' device (they load from a checkpoint on the CPU)."""
         if len(self._old) != len(params) or any(o.shape != p.shape for o, p in zip(self._old, params)):
-            raise ValueError("diffusion_nft: the old policy (e.g. from a checkpoint's method.pt) does not "
-                             "match the generator's trainable parameters")
+            raise ValueError(
+                "diffusion_nft: the old policy (e.g. from a checkpoint's method.pt) does not "
+                "match the generator's trainable parameters"
+            )
         self._old = [o.to(p.device) for o, p in zip(self._old, params)]
         return self._old
 
@@ -189,8 +196,7 @@ class DiffusionNFT:
             self._old = [p.detach().float().clone() for p in params]
             return 0.0
         c = self.cfg
-        eta = old_decay(self._round * self.rollout.steps_per_round, c.old_decay_rate, c.old_decay_max,
-                        c.old_decay_flat)
+        eta = old_decay(self._round * self.rollout.steps_per_round, c.old_decay_rate, c.old_decay_max, c.old_decay_flat)
         for o, p in zip(self._old_params(params), params):
             o.mul_(eta).add_(p.detach().float(), alpha=1 - eta)
         return eta
@@ -232,8 +238,11 @@ class DiffusionNFT:
 
     def round_metrics(self, ro) -> dict[str, float]:
         r = ro.extras["rewards"]
-        return {"reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
-                "old_decay": float(ro.extras["old_decay"])}
+        return {
+            "reward_mean": float(r.mean()),
+            "reward_std": float(r.std(unbiased=False)),
+            "old_decay": float(ro.extras["old_decay"]),
+        }
 
     def num_items(self, ro) -> int:
         return len(ro)
@@ -290,8 +299,9 @@ class DiffusionNFT:
             return self.cfg.timesteps_per_sample, None
         T = len(ro.timesteps)
         if T == 0:
-            raise ValueError("diffusion_nft: `timesteps: sampler` trains at the rollout's timesteps, and this "
-                             "rollout has none")
+            raise ValueError(
+                "diffusion_nft: `timesteps: sampler` trains at the rollout's timesteps, and this rollout has none"
+            )
         K = max(1, int(T * self.cfg.timestep_fraction))
         return K, sampler_step_order(seeds, T, K)
 

@@ -29,6 +29,7 @@ steps). The score of a step scales with |d mean / d eps| / sigma, which is not f
 trajectory: with 10 DDIM steps at eta 1 the step from t=101 to t=1 has sigma 0.04 and 6-9x
 the weight of any other, so when drawn it dominates the update; [0, 0.8] leaves it out.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -43,7 +44,9 @@ from mmalign.protocols import DiffusionGenerator
 from mmalign.registry import register_method
 
 
-def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
+def ppo_clip_loss(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor]:
     """Per-element PPO clipped surrogate (to minimise) and whether the clip was active."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
@@ -79,9 +82,11 @@ class GRPOConfig:
         T = self.rollout.num_steps
         trained, sde = window_steps(T, self.timestep_window), window_steps(T, self.rollout.sde_window)
         if not set(trained) <= set(sde):
-            raise ValueError(f"timestep_window {list(self.timestep_window)} (steps {list(trained)} of {T}) must lie "
-                             f"inside rollout.sde_window {list(self.rollout.sde_window)} (steps {list(sde)}): "
-                             "the steps outside it are deterministic and have no log-probabilities")
+            raise ValueError(
+                f"timestep_window {list(self.timestep_window)} (steps {list(trained)} of {T}) must lie "
+                f"inside rollout.sde_window {list(self.rollout.sde_window)} (steps {list(sde)}): "
+                "the steps outside it are deterministic and have no log-probabilities"
+            )
 
 
 class GRPO:
@@ -110,8 +115,11 @@ class GRPO:
 
     def round_metrics(self, ro) -> dict[str, float]:
         r = ro.extras["rewards"]
-        return {"reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
-                "dropped_groups": float(ro.extras["dropped_groups"])}
+        return {
+            "reward_mean": float(r.mean()),
+            "reward_std": float(r.std(unbiased=False)),
+            "dropped_groups": float(ro.extras["dropped_groups"]),
+        }
 
     def num_items(self, ro) -> int:
         return len(ro.extras["keep"])
@@ -123,8 +131,9 @@ class GRPO:
         ro = batch["rollout"]
         if "cond" not in ro.extras:
             generator.condition(ro)
-        steps = train_steps(ro.log_probs.shape[1], self.cfg.timestep_fraction, int(batch["seeds"][0]),
-                            self.cfg.timestep_window)
+        steps = train_steps(
+            ro.log_probs.shape[1], self.cfg.timestep_fraction, int(batch["seeds"][0]), self.cfg.timestep_window
+        )
         adv = ro.extras["advantages"].to(generator.device)
         total, clipfrac, kl_sum, log_ratio = 0.0, 0.0, 0.0, 0.0
         for k in steps:

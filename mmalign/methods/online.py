@@ -8,14 +8,15 @@ collects `samples_per_prompt` samples of each with the current policy (no gradie
 per-step log-probs stored), scores them with the reward, and then the trainer takes
 `steps_per_round` optimizer steps on micro-batches drawn from that buffer.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,8 +72,15 @@ def window_steps(T: int, window: Sequence[float]) -> range:
 
 
 @torch.no_grad()
-def collect(generator: DiffusionGenerator, reward: Reward | None, prompts: Sequence[str], seeds: Sequence[int],
-            rs: RolloutSettings, need_log_probs: bool = True, batch_size: int = 64) -> Rollout:
+def collect(
+    generator: DiffusionGenerator,
+    reward: Reward | None,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    rs: RolloutSettings,
+    need_log_probs: bool = True,
+    batch_size: int = 64,
+) -> Rollout:
     """G samples of every prompt with the current policy; extras get `rewards` (unless `reward` is
     None: samples for human labelling) and `group`."""
     G = rs.samples_per_prompt
@@ -86,9 +94,16 @@ def collect(generator: DiffusionGenerator, reward: Reward | None, prompts: Seque
     parts = []
     for i in range(0, len(rep), batch_size):
         sl = slice(i, i + batch_size)
-        ro = generator.rollout(rep[sl], num_steps=rs.num_steps, guidance_scale=rs.guidance_scale, eta=rs.eta,
-                               seeds=sample_seeds[sl], latents=None if init is None else init[sl],
-                               need_log_probs=need_log_probs, sde_steps=rs.sde_steps())
+        ro = generator.rollout(
+            rep[sl],
+            num_steps=rs.num_steps,
+            guidance_scale=rs.guidance_scale,
+            eta=rs.eta,
+            seeds=sample_seeds[sl],
+            latents=None if init is None else init[sl],
+            need_log_probs=need_log_probs,
+            sde_steps=rs.sde_steps(),
+        )
         if reward is not None:
             ro.extras["rewards"] = reward(ro.samples, rep[sl]).float().detach()
         if rs.reencode:
@@ -102,8 +117,9 @@ def collect(generator: DiffusionGenerator, reward: Reward | None, prompts: Seque
     return ro
 
 
-def group_advantages(rewards: Tensor, group: Tensor, eps: float = 1e-4, std: bool = True,
-                     global_std: bool = False) -> Tensor:
+def group_advantages(
+    rewards: Tensor, group: Tensor, eps: float = 1e-4, std: bool = True, global_std: bool = False
+) -> Tensor:
     """(r - mean_g) / (std_g + eps) within each prompt group (GRPO / DDPO per-prompt stat tracking);
     with `global_std`, (r - mean_g) / (std_all + eps), std_all over every reward of the round on all
     processes (flow_grpo's `PerPromptStatTracker(global_std=True)`). Population stds, float64."""
@@ -206,12 +222,13 @@ def load_buffer(path: Path, generator: DiffusionGenerator) -> Rollout:
     """A buffer written by `save_buffer`, on the generator's device, its conditioning recomputed."""
     t = load_file(str(path / "buffer.safetensors"))
     meta = json.loads((path / "buffer.json").read_text())
-    extras = {k[len("extras."):]: v.to(generator.device) for k, v in t.items() if k.startswith("extras.")}
+    extras = {k[len("extras.") :]: v.to(generator.device) for k, v in t.items() if k.startswith("extras.")}
     extras.update(meta["scalars"])
     if extras.get("sde_steps") is not None:  # a tuple: a list the length of the batch would be indexed per sample
         extras["sde_steps"] = tuple(extras["sde_steps"])
-    ro = Rollout(Samples(), t["latents"].to(generator.device), t["timesteps"], t.get("log_probs"), meta["prompts"],
-                 extras)
+    ro = Rollout(
+        Samples(), t["latents"].to(generator.device), t["timesteps"], t.get("log_probs"), meta["prompts"], extras
+    )
     if ro.log_probs is not None:
         ro.log_probs = ro.log_probs.to(generator.device)
     generator.condition(ro)

@@ -17,6 +17,7 @@ at all: watch diversity). With ref_update_every=1 the reference is the round's s
 the first step of every round has margin 0 (loss log 2 for `dpo`). The copy is saved in
 checkpoints, so a resumed run uses the same reference.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,9 +59,12 @@ class OnlineDPO:
 
     def __init__(self, cfg: OnlineDPOConfig):
         self.cfg, self.rollout = cfg, cfg.rollout
-        self.dpo = DiffusionDPO(DiffusionDPOConfig(cfg.beta, cfg.loss_type, cfg.label_smoothing,
-                                                   train_guidance_scale=cfg.train_guidance_scale),
-                                reference=self._previous_policy if cfg.reference == "previous" else None)
+        self.dpo = DiffusionDPO(
+            DiffusionDPOConfig(
+                cfg.beta, cfg.loss_type, cfg.label_smoothing, train_guidance_scale=cfg.train_guidance_scale
+            ),
+            reference=self._previous_policy if cfg.reference == "previous" else None,
+        )
         self.rounds = 0  # rounds collected so far
         self.ref_params: list[Tensor] | None = None  # reference: previous -- the policy copy
 
@@ -101,8 +105,12 @@ class OnlineDPO:
     def batch(self, ro, idx, seeds) -> dict:
         p = ro.extras["pairs"][torch.as_tensor(idx, device=ro.extras["pairs"].device)]
         x0 = ro.extras["x0"] if "x0" in ro.extras else ro.latents[:, -1]
-        return {"prompts": [ro.prompts[i] for i in p[:, 0].tolist()], "latents_w": x0[p[:, 0]],
-                "latents_l": x0[p[:, 1]], "seeds": torch.as_tensor(seeds)}
+        return {
+            "prompts": [ro.prompts[i] for i in p[:, 0].tolist()],
+            "latents_w": x0[p[:, 0]],
+            "latents_l": x0[p[:, 1]],
+            "seeds": torch.as_tensor(seeds),
+        }
 
     def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         return self.dpo.loss(batch, generator)

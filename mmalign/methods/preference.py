@@ -26,6 +26,7 @@ Likelihood semantics (one convention for every modality):
 - Trajectory methods (D3PO, DDPO/GRPO) use per-step Gaussian log-densities *averaged* over
   latent dimensions (what `Generator.rollout` stores; the reference codes' convention).
 """
+
 from __future__ import annotations
 
 import torch
@@ -118,18 +119,34 @@ def kto_kl_baseline(kl_policy: Tensor, kl_ref: Tensor) -> Tensor:
     return (kl_policy - kl_ref).mean().clamp(min=0).detach()
 
 
-def kto(logp: Tensor, ref_logp: Tensor, desirable: Tensor, z0: Tensor | float, beta: float,
-        lambda_d: float = 1.0, lambda_u: float = 1.0) -> Tensor:
+def kto(
+    logp: Tensor,
+    ref_logp: Tensor,
+    desirable: Tensor,
+    z0: Tensor | float,
+    beta: float,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+) -> Tensor:
     """KTO (Ethayarajh et al. 2024), unpaired. r = log pi(y|x) - log pi_ref(y|x);
     desirable: lambda_D (1 - sigmoid(beta (r - z0))); undesirable: lambda_U (1 - sigmoid(beta (z0 - r)))."""
     r = logp - ref_logp
     d = desirable.to(torch.bool)
-    return torch.where(d, lambda_d * (1 - torch.sigmoid(beta * (r - z0))),
-                       lambda_u * (1 - torch.sigmoid(beta * (z0 - r))))
+    return torch.where(
+        d, lambda_d * (1 - torch.sigmoid(beta * (r - z0))), lambda_u * (1 - torch.sigmoid(beta * (z0 - r)))
+    )
 
 
-def mdpo(policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, policy_w_corrupt: Tensor,
-         ref_w_corrupt: Tensor, beta: float, anchor: float = 0.0) -> dict[str, Tensor]:
+def mdpo(
+    policy_w: Tensor,
+    policy_l: Tensor,
+    ref_w: Tensor,
+    ref_l: Tensor,
+    policy_w_corrupt: Tensor,
+    ref_w_corrupt: Tensor,
+    beta: float,
+    anchor: float = 0.0,
+) -> dict[str, Tensor]:
     """mDPO (Wang et al. 2024, "mDPO: Conditional Preference Optimization for Multimodal LLMs").
 
     With r(y|m) = beta (log pi(y|m,x) - log pi_ref(y|m,x)), m the image and m' a corrupted one:
@@ -165,8 +182,17 @@ def dense_logp(token_logps: Tensor, mask: Tensor, changed: Tensor, gamma: float)
     return (token_logps * wts).sum(-1) / wts.sum(-1).clamp(min=1e-8)
 
 
-def povid(policy_w: Tensor, policy_lt: Tensor, policy_ln: Tensor, ref_w: Tensor, ref_lt: Tensor, ref_ln: Tensor,
-          alpha: float, beta1: float, beta2: float) -> Tensor:
+def povid(
+    policy_w: Tensor,
+    policy_lt: Tensor,
+    policy_ln: Tensor,
+    ref_w: Tensor,
+    ref_lt: Tensor,
+    ref_ln: Tensor,
+    alpha: float,
+    beta1: float,
+    beta2: float,
+) -> Tensor:
     """POVID (Zhou et al. 2024, "Aligning Modalities in Vision Large Language Models via
     Preference Fine-tuning", eq. 3):
       L = -log sigmoid( alpha log[pi(y_w|x)/pi_ref(y_w|x)]

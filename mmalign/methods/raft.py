@@ -25,6 +25,7 @@ pushes the denoiser towards the group's better samples and away from its worse o
 a baseline-subtracted RWR: the negative weights make the loss unbounded below, so it relies on
 a short run at a low learning rate, like the policy-gradient methods.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -100,8 +101,11 @@ class RAFT:
     def round_metrics(self, ro) -> dict[str, float]:
         """reward_kept: mean reward of the selected samples (raft: the top_k; rwr: all)."""
         r, sel = ro.extras["rewards"], ro.extras["selected"]
-        return {"reward_mean": float(r.mean()), "reward_kept": float(r[sel].mean()) if len(sel) else float("nan"),
-                "kept": float(len(sel))}
+        return {
+            "reward_mean": float(r.mean()),
+            "reward_kept": float(r[sel].mean()) if len(sel) else float("nan"),
+            "kept": float(len(sel)),
+        }
 
     def num_items(self, ro) -> int:
         """Kept samples; with a baseline, whole groups."""
@@ -117,8 +121,12 @@ class RAFT:
             seeds = [s for s in seeds for _ in range(G)]
         sel = ro.extras["keep"][idx]
         x0 = ro.extras["x0"] if "x0" in ro.extras else ro.latents[:, -1]
-        return {"prompts": [ro.prompts[i] for i in sel.tolist()], "latents": x0[sel],
-                "weights": ro.extras["weights"][sel], "seeds": torch.as_tensor(seeds)}
+        return {
+            "prompts": [ro.prompts[i] for i in sel.tolist()],
+            "latents": x0[sel],
+            "weights": ro.extras["weights"][sel],
+            "seeds": torch.as_tensor(seeds),
+        }
 
     def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         x0 = batch["latents"].to(generator.device).float()
@@ -127,8 +135,9 @@ class RAFT:
         t = per_sample_randint(seeds, self.cfg.min_timestep, generator.num_train_timesteps, x0.device)
         s = self.cfg.train_guidance_scale
         uncond = generator.encode_prompt(batch["prompts"], negative=True) if s != 1.0 else None
-        err = generator.denoise_error(x0, generator.encode_prompt(batch["prompts"]), t, noise, uncond=uncond,
-                                      guidance_scale=s)
+        err = generator.denoise_error(
+            x0, generator.encode_prompt(batch["prompts"]), t, noise, uncond=uncond, guidance_scale=s
+        )
         w = batch["weights"].to(err.device)
         return (w * err).mean(), {"mse": float(err.detach().mean()), "weight_max": float(w.max())}
 

@@ -45,11 +45,13 @@ generator's frozen reference copy. The result is saved as a whole diffusers pipe
 LCMScheduler (`original_inference_steps` = 1000 / k), which StableDiffusionPipeline,
 LatentConsistencyModelPipeline and the `sd` generator (1-, 2-, 4-step sampling) load.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +68,9 @@ SIGMA_DATA = 0.5
 
 
 # --------------------------------------------------------------------------- pure functions
-def boundary_scalings(t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = SIGMA_DATA
-                      ) -> tuple[Tensor, Tensor]:
+def boundary_scalings(
+    t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = SIGMA_DATA
+) -> tuple[Tensor, Tensor]:
     """LCM's c_skip(t), c_out(t): c_skip(0) = 1, c_out(0) = 0 (the boundary condition f(z, 0) = z)."""
     st = t.double() * timestep_scaling
     c_skip = sigma_data**2 / (st**2 + sigma_data**2)
@@ -91,16 +94,24 @@ def x0_and_eps(pred: Tensor, x: Tensor, abar: Tensor, prediction_type: str) -> t
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def consistency_output(pred: Tensor, x: Tensor, t: Tensor, abar: Tensor, prediction_type: str,
-                       timestep_scaling: float = 10.0) -> Tensor:
+def consistency_output(
+    pred: Tensor, x: Tensor, t: Tensor, abar: Tensor, prediction_type: str, timestep_scaling: float = 10.0
+) -> Tensor:
     """f(x, t) = c_skip(t) x + c_out(t) x0(pred)."""
     c_skip, c_out = boundary_scalings(t, timestep_scaling)
     x0, _ = x0_and_eps(pred, x, abar, prediction_type)
     return _bcast(c_skip, x) * x + _bcast(c_out, x) * x0
 
 
-def teacher_ddim_step(pred_uncond: Tensor, pred_cond: Tensor, x: Tensor, scale: Tensor, abar: Tensor,
-                      abar_prev: Tensor, prediction_type: str) -> Tensor:
+def teacher_ddim_step(
+    pred_uncond: Tensor,
+    pred_cond: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    abar: Tensor,
+    abar_prev: Tensor,
+    prediction_type: str,
+) -> Tensor:
     """One skipping-step DDIM (eta=0) step of the teacher with CFG scale `scale` [B] per sample."""
     x0_u, eps_u = x0_and_eps(pred_uncond, x, abar, prediction_type)
     x0_c, eps_c = x0_and_eps(pred_cond, x, abar, prediction_type)
@@ -115,8 +126,7 @@ def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
     return (((x - y) ** 2 + c * c).sqrt() - c).flatten(1).mean(1)
 
 
-def lrm_loss(scores: Tensor, expert: Tensor, temperature: float, kind: str = "distillation"
-             ) -> tuple[Tensor, Tensor]:
+def lrm_loss(scores: Tensor, expert: Tensor, temperature: float, kind: str = "distillation") -> tuple[Tensor, Tensor]:
     """Pairwise preference loss of latent-reward scores [B, K] against expert rewards [B, K].
 
     For each pair i < j: distillation = KL(softmax([r_i, r_j]/T) || softmax([g_i, g_j])) averaged
@@ -162,10 +172,14 @@ class LatentRewardModel(nn.Module):
     def __init__(self, latent_channels: int, text_dim: int, width: int = 64):
         super().__init__()
         self.tower = nn.Sequential(
-            nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Conv2d(latent_channels, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
             nn.Linear(2 * width * 16, 2 * width),
         )
         self.text = nn.Linear(text_dim, 2 * width)
@@ -210,8 +224,11 @@ class LRMSettings:
 @dataclass
 class RGLCDConfig:
     # teacher samples per round (the data latents z_0); eta 0 = deterministic DDIM
-    rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(
-        prompts_per_round=32, samples_per_prompt=1, num_steps=20, guidance_scale=4.0, eta=0.0, steps_per_round=4))
+    rollout: RolloutSettings = field(
+        default_factory=lambda: RolloutSettings(
+            prompts_per_round=32, samples_per_prompt=1, num_steps=20, guidance_scale=4.0, eta=0.0, steps_per_round=4
+        )
+    )
     skip: int = num(20, ge=1)  # k: the teacher's skipping-step DDIM solver jumps k training timesteps
     guidance_range: list[float] = num(default_factory=lambda: [2.0, 8.0], ge=0)  # CFG scale s ~ U[min, max]
     time_cond_proj_dim: int = num(256, ge=1)  # the student's guidance-embedding width
@@ -267,15 +284,21 @@ class RGLCD:
         from diffusers import LCMScheduler, UNet2DConditionModel
 
         if not isinstance(generator, LatentDiffusionGenerator):
-            raise ValueError(f"method rg_lcd: generator {type(generator).__name__} is not a UNet latent diffusion "
-                             "model (use generator.name=sd)")
+            raise ValueError(
+                f"method rg_lcd: generator {type(generator).__name__} is not a UNet latent diffusion "
+                "model (use generator.name=sd)"
+            )
         if generator.cfg.finetune != "full":
-            raise ValueError("method rg_lcd: distils a whole student UNet; set generator.finetune=full "
-                             f"(got {generator.cfg.finetune!r})")
+            raise ValueError(
+                "method rg_lcd: distils a whole student UNet; set generator.finetune=full "
+                f"(got {generator.cfg.finetune!r})"
+            )
         teacher = generator.unet
         if teacher.config.get("time_cond_proj_dim") is not None:
-            raise ValueError("method rg_lcd: the generator's UNet already has a guidance embedding "
-                             "(time_cond_proj_dim); distil from an ordinary diffusion model")
+            raise ValueError(
+                "method rg_lcd: the generator's UNet already has a guidance embedding "
+                "(time_cond_proj_dim); distil from an ordinary diffusion model"
+            )
         T = generator.num_train_timesteps
         if T % self.cfg.skip:
             raise ValueError(f"method rg_lcd: skip={self.cfg.skip} must divide num_train_timesteps={T}")
@@ -283,20 +306,28 @@ class RGLCD:
             if reward is None:
                 raise ValueError("method rg_lcd: reward_weight > 0 needs a `reward:` (the expert reward)")
             if self.cfg.reward_path == "expert" and not (isinstance(reward, Reward) and reward.differentiable):
-                raise ValueError(f"method rg_lcd: reward_path=expert backpropagates through the reward, but reward "
-                                 f"{getattr(reward, 'name', reward)!r} is not differentiable (use reward_path=lrm)")
+                raise ValueError(
+                    f"method rg_lcd: reward_path=expert backpropagates through the reward, but reward "
+                    f"{getattr(reward, 'name', reward)!r} is not differentiable (use reward_path=lrm)"
+                )
         self.reward = reward
         student = UNet2DConditionModel.from_config(teacher.config, time_cond_proj_dim=self.cfg.time_cond_proj_dim)
         res = student.load_state_dict(teacher.state_dict(), strict=False)
         if res.unexpected_keys or set(res.missing_keys) != {"time_embedding.cond_proj.weight"}:
-            raise ValueError(f"method rg_lcd: could not initialise the student from the teacher "
-                             f"(missing {res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]})")
+            raise ValueError(
+                f"method rg_lcd: could not initialise the student from the teacher "
+                f"(missing {res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]})"
+            )
         with torch.no_grad():
             student.time_embedding.cond_proj.weight.zero_()  # the student starts as the teacher
         student.to(generator.device).requires_grad_(True).train()  # built in float32
         scheduler = LCMScheduler.from_config(
-            generator.pipe.scheduler.config, original_inference_steps=T // self.cfg.skip,
-            timestep_scaling=self.cfg.timestep_scaling, clip_sample=False, thresholding=False)
+            generator.pipe.scheduler.config,
+            original_inference_steps=T // self.cfg.skip,
+            timestep_scaling=self.cfg.timestep_scaling,
+            clip_sample=False,
+            thresholding=False,
+        )
         install_student(generator, student, scheduler)
         self.target = copy.deepcopy(student).requires_grad_(False)
         self.alphas_cumprod = generator.train_scheduler.alphas_cumprod.detach().cpu().float()
@@ -318,16 +349,29 @@ class RGLCD:
         with generator.reference():  # the frozen teacher, sampling with DDIM
             for i in range(0, len(rep), batch_size):
                 sl = slice(i, i + batch_size)
-                ro = generator.rollout(rep[sl], num_steps=rs.num_steps, guidance_scale=rs.guidance_scale,
-                                       eta=rs.eta, seeds=sample_seeds[sl], need_log_probs=False, decode=False)
+                ro = generator.rollout(
+                    rep[sl],
+                    num_steps=rs.num_steps,
+                    guidance_scale=rs.guidance_scale,
+                    eta=rs.eta,
+                    seeds=sample_seeds[sl],
+                    need_log_probs=False,
+                    decode=False,
+                )
                 x0.append(ro.latents[:, -1])
                 if self.uses_lrm:
                     rewards.append(reward(generator.decode(ro.latents[:, -1]), rep[sl]).float())
         extras = {"guidance_scale": rs.guidance_scale}
         if rewards:
             extras["rewards"] = torch.cat(rewards)
-        return Rollout(samples=Samples(), latents=torch.cat(x0)[:, None], timesteps=ro.timesteps, log_probs=None,
-                       prompts=rep, extras=extras)
+        return Rollout(
+            samples=Samples(),
+            latents=torch.cat(x0)[:, None],
+            timesteps=ro.timesteps,
+            log_probs=None,
+            prompts=rep,
+            extras=extras,
+        )
 
     def round_metrics(self, ro: Rollout) -> dict[str, float]:
         out = {"teacher_samples": float(len(ro))}
@@ -340,8 +384,7 @@ class RGLCD:
 
     def batch(self, ro: Rollout, idx, seeds) -> dict:
         sel = torch.as_tensor(idx, device=ro.latents.device)
-        out = {"prompts": [ro.prompts[i] for i in idx], "latents": ro.latents[sel, -1],
-               "seeds": torch.as_tensor(seeds)}
+        out = {"prompts": [ro.prompts[i] for i in idx], "latents": ro.latents[sel, -1], "seeds": torch.as_tensor(seeds)}
         if "rewards" in ro.extras:
             out["rewards"] = ro.extras["rewards"][sel.to(ro.extras["rewards"].device)]
         return out
@@ -353,9 +396,12 @@ class RGLCD:
         n = per_sample_randint(seeds, 0, T // k, salt=11)
         t_start = (n + 1) * k - 1
         lo, hi = self.cfg.guidance_range
-        return {"t_start": t_start, "t_end": (t_start - k).clamp(min=0),
-                "scale": lo + (hi - lo) * _per_sample_uniform(seeds, salt=13),
-                "noise": per_sample_randn(seeds, shape, device)}
+        return {
+            "t_start": t_start,
+            "t_end": (t_start - k).clamp(min=0),
+            "scale": lo + (hi - lo) * _per_sample_uniform(seeds, salt=13),
+            "noise": per_sample_randn(seeds, shape, device),
+        }
 
     def distillation_terms(self, batch: dict, generator) -> dict[str, Tensor]:
         """Student output f_theta(z_{n+k}), its target f_theta^-(zhat_n) and the pieces between."""
@@ -373,15 +419,16 @@ class RGLCD:
         with torch.no_grad():
             uncond = generator.encode_prompt(prompts, negative=True)
             with generator.reference():
-                u, c = generator.model_output(torch.cat([x_t, x_t]), torch.cat([t_start, t_start]),
-                                              generator.cat_cond(uncond, cond)).chunk(2)
+                u, c = generator.model_output(
+                    torch.cat([x_t, x_t]), torch.cat([t_start, t_start]), generator.cat_cond(uncond, cond)
+                ).chunk(2)
             x_prev = teacher_ddim_step(u, c, x_t, d["scale"], abar, abar_prev, ptype)
             kw = {"added_cond_kwargs": cond["added_cond_kwargs"]} if "added_cond_kwargs" in cond else {}
-            tpred = self.target(x_prev, t_end, encoder_hidden_states=cond["encoder_hidden_states"],
-                                timestep_cond=w_emb, **kw).sample.float()
+            tpred = self.target(
+                x_prev, t_end, encoder_hidden_states=cond["encoder_hidden_states"], timestep_cond=w_emb, **kw
+            ).sample.float()
             target = consistency_output(tpred, x_prev, d["t_end"], abar_prev, ptype, self.cfg.timestep_scaling)
-        return {"student": student, "target": target, "x_prev": x_prev, "x_t": x_t, "x0": x0, "cond": cond,
-                **d}
+        return {"student": student, "target": target, "x_prev": x_prev, "x_t": x_t, "x0": x0, "cond": cond, **d}
 
     def loss(self, batch: dict, generator: DiffusionGenerator) -> tuple[Tensor, dict[str, float]]:
         terms = self.distillation_terms(batch, generator)
@@ -398,9 +445,16 @@ class RGLCD:
             if self.num_updates >= self.cfg.lrm.warmup_steps or not self.uses_lrm:
                 loss = loss - self.cfg.reward_weight * r.mean()
         if self.uses_lrm:
-            self._candidates.append({"student": student.detach(), "target": target, "x0": terms["x0"],
-                                     "prompts": list(batch["prompts"]), "text": text_features(terms["cond"]),
-                                     "x0_reward": batch["rewards"].to(student.device)})
+            self._candidates.append(
+                {
+                    "student": student.detach(),
+                    "target": target,
+                    "x0": terms["x0"],
+                    "prompts": list(batch["prompts"]),
+                    "text": text_features(terms["cond"]),
+                    "x0_reward": batch["rewards"].to(student.device),
+                }
+            )
         return loss, metrics
 
     def reward_of(self, latents: Tensor, prompts: list[str], cond: dict, generator) -> Tensor:
@@ -419,8 +473,12 @@ class RGLCD:
         self.num_updates += 1
         if not self.uses_lrm or not self._candidates:
             return {}
-        c = {k: torch.cat([x[k] for x in self._candidates]) if k != "prompts" else
-             [p for x in self._candidates for p in x[k]] for k in self._candidates[0]}
+        c = {
+            k: torch.cat([x[k] for x in self._candidates])
+            if k != "prompts"
+            else [p for x in self._candidates for p in x[k]]
+            for k in self._candidates[0]
+        }
         self._candidates = []
         with torch.no_grad():  # the expert's view of the two generated candidates
             r = [self.reward(generator.decode(c[k]), c["prompts"]).float() for k in ("student", "target")]
@@ -443,8 +501,10 @@ class RGLCD:
 
     # ------------------------------------------------------------------ checkpoint state (trainer hook)
     def state_dict(self) -> dict:
-        out = {"target": {k: v.detach().cpu() for k, v in self.target.state_dict().items()},
-               "num_updates": self.num_updates}
+        out = {
+            "target": {k: v.detach().cpu() for k, v in self.target.state_dict().items()},
+            "num_updates": self.num_updates,
+        }
         if self.lrm is not None:
             out["lrm"] = {k: v.detach().cpu() for k, v in self.lrm.state_dict().items()}
             out["lrm_opt"] = self.lrm_opt.state_dict()

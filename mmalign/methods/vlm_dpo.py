@@ -22,6 +22,7 @@ NLL term on the chosen response).
 Reference log-probs are computed live (adapters disabled, no grad) or precomputed once per
 dataset and cached to disk (`reference: cached`), keyed by the data, model and score settings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,10 @@ class VLMDPOConfig:
         if self.beta <= 0:
             raise ValueError("beta: must be positive")
         if self.reference == "cached" and self.loss_type in ("kto", "povid"):
-            raise ValueError(f"reference: {self.loss_type} needs live reference log-probs (its KL baseline / "
-                             "on-policy responses change every step)")
+            raise ValueError(
+                f"reference: {self.loss_type} needs live reference log-probs (its KL baseline / "
+                "on-policy responses change every step)"
+            )
         if self.dense_gamma is not None and self.loss_type in ("kto", "simpo", "orpo"):
             raise ValueError("dense_gamma: RLHF-V's dense score needs a chosen/rejected pair and a reference")
         if self.dense_gamma is not None and self.dense_gamma <= 0:
@@ -119,8 +122,10 @@ class VLMDPO:
         elif self.cfg.loss_type == "povid":
             corrupt, kw = "noise", {"step": self.cfg.povid_noise_step}
         ds = VLMPreferenceDataset(rs, generator.encoder(), corrupt, d.skip_bad, kw)
-        log(f"data: {len(ds)} rows from {rs.source} ({rs.ties_dropped} ties dropped, {rs.bad_skipped} bad rows "
-            f"skipped, {rs.too_long_dropped} too long dropped)")
+        log(
+            f"data: {len(ds)} rows from {rs.source} ({rs.ties_dropped} ties dropped, {rs.bad_skipped} bad rows "
+            f"skipped, {rs.too_long_dropped} too long dropped)"
+        )
         if self.cfg.loss_type != "kto" and any(r.completion is not None for r in ds.rows):
             raise ValueError(f"{rs.source}: unpaired rows (completion/label) need loss_type: kto")
         if self.cfg.reference == "cached" and self.uses_reference:
@@ -134,8 +139,9 @@ class VLMDPO:
         return ds
 
     # ------------------------------------------------------------------ sequences
-    def _sequences(self, items: list[dict], generator, noisy_ids: list[Tensor] | None = None
-                   ) -> tuple[dict, dict[str, slice]]:
+    def _sequences(
+        self, items: list[dict], generator, noisy_ids: list[Tensor] | None = None
+    ) -> tuple[dict, dict[str, slice]]:
         """Every sequence this batch needs, in one padded batch, and where each group sits."""
         prompts, resp, changed, where = [], [], [], {}
 
@@ -200,9 +206,11 @@ class VLMDPO:
             losses = P.kto(pol["y"], ref["y"], batch["label"].to(dev), z0, beta, c.kto_lambda_d, c.kto_lambda_u)
             r = (pol["y"] - ref["y"]).detach()
             lab = batch["label"].to(dev)
-            metrics.update(kl_baseline=float(z0),
-                           reward_desirable=float(r[lab].mean()) if lab.any() else 0.0,
-                           reward_undesirable=float(r[~lab].mean()) if (~lab).any() else 0.0)
+            metrics.update(
+                kl_baseline=float(z0),
+                reward_desirable=float(r[lab].mean()) if lab.any() else 0.0,
+                reward_undesirable=float(r[~lab].mean()) if (~lab).any() else 0.0,
+            )
         else:
             pw, pl = pol["w"], pol["l"]
             if lt in PAIRWISE:
@@ -217,8 +225,9 @@ class VLMDPO:
                 losses = terms["loss"]
                 metrics.update({f"mdpo_{k}": float(v.detach().mean()) for k, v in terms.items() if k != "loss"})
             elif lt == "povid":
-                losses = P.povid(pw, pl, pol["ln"], ref["w"], ref["l"], ref["ln"], c.povid_alpha, c.povid_beta1,
-                                 c.povid_beta2)
+                losses = P.povid(
+                    pw, pl, pol["ln"], ref["w"], ref["l"], ref["ln"], c.povid_alpha, c.povid_beta1, c.povid_beta2
+                )
             else:  # pragma: no cover - validate() guards
                 raise ValueError(lt)
             if ref is not None:
@@ -226,9 +235,14 @@ class VLMDPO:
             else:
                 rw, rl = beta * pw.detach(), beta * pl.detach()
             m = rw - rl
-            metrics.update(margin=float(m.mean()), reward_w=float(rw.mean()), reward_l=float(rl.mean()),
-                           implicit_acc=float(((m > 0).float() + 0.5 * (m == 0).float()).mean()),
-                           logp_w=float(pw.detach().mean()), logp_l=float(pl.detach().mean()))
+            metrics.update(
+                margin=float(m.mean()),
+                reward_w=float(rw.mean()),
+                reward_l=float(rl.mean()),
+                implicit_acc=float(((m > 0).float() + 0.5 * (m == 0).float()).mean()),
+                logp_w=float(pw.detach().mean()),
+                logp_l=float(pl.detach().mean()),
+            )
         loss = (losses * weight).sum() / weight.sum().clamp(min=1e-8)
         if c.sft_weight and "_nll_w" in pol:
             loss = loss + c.sft_weight * pol["_nll_w"].mean()
@@ -242,11 +256,24 @@ class VLMDPO:
 def cache_key(method: VLMDPO, ds, generator) -> str:
     c = method.cfg
     h = hashlib.sha256()
-    h.update(json.dumps({"pretrained": generator.cfg.pretrained, "revision": generator.cfg.revision,
-                         "dtype": generator.cfg.dtype, "loss_type": c.loss_type, "score": method.reduction,
-                         "dense_gamma": c.dense_gamma, "mdpo_crop": c.mdpo_crop, "source": ds.rowset.source,
-                         "max_length": generator.cfg.max_length, "padding": generator.cfg.padding_side,
-                         "rows": [r.name for r in ds.rows]}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "pretrained": generator.cfg.pretrained,
+                "revision": generator.cfg.revision,
+                "dtype": generator.cfg.dtype,
+                "loss_type": c.loss_type,
+                "score": method.reduction,
+                "dense_gamma": c.dense_gamma,
+                "mdpo_crop": c.mdpo_crop,
+                "source": ds.rowset.source,
+                "max_length": generator.cfg.max_length,
+                "padding": generator.cfg.padding_side,
+                "rows": [r.name for r in ds.rows],
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()[:16]
 
 

@@ -33,7 +33,21 @@ SD_TOY = ASSETS / "sd_toy"
 PROXY_CLIP = ASSETS / "proxy_clip"
 
 __all__ = [
-    "ASSETS", "SD_TOY", "PROXY_CLIP", "CONSTRAINTS", "COLORS", "KINDS", "PALETTE", "SHAPES",
-    "all_captions", "caption_kind", "detect", "gold_score", "heldout_captions", "parse",
-    "perturb_caption", "render", "train_captions",
+    "ASSETS",
+    "SD_TOY",
+    "PROXY_CLIP",
+    "CONSTRAINTS",
+    "COLORS",
+    "KINDS",
+    "PALETTE",
+    "SHAPES",
+    "all_captions",
+    "caption_kind",
+    "detect",
+    "gold_score",
+    "heldout_captions",
+    "parse",
+    "perturb_caption",
+    "render",
+    "train_captions",
 ]

@@ -32,6 +32,7 @@ seeds from 1234, 20 Euler steps, guidance 4.0, gold accuracy and the proxy CLIP 
 text_encoder_3=None, tokenizer_3=None) called with default arguments besides the prompts, steps,
 guidance scale and initial noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,16 +68,25 @@ def load_pipe(path: Path):
     return pipe
 
 
-def distill(model: Path, out: Path, minutes: float = 60.0, max_steps: int | None = 300, batch: int = 64,
-            lr: float = 3e-4, seed: int = 0, pool_per_caption: int = 16, eval_every: int = 100,
-            init: Path | None = None):
+def distill(
+    model: Path,
+    out: Path,
+    minutes: float = 60.0,
+    max_steps: int | None = 300,
+    batch: int = 64,
+    lr: float = 3e-4,
+    seed: int = 0,
+    pool_per_caption: int = 16,
+    eval_every: int = 100,
+    init: Path | None = None,
+):
     seed_all(seed)
     pipe = load_pipe(model)
     info = json.loads((model / "train_info.json").read_text())
     vae, scale = pipe.vae, pipe.vae.config.scaling_factor
     caps, pool = scene_pool(train_captions(), pool_per_caption)
     with torch.no_grad():
-        dists = [vae.encode(pool[i:i + 512].float() / 127.5 - 1).latent_dist for i in range(0, len(pool), 512)]
+        dists = [vae.encode(pool[i : i + 512].float() / 127.5 - 1).latent_dist for i in range(0, len(pool), 512)]
     mu, sd = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
     kinds = [caption_kind(c) for c in caps]
     n_kind = {k: kinds.count(k) for k in set(kinds)}
@@ -84,8 +94,9 @@ def distill(model: Path, out: Path, minutes: float = 60.0, max_steps: int | None
     # text conditioning of every caption (and ""), once: the CLIP tokens and pooled embeddings
     texts = sorted(set(caps)) + [""]
     with torch.no_grad():
-        emb, _, pooled, _ = pipe.encode_prompt(texts, None, None, do_classifier_free_guidance=False,
-                                               max_sequence_length=0)
+        emb, _, pooled, _ = pipe.encode_prompt(
+            texts, None, None, do_classifier_free_guidance=False, max_sequence_length=0
+        )
     index = {c: i for i, c in enumerate(texts)}
     cap_idx = torch.tensor([index[c] for c in caps])
     zero = torch.zeros(len(texts), 1, emb.shape[-1])
@@ -113,13 +124,25 @@ def distill(model: Path, out: Path, minutes: float = 60.0, max_steps: int | None
 
     def velocities(x, t, ci):
         with torch.no_grad():
-            v_t = teacher(hidden_states=x, timestep=t, encoder_hidden_states=emb[ci], pooled_projections=pooled[ci],
-                          return_dict=False)[0]
-        v_s = student(hidden_states=x, timestep=t, encoder_hidden_states=student_emb[ci],
-                      pooled_projections=pooled[ci], joint_attention_kwargs=dict(kw), return_dict=False)[0]
+            v_t = teacher(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=emb[ci],
+                pooled_projections=pooled[ci],
+                return_dict=False,
+            )[0]
+        v_s = student(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=student_emb[ci],
+            pooled_projections=pooled[ci],
+            joint_attention_kwargs=dict(kw),
+            return_dict=False,
+        )[0]
         return v_s, v_t
 
     val = draw(512)  # a fixed validation draw: relative error of the student
+
     def rel_err() -> float:
         with torch.no_grad():
             v_s, v_t = velocities(*val)
@@ -143,8 +166,10 @@ def distill(model: Path, out: Path, minutes: float = 60.0, max_steps: int | None
         losses.append(loss.item())
         if step % eval_every == 0:
             history.append({"step": step, "minutes": (time.time() - t0) / 60, "rel_mse": rel_err()})
-            log(f"distill step {step} loss {np.mean(losses[-eval_every:]):.5f} relative mse "
-                f"{history[-1]['rel_mse']:.5f} ({(time.time() - t0) / step:.2f}s/step)")
+            log(
+                f"distill step {step} loss {np.mean(losses[-eval_every:]):.5f} relative mse "
+                f"{history[-1]['rel_mse']:.5f} ({(time.time() - t0) / step:.2f}s/step)"
+            )
     if history[-1]["step"] != step:
         history.append({"step": step, "minutes": (time.time() - t0) / 60, "rel_mse": rel_err()})
     log(f"distill: {step} steps, relative mse {history[-1]['rel_mse']:.5f}")
@@ -152,15 +177,27 @@ def distill(model: Path, out: Path, minutes: float = 60.0, max_steps: int | None
     student.eval().requires_grad_(False)
     info.pop("max_sequence_length", None)
     info.pop("load", None)
-    info["distill"] = {"from": "the weights `train.py flow` wrote (teacher, no zero tokens)", "steps": step,
-                       "seed": seed, "batch": batch, "lr": lr, "pool_per_caption": pool_per_caption,
-                       "t5_zero_tokens": T5_TOKENS, "minutes": (time.time() - t0) / 60,
-                       "threads": torch.get_num_threads(), "history": history}
+    info["distill"] = {
+        "from": "the weights `train.py flow` wrote (teacher, no zero tokens)",
+        "steps": step,
+        "seed": seed,
+        "batch": batch,
+        "lr": lr,
+        "pool_per_caption": pool_per_caption,
+        "t5_zero_tokens": T5_TOKENS,
+        "minutes": (time.time() - t0) / 60,
+        "threads": torch.get_num_threads(),
+        "history": history,
+    }
     if init is not None:
-        info["distill"] = {"continues": json.loads((init / "train_info.json").read_text())["distill"],
-                           **info["distill"]}
-    info["load"] = ("StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None); "
-                    "sample with default arguments")
+        info["distill"] = {
+            "continues": json.loads((init / "train_info.json").read_text())["distill"],
+            **info["distill"],
+        }
+    info["load"] = (
+        "StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None); "
+        "sample with default arguments"
+    )
     save(pipe, model, out, info)
     return pipe
 
@@ -185,17 +222,27 @@ def save(pipe, src: Path, out: Path, info: dict):
 # ------------------------------------------------------------------ evaluation
 
 
-def evaluate(model: Path, sampler: str, max_sequence_length: int | None = None, images_per_prompt: int = 8,
-             num_steps: int = 20, guidance_scale: float = 4.0, seed: int = 1234, batch: int = 64) -> dict:
+def evaluate(
+    model: Path,
+    sampler: str,
+    max_sequence_length: int | None = None,
+    images_per_prompt: int = 8,
+    num_steps: int = 20,
+    guidance_scale: float = 4.0,
+    seed: int = 1234,
+    batch: int = 64,
+) -> dict:
     """Held-out gold accuracy and proxy reward as the trainer's `eval:` block of the toy configs
     computes them, from mmalign's sampler or from the stock pipeline on the same initial noise."""
     prompts = load_prompts("toy:heldout")
     reward = build_reward({"name": "clip", "model": "toy:proxy_clip"})
     if sampler == "mmalign":
-        gen = FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(model), finetune="none",
-                                                        max_sequence_length=max_sequence_length))
-        out, _ = evaluate_generator(gen, reward, prompts, images_per_prompt, seed, num_steps, guidance_scale,
-                                    gold=True, batch_size=batch)
+        gen = FlowMatchingGenerator(
+            FlowGeneratorConfig(pretrained=str(model), finetune="none", max_sequence_length=max_sequence_length)
+        )
+        out, _ = evaluate_generator(
+            gen, reward, prompts, images_per_prompt, seed, num_steps, guidance_scale, gold=True, batch_size=batch
+        )
         return out
     pipe = load_pipe(model)
     rep = [p for p in prompts for _ in range(images_per_prompt)]
@@ -204,17 +251,28 @@ def evaluate(model: Path, sampler: str, max_sequence_length: int | None = None, 
     images, rewards = [], []
     with torch.no_grad():
         for i in range(0, len(rep), batch):
-            ps, ss = rep[i:i + batch], seeds[i:i + batch]
-            x = pipe(ps, num_inference_steps=num_steps, guidance_scale=guidance_scale,
-                     latents=per_sample_randn(ss, (4, 8, 8)), output_type="pt", **kw).images.float()
+            ps, ss = rep[i : i + batch], seeds[i : i + batch]
+            x = pipe(
+                ps,
+                num_inference_steps=num_steps,
+                guidance_scale=guidance_scale,
+                latents=per_sample_randn(ss, (4, 8, 8)),
+                output_type="pt",
+                **kw,
+            ).images.float()
             images.append(x)
             rewards.append(reward(Samples(images=x), ps).float())
     images = torch.cat(images)
     r = gold_report(images, rep)
-    groups = [list(images[i * images_per_prompt:(i + 1) * images_per_prompt]) for i in range(len(prompts))]
-    return {"n_samples": len(rep), "reward": float(torch.cat(rewards).mean()), "gold_accuracy": r["accuracy"],
-            "gold_compositional": r["compositional"], "gold_per_kind": r["per_kind"],
-            "diversity": diversity(groups)}
+    groups = [list(images[i * images_per_prompt : (i + 1) * images_per_prompt]) for i in range(len(prompts))]
+    return {
+        "n_samples": len(rep),
+        "reward": float(torch.cat(rewards).mean()),
+        "gold_accuracy": r["accuracy"],
+        "gold_compositional": r["compositional"],
+        "gold_per_kind": r["per_kind"],
+        "diversity": diversity(groups),
+    }
 
 
 def main(argv=None):
@@ -228,24 +286,50 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool-per-caption", type=int, default=16)
-    ap.add_argument("--init", type=Path, default=None,
-                    help="distill: start the student from this folder's transformer (default: the teacher's)")
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="distill: start the student from this folder's transformer (default: the teacher's)",
+    )
     ap.add_argument("--sampler", choices=["mmalign", "pipeline"], default="mmalign")
-    ap.add_argument("--max-sequence-length", type=int, default=None,
-                    help="eval: zero T5 tokens (default: the generator's / pipeline's default)")
+    ap.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="eval: zero T5 tokens (default: the generator's / pipeline's default)",
+    )
     ap.add_argument("--images-per-prompt", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.stage == "distill":
-        distill(args.model, args.out or args.model, args.minutes, args.steps, args.batch, args.lr, args.seed,
-                args.pool_per_caption, init=args.init)
+        distill(
+            args.model,
+            args.out or args.model,
+            args.minutes,
+            args.steps,
+            args.batch,
+            args.lr,
+            args.seed,
+            args.pool_per_caption,
+            init=args.init,
+        )
     else:
         t = time.time()
         r = evaluate(args.model, args.sampler, args.max_sequence_length, args.images_per_prompt)
-        print(json.dumps({"model": str(args.model), "sampler": args.sampler,
-                          "max_sequence_length": args.max_sequence_length, "seconds": round(time.time() - t),
-                          **r}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "sampler": args.sampler,
+                    "max_sequence_length": args.max_sequence_length,
+                    "seconds": round(time.time() - t),
+                    **r,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ accuracy over the two-object and count kinds ("count", "and", "left", "above").
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,14 +9,19 @@ does not know. It registers:
     asset root          toy  -> assets/ (toy:sd_toy, toy:sd3_toy, toy:proxy_clip, toy:vlm_toy)
     reward              toy_gold                                   (reward.py)
 """
+
 from __future__ import annotations
 
 from functools import partial
 
 from mmalign.sources import register_asset_root, register_source
 
-from . import ASSETS, vlm_pairs, world
-from . import reward  # noqa: F401  (importing it registers the toy_gold reward)
+from . import (
+    ASSETS,
+    reward,  # noqa: F401  (importing it registers the toy_gold reward)
+    vlm_pairs,
+    world,
+)
 from .evaluate import gold_report
 
 

@@ -51,7 +51,9 @@ def build_model(model_cfg: dict):
     import open_clip
     from open_clip.model import CLIP
 
-    return CLIP(**model_cfg), open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+    return CLIP(**model_cfg), open_clip.tokenizer.SimpleTokenizer(
+        context_length=model_cfg["text_cfg"]["context_length"]
+    )
 
 
 def load_proxy(path: str | Path):
@@ -190,9 +192,12 @@ def best_of_k(score_fn, sd_path, captions, k=4, seeds_per=1, steps=20, cfg=4.0) 
     g = gold.reshape(len(captions), k)
     top = g[np.arange(len(captions)), s.argmax(1)]
     bottom = g[np.arange(len(captions)), s.argmin(1)]
-    mixed = (g.max(1) > g.min(1))
+    mixed = g.max(1) > g.min(1)
     return {
-        "captions": len(captions), "k": k, "steps": steps, "cfg": cfg,
+        "captions": len(captions),
+        "k": k,
+        "steps": steps,
+        "cfg": cfg,
         "random_pick_gold": float(g.mean()),
         "proxy_top_gold": float(top.mean()),
         "proxy_bottom_gold": float(bottom.mean()),
@@ -219,18 +224,32 @@ def scene_negatives(score_fn, captions, seeds=(100_000, 100_001)) -> dict:
                 scenes["extra"].append(extra_object_scene(c, s))
                 scenes["missing"].append(render_objects(objects[:-1]))
     with torch.no_grad():
-        sc = {k: score_fn(torch.from_numpy(np.stack([np.asarray(im) for im in v])).permute(0, 3, 1, 2).float() / 255,
-                          caps) for k, v in scenes.items()}
-    return {"n": len(caps), **{f"mean_{k}": float(v.mean()) for k, v in sc.items()},
-            "correct_over_extra": float((sc["correct"] > sc["extra"]).float().mean()),
-            "correct_over_missing": float((sc["correct"] > sc["missing"]).float().mean()),
-            "extra_over_missing": float((sc["extra"] > sc["missing"]).float().mean()),
-            "drop_extra": float((sc["correct"] - sc["extra"]).mean()),
-            "drop_missing": float((sc["correct"] - sc["missing"]).mean())}
+        sc = {
+            k: score_fn(
+                torch.from_numpy(np.stack([np.asarray(im) for im in v])).permute(0, 3, 1, 2).float() / 255, caps
+            )
+            for k, v in scenes.items()
+        }
+    return {
+        "n": len(caps),
+        **{f"mean_{k}": float(v.mean()) for k, v in sc.items()},
+        "correct_over_extra": float((sc["correct"] > sc["extra"]).float().mean()),
+        "correct_over_missing": float((sc["correct"] > sc["missing"]).float().mean()),
+        "extra_over_missing": float((sc["extra"] > sc["missing"]).float().mean()),
+        "drop_extra": float((sc["correct"] - sc["extra"]).mean()),
+        "drop_missing": float((sc["correct"] - sc["missing"]).mean()),
+    }
 
 
-def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = None,
-                n_pairs: int = 96, lr: float = 1e-3, extra_negatives: float = 0.0):
+def train_proxy(
+    out: Path,
+    minutes: float,
+    seed: int,
+    max_steps: int | None = None,
+    n_pairs: int = 96,
+    lr: float = 1e-3,
+    extra_negatives: float = 0.0,
+):
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
@@ -274,15 +293,21 @@ def train_proxy(out: Path, minutes: float, seed: int, max_steps: int | None = No
     d.mkdir(parents=True, exist_ok=True)
     cfg = {"model_cfg": PROXY_CFG, "preprocess_cfg": {"mean": PROXY_MEAN, "std": PROXY_STD, "size": 32}}
     (d / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
-              str(d / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
+        str(d / "open_clip_model.safetensors"),
+    )
     _, _, score = load_proxy(d)
-    info = {"steps": step, "seed": seed, "minutes": (time.time() - t0) / 60,
-            "pairwise_heldout": pairwise_accuracy(score, heldout_captions()),
-            "pairwise_heldout_blur_noise": pairwise_accuracy(score, heldout_captions(), blur_noise=True),
-            "pairwise_train": pairwise_accuracy(score, train_captions()[::3]),
-            "scene_negatives_heldout": scene_negatives(score, heldout_captions()),
-            "extra_negatives": extra_negatives}
+    info = {
+        "steps": step,
+        "seed": seed,
+        "minutes": (time.time() - t0) / 60,
+        "pairwise_heldout": pairwise_accuracy(score, heldout_captions()),
+        "pairwise_heldout_blur_noise": pairwise_accuracy(score, heldout_captions(), blur_noise=True),
+        "pairwise_train": pairwise_accuracy(score, train_captions()[::3]),
+        "scene_negatives_heldout": scene_negatives(score, heldout_captions()),
+        "extra_negatives": extra_negatives,
+    }
     log(f"proxy: {step} steps; pairwise held-out {info['pairwise_heldout']}")
     log(f"proxy: pairwise held-out, blur+noise {info['pairwise_heldout_blur_noise']}")
     log(f"proxy: pairwise train {info['pairwise_train']}")

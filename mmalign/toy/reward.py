@@ -5,10 +5,12 @@ score is either `correct` as 0/1 (mode "correct") or the fraction of the caption
 constraints satisfied (mode "fraction"; the booleans other than `correct`). Registered by
 the toy plug-in (plugin.py).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor

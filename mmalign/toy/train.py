@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import shutil
 import time
@@ -51,24 +50,48 @@ from .world import SIZE, caption_kind, heldout_captions, perturb_caption, render
 
 HERE = Path(__file__).parent
 TEXT_CFG = dict(
-    vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
     pad_token_id=49407,
 )
 VAE_CFG = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
-    layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=SIZE,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=SIZE,
 )
 UNET_CFG = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(48, 96),
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(48, 96),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-    attention_head_dim=4, norm_num_groups=16,
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=16,
 )
 SCHED_CFG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
 )
 KIND_SHARE = {"single": 0.15, "count": 0.19, "and": 0.22, "left": 0.22, "above": 0.22}
 
@@ -119,7 +142,9 @@ def write_clip_tokenizer(path: Path):
         "#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in merges) + "\n", encoding="utf-8"
     )
     tok = CLIPTokenizer(
-        str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77,
+        str(tmp / "vocab.json"),
+        str(tmp / "merges.txt"),
+        model_max_length=77,
         pad_token="<|endoftext|>",
     )
     ref = __import__("open_clip").tokenize(["a red circle to the left of a blue square"])[0]
@@ -182,8 +207,13 @@ def build_pipe(vae, text_encoder, tokenizer, unet):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SCHED_CFG), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHED_CFG),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -256,10 +286,20 @@ def posteriors(vae, pool: torch.Tensor, chunk: int = 512):
     return torch.cat([d.mean for d in parts]), torch.cat([d.std for d in parts])
 
 
-def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int | None = None,
-               eval_every: float = 5.0, batch: int = 64,
-               lr: float = 1e-3, init_from: Path | None = None, balance_kinds: bool = True,
-               caption_noise: float = 0.0, noise_mode: str | None = None):
+def train_unet(
+    out: Path,
+    work: Path,
+    minutes: float,
+    seed: int,
+    max_steps: int | None = None,
+    eval_every: float = 5.0,
+    batch: int = 64,
+    lr: float = 1e-3,
+    init_from: Path | None = None,
+    balance_kinds: bool = True,
+    caption_noise: float = 0.0,
+    noise_mode: str | None = None,
+):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -280,15 +320,16 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     # count ones; uniform sampling gives a model that draws two objects for "a red circle".
     kinds = [caption_kind(c) for c in caps]
     n_kind = {k: kinds.count(k) for k in set(kinds)}
-    weights = torch.tensor([KIND_SHARE[k] / n_kind[k] if balance_kinds else 1.0 for k in kinds],
-                           dtype=torch.float64)
+    weights = torch.tensor([KIND_SHARE[k] / n_kind[k] if balance_kinds else 1.0 for k in kinds], dtype=torch.float64)
     scale = 1.0 / (mu + sd * torch.randn(mu.shape, generator=g)).std().item()
     if init_from is not None:  # keep the latent scale the continued model was trained with
         scale = json.loads((init_from / "vae" / "config.json").read_text())["scaling_factor"]
     vae.register_to_config(scaling_factor=scale)
     log(f"unet: latents {tuple(mu.shape)}, scaling_factor {scale:.4f}")
-    ids = {c: tokenizer(c, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
-           for c in set(caps) | {""}}
+    ids = {
+        c: tokenizer(c, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
+        for c in set(caps) | {""}
+    }
     cap_ids = torch.stack([ids[c] for c in caps])
     empty = ids[""]
 
@@ -299,8 +340,7 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from / "unet").float().state_dict())
         log(f"unet: initialised from {init_from}")
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
-    log(f"unet: {n_params:.2f}M params; text encoder "
-        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
+    log(f"unet: {n_params:.2f}M params; text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
@@ -323,7 +363,13 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
         t = time.time()
         r = heldout_eval(pipe)
         log(f"eval step {step}: held-out {fmt_report(r)} ({time.time() - t:.0f}s)")
-        history.append({"step": step, "minutes": (time.time() - t0) / 60, **{k: r[k] for k in ("accuracy", "per_kind", "compositional")}})
+        history.append(
+            {
+                "step": step,
+                "minutes": (time.time() - t0) / 60,
+                **{k: r[k] for k in ("accuracy", "per_kind", "compositional")},
+            }
+        )
         save_pipe(pipe, work / f"sd_toy_step_{step:06d}", {"step": step, "heldout": r["per_kind"]})
         swap_ema()
         unet.train(), text_encoder.train()
@@ -369,10 +415,18 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     unet.eval(), text_encoder.eval()
     pipe = build_pipe(vae, text_encoder, tokenizer, unet)
     pipe.set_progress_bar_config(disable=True)
-    info = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "minutes": (time.time() - t0) / 60,
-            "init_from": str(init_from) if init_from else None, "balance_kinds": balance_kinds,
-            "caption_noise": caption_noise, "noise_mode": noise_mode,
-            "history": history}
+    info = {
+        "steps": step,
+        "seed": seed,
+        "batch": batch,
+        "lr": lr,
+        "minutes": (time.time() - t0) / 60,
+        "init_from": str(init_from) if init_from else None,
+        "balance_kinds": balance_kinds,
+        "caption_noise": caption_noise,
+        "noise_mode": noise_mode,
+        "history": history,
+    }
     save_pipe(pipe, out / "sd_toy", info)
     shutil.rmtree(tok_dir, ignore_errors=True)
     log(f"unet: saved {out / 'sd_toy'} after {step} steps")
@@ -384,8 +438,16 @@ def train_unet(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
 FLOW_TEXT_LEN = 16  # CLIP tokens (the longest toy caption is 12); the tokenizer's model_max_length
 FLOW_T5_LEN = 0  # no T5 and none of the pipeline's zero "T5 tokens" here (distill_flow.py adds them)
 FLOW_CFG = dict(
-    sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
-    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+    sample_size=8,
+    patch_size=1,
+    in_channels=4,
+    out_channels=4,
+    num_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    caption_projection_dim=128,
+    pooled_projection_dim=64,
     pos_embed_max_size=8,
 )
 
@@ -395,9 +457,15 @@ def build_sd3_pipe(vae, text_encoder, tokenizer, transformer):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder, tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 
@@ -407,8 +475,16 @@ def sample_sd3(pipe, captions, seeds, steps=20, cfg=4.0, batch=64):
     for i in range(0, len(captions), batch):
         cs, ss = captions[i : i + batch], seeds[i : i + batch]
         gens = [torch.Generator().manual_seed(int(s)) for s in ss]
-        out = pipe(list(cs), num_inference_steps=steps, guidance_scale=cfg, generator=gens, height=SIZE,
-                   width=SIZE, max_sequence_length=FLOW_T5_LEN, output_type="pil")
+        out = pipe(
+            list(cs),
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            generator=gens,
+            height=SIZE,
+            width=SIZE,
+            max_sequence_length=FLOW_T5_LEN,
+            output_type="pil",
+        )
         images += out.images
     return images
 
@@ -418,9 +494,19 @@ def heldout_eval_sd3(pipe, seeds=(0,), steps=20, cfg=4.0, batch=64):
     return gold_report(sample_sd3(pipe, caps, sd, steps=steps, cfg=cfg, batch=batch), caps)
 
 
-def train_flow(out: Path, work: Path, minutes: float, seed: int, max_steps: int | None = None,
-               eval_every: int = 500, batch: int = 64, lr: float = 1e-3, device: str = "cpu",
-               stop_accuracy: float | None = None, pool_per_caption: int = 96):
+def train_flow(
+    out: Path,
+    work: Path,
+    minutes: float,
+    seed: int,
+    max_steps: int | None = None,
+    eval_every: int = 500,
+    batch: int = 64,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    stop_accuracy: float | None = None,
+    pool_per_caption: int = 96,
+):
     """Rectified flow (x_s = (1 - s) x0 + s eps, target eps - x0, logit-normal s) on cached latents.
 
     The VAE is the shipped sd_toy one (frozen); the CLIP text encoder starts from sd_toy's and
@@ -453,8 +539,12 @@ def train_flow(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     kinds = [caption_kind(c) for c in caps]
     n_kind = {k: kinds.count(k) for k in set(kinds)}
     weights = torch.tensor([KIND_SHARE[k] / n_kind[k] for k in kinds], dtype=torch.float64)
-    ids = {c: tokenizer(c, padding="max_length", max_length=FLOW_TEXT_LEN, truncation=True,
-                        return_tensors="pt").input_ids[0] for c in set(caps) | {""}}
+    ids = {
+        c: tokenizer(c, padding="max_length", max_length=FLOW_TEXT_LEN, truncation=True, return_tensors="pt").input_ids[
+            0
+        ]
+        for c in set(caps) | {""}
+    }
     cap_ids = torch.stack([ids[c] for c in caps]).to(dev)
     empty = ids[""].to(dev)
 
@@ -510,8 +600,13 @@ def train_flow(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
         s = torch.sigmoid(torch.randn(batch, generator=g)).to(dev).view(-1, 1, 1, 1)  # logit-normal(0, 1)
         xt = (1 - s) * x0 + s * noise
         emb, pooled = encode(tok)
-        v = transformer(hidden_states=xt, timestep=s.flatten() * 1000, encoder_hidden_states=emb,
-                        pooled_projections=pooled, return_dict=False)[0]
+        v = transformer(
+            hidden_states=xt,
+            timestep=s.flatten() * 1000,
+            encoder_hidden_states=emb,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
         loss = F.mse_loss(v, noise - x0)
         for pg in opt.param_groups:
             pg["lr"] = lr * min(1.0, (step + 1) / 200)
@@ -530,8 +625,13 @@ def train_flow(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
         if eval_every and step % eval_every == 0:
             pipe, r = snapshot(step)
             log(f"eval step {step}: held-out {fmt_report(r)}")
-            history.append({"step": step, "minutes": (time.time() - t0) / 60,
-                            **{k: r[k] for k in ("accuracy", "per_kind", "compositional")}})
+            history.append(
+                {
+                    "step": step,
+                    "minutes": (time.time() - t0) / 60,
+                    **{k: r[k] for k in ("accuracy", "per_kind", "compositional")},
+                }
+            )
             if stop_accuracy is not None and r["accuracy"] >= stop_accuracy:
                 stopped = True
                 break
@@ -539,14 +639,28 @@ def train_flow(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
     if not stopped:
         pipe, r = snapshot(step)
         log(f"final step {step}: held-out {fmt_report(r)}")
-        history.append({"step": step, "minutes": (time.time() - t0) / 60,
-                        **{k: r[k] for k in ("accuracy", "per_kind", "compositional")}})
+        history.append(
+            {
+                "step": step,
+                "minutes": (time.time() - t0) / 60,
+                **{k: r[k] for k in ("accuracy", "per_kind", "compositional")},
+            }
+        )
     pipe.to("cpu")
-    info = {"steps": step, "seed": seed, "batch": batch, "lr": lr, "device": str(dev),
-            "minutes": (time.time() - t0) / 60, "stop_accuracy": stop_accuracy, "eval_every": eval_every,
-            "max_sequence_length": FLOW_T5_LEN, "history": history,
-            "load": "StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None); "
-                    "sample with max_sequence_length=0"}
+    info = {
+        "steps": step,
+        "seed": seed,
+        "batch": batch,
+        "lr": lr,
+        "device": str(dev),
+        "minutes": (time.time() - t0) / 60,
+        "stop_accuracy": stop_accuracy,
+        "eval_every": eval_every,
+        "max_sequence_length": FLOW_T5_LEN,
+        "history": history,
+        "load": "StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None); "
+        "sample with max_sequence_length=0",
+    }
     save_pipe(pipe, out / "sd3_toy", info)
     shutil.rmtree(tok_dir, ignore_errors=True)
     log(f"flow: saved {out / 'sd3_toy'} after {step} steps")
@@ -556,12 +670,15 @@ def train_flow(out: Path, work: Path, minutes: float, seed: int, max_steps: int 
 def final_report_flow(out: Path, seeds=(0, 1), steps=20, cfg=4.0, device: str = "cpu"):
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(out / "sd3_toy", text_encoder_3=None, tokenizer_3=None,
-                                                    torch_dtype=torch.float32).to(device)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        out / "sd3_toy", text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     r = heldout_eval_sd3(pipe, seeds=seeds, steps=steps, cfg=cfg)
-    log(f"final sd3_toy held-out gold ({len(seeds)} seeds x {len(heldout_captions())} captions, "
-        f"{steps} Euler steps, cfg {cfg}): {fmt_report(r)}")
+    log(
+        f"final sd3_toy held-out gold ({len(seeds)} seeds x {len(heldout_captions())} captions, "
+        f"{steps} Euler steps, cfg {cfg}): {fmt_report(r)}"
+    )
     return r
 
 
@@ -581,8 +698,10 @@ def final_report(out: Path, seeds=(0, 1, 2, 3), steps=20, cfg=4.0):
     pipe = StableDiffusionPipeline.from_pretrained(out / "sd_toy")
     pipe.set_progress_bar_config(disable=True)
     r = heldout_eval(pipe, seeds=seeds, steps=steps, cfg=cfg)
-    log(f"final held-out gold ({len(seeds)} seeds x {len(heldout_captions())} captions, "
-        f"{steps} DDIM steps, cfg {cfg}): {fmt_report(r)}")
+    log(
+        f"final held-out gold ({len(seeds)} seeds x {len(heldout_captions())} captions, "
+        f"{steps} DDIM steps, cfg {cfg}): {fmt_report(r)}"
+    )
     log("per constraint: " + " ".join(f"{k}={v:.2f}" for k, v in r["per_constraint"].items()))
     return r
 
@@ -597,32 +716,56 @@ def main(argv=None):
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--proxy-steps", type=int, default=None)
-    ap.add_argument("--proxy-extra-negatives", type=float, default=0.5,
-                    help="proxy stage: fraction of captions that also bring their scene with one extra "
-                         "object as a negative image (see mmalign.toy.world.extra_object_scene)")
+    ap.add_argument(
+        "--proxy-extra-negatives",
+        type=float,
+        default=0.5,
+        help="proxy stage: fraction of captions that also bring their scene with one extra "
+        "object as a negative image (see mmalign.toy.world.extra_object_scene)",
+    )
     ap.add_argument("--eval-every", type=float, default=5.0, help="minutes between UNet evals/checkpoints")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/mmalign_toy_work"),
-                    help="intermediate outputs: the VAE stage, UNet checkpoints")
-    ap.add_argument("--init-from", type=Path, default=None,
-                    help="continue UNet training from a saved pipeline folder")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/mmalign_toy_work"),
+        help="intermediate outputs: the VAE stage, UNet checkpoints",
+    )
+    ap.add_argument("--init-from", type=Path, default=None, help="continue UNet training from a saved pipeline folder")
     ap.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder learning rate")
-    ap.add_argument("--caption-noise", type=float, default=0.0,
-                    help="UNet stage: fraction of examples whose scene shows a hard negative of the caption")
-    ap.add_argument("--noise-mode", choices=["color", "shape", "count", "relation", "swap"], default=None,
-                    help="UNet stage: only this kind of hard negative (a systematic bias, e.g. relation: "
-                         "'A left of B' shown as B left of A); default: a random applicable kind")
-    ap.add_argument("--no-balance-kinds", action="store_true",
-                    help="sample train scenes uniformly instead of by KIND_SHARE")
+    ap.add_argument(
+        "--caption-noise",
+        type=float,
+        default=0.0,
+        help="UNet stage: fraction of examples whose scene shows a hard negative of the caption",
+    )
+    ap.add_argument(
+        "--noise-mode",
+        choices=["color", "shape", "count", "relation", "swap"],
+        default=None,
+        help="UNet stage: only this kind of hard negative (a systematic bias, e.g. relation: "
+        "'A left of B' shown as B left of A); default: a random applicable kind",
+    )
+    ap.add_argument(
+        "--no-balance-kinds", action="store_true", help="sample train scenes uniformly instead of by KIND_SHARE"
+    )
     ap.add_argument("--device", default="cpu", help="flow stage: cpu | cuda")
     ap.add_argument("--flow-steps", type=int, default=None, help="flow stage: step cap")
     ap.add_argument("--flow-batch", type=int, default=64)
     ap.add_argument("--flow-eval-every", type=int, default=500, help="flow stage: steps between held-out evals")
-    ap.add_argument("--stop-accuracy", type=float, default=None,
-                    help="flow stage: stop at the first eval with held-out gold accuracy >= this")
+    ap.add_argument(
+        "--stop-accuracy",
+        type=float,
+        default=None,
+        help="flow stage: stop at the first eval with held-out gold accuracy >= this",
+    )
     ap.add_argument("--pool-per-caption", type=int, default=96, help="flow stage: rendered scenes per caption")
     ap.add_argument("--vlm-steps", type=int, default=None, help="vlm stage: step cap")
-    ap.add_argument("--vlm-stop", type=float, default=0.35,
-                    help="vlm stage: stop at the first held-out eval with overall hallucination <= this")
+    ap.add_argument(
+        "--vlm-stop",
+        type=float,
+        default=0.35,
+        help="vlm stage: stop at the first held-out eval with overall hallucination <= this",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -633,17 +776,37 @@ def main(argv=None):
     if args.stage in ("vae", "all"):
         train_vae(args.work, args.vae_minutes, args.seed, args.vae_steps)
     if args.stage in ("unet", "all"):
-        train_unet(args.out, args.work, args.minutes, args.seed, args.unet_steps, args.eval_every,
-                   lr=args.lr, init_from=args.init_from, balance_kinds=not args.no_balance_kinds,
-                   caption_noise=args.caption_noise, noise_mode=args.noise_mode)
+        train_unet(
+            args.out,
+            args.work,
+            args.minutes,
+            args.seed,
+            args.unet_steps,
+            args.eval_every,
+            lr=args.lr,
+            init_from=args.init_from,
+            balance_kinds=not args.no_balance_kinds,
+            caption_noise=args.caption_noise,
+            noise_mode=args.noise_mode,
+        )
     if args.stage in ("unet", "all", "report"):
         final_report(args.out)
     if args.stage in ("proxy", "all"):
         train_proxy(args.out, args.proxy_minutes, args.seed, args.proxy_steps, args.proxy_extra_negatives)
     if args.stage == "flow":
-        train_flow(args.out, args.work, args.minutes, args.seed, args.flow_steps, args.flow_eval_every,
-                   batch=args.flow_batch, lr=args.lr, device=args.device, stop_accuracy=args.stop_accuracy,
-                   pool_per_caption=args.pool_per_caption)
+        train_flow(
+            args.out,
+            args.work,
+            args.minutes,
+            args.seed,
+            args.flow_steps,
+            args.flow_eval_every,
+            batch=args.flow_batch,
+            lr=args.lr,
+            device=args.device,
+            stop_accuracy=args.stop_accuracy,
+            pool_per_caption=args.pool_per_caption,
+        )
         final_report_flow(args.out, device=args.device)
     if args.stage == "vlm":
         pretrain_vlm(args.out, args.minutes, args.seed, args.vlm_steps, args.vlm_stop, log=log)

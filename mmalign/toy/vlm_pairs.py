@@ -10,6 +10,7 @@ perturbed rejections only.
 Pairs are materialised once into a cache directory ($MMALIGN_CACHE, default
 ~/.cache/mmalign) keyed by the recipe and the shipped model's weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,16 +53,20 @@ def build_pairs(model, processor, recipe: PairRecipe) -> list[tuple[Scene, QA, s
     rejected."""
     recipe.validate()
     rng = random.Random(f"{VERSION}|{recipe.seed}")
-    items = [(sc, qa) for sc in split_scenes("train", recipe.n_scenes, seed=100 + recipe.seed)
-             for qa in questions_for(sc, rng)]
+    items = [
+        (sc, qa)
+        for sc in split_scenes("train", recipe.n_scenes, seed=100 + recipe.seed)
+        for qa in questions_for(sc, rng)
+    ]
     sampled: list[list[str]] = [[] for _ in items]
     if recipe.rejected == "self":
         torch.manual_seed(recipe.seed)
         ims = [sc.render() for sc, _ in items]
         qs = [qa.question for _, qa in items]
         for _ in range(recipe.samples):
-            for i, a in enumerate(answer_questions(model, processor, ims, qs, do_sample=True,
-                                                   temperature=recipe.temperature)):
+            for i, a in enumerate(
+                answer_questions(model, processor, ims, qs, do_sample=True, temperature=recipe.temperature)
+            ):
                 sampled[i].append(a)
     out = []
     for (sc, qa), answers in zip(items, sampled):
@@ -81,9 +86,18 @@ def write_pairs(out_dir: str | Path, pairs: list[tuple[Scene, QA, str, str, str]
         if name not in seen:
             sc.render().save(out / name)
             seen.add(name)
-        rows.append({"image": name, "prompt": qa.question, "chosen": chosen, "rejected": rejected,
-                     "qtype": qa.qtype, "rejected_from": source,
-                     "caption": sc.caption, "seed": sc.seed})
+        rows.append(
+            {
+                "image": name,
+                "prompt": qa.question,
+                "chosen": chosen,
+                "rejected": rejected,
+                "qtype": qa.qtype,
+                "rejected_from": source,
+                "caption": sc.caption,
+                "seed": sc.seed,
+            }
+        )
     path = out / "pairs.jsonl"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

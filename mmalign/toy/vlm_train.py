@@ -10,6 +10,7 @@ device and the final held-out hallucination rate per question type. Loads with
 AutoModelForImageTextToText + AutoProcessor, and as `generator: {name: vlm, pretrained:
 toy:vlm_toy}`.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,52 @@ from .vlm_world import COUNT_WORDS, QTYPES, eval_set, evaluate, question_of, spl
 from .world import COLORS, SHAPES
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]
-WORDS = (["user", "assistant", "system", "what", "color", "colour", "is", "the", "how", "many", "there",
-          "describe", "image", "a", "an", "and", "to", "left", "of", "above", "yes", "no", "?", ".", ","]
-         + list(COUNT_WORDS) + list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES])
+WORDS = (
+    [
+        "user",
+        "assistant",
+        "system",
+        "what",
+        "color",
+        "colour",
+        "is",
+        "the",
+        "how",
+        "many",
+        "there",
+        "describe",
+        "image",
+        "a",
+        "an",
+        "and",
+        "to",
+        "left",
+        "of",
+        "above",
+        "yes",
+        "no",
+        "?",
+        ".",
+        ",",
+    ]
+    + list(COUNT_WORDS)
+    + list(COLORS)
+    + list(SHAPES)
+    + [s + "s" for s in SHAPES]
+)
 IMAGE_TOKEN = "<image>"
 
-VISION_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8)
-TEXT_CFG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, max_position_embeddings=128)
+VISION_CFG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
+TEXT_CFG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
 
 
 def chat_template() -> str:
@@ -55,34 +93,63 @@ def make_word_tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
-                                   unk_token="<unk>", additional_special_tokens=SPECIALS[4:])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIALS[4:],
+    )
 
 
 def build_toy_vlm(seed: int = 0):
     """(LlavaForConditionalGeneration with random weights, LlavaProcessor): 32x32 images -> 16 image tokens."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = make_word_tokenizer()
     vocab = 8 * ((len(tok) + 7) // 8)
     torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(**VISION_CFG),
-        text_config=LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **TEXT_CFG),
-        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_select_strategy="default",
-        vision_feature_layer=-1, projector_hidden_act="gelu",
+        text_config=LlamaConfig(
+            vocab_size=vocab,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+            **TEXT_CFG,
+        ),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=VISION_CFG["patch_size"],
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=chat_template())
+    ip = CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=VISION_CFG["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template(),
+    )
     return model, proc
 
 
@@ -120,7 +187,7 @@ class _Examples:
             if qa is None:
                 continue
             p, r = self._ids(qa.question, qa.answer)
-            prompts.append(EncodedPrompt(p, {}, {"pixel_values": self.pixels[i:i + 1]}))
+            prompts.append(EncodedPrompt(p, {}, {"pixel_values": self.pixels[i : i + 1]}))
             responses.append(r)
         return build_sequences(prompts, responses, self.enc.pad_id, "right")
 
@@ -132,9 +199,19 @@ def _loss(model, seqs: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def pretrain_vlm(out: Path, minutes: float = 14.0, seed: int = 0, max_steps: int | None = None,
-                 stop_at: float = 0.35, eval_every: int = 200, batch: int = 64, lr: float = 1e-3, warmup: int = 100,
-                 n_scenes: int = 4000, log=print) -> dict:
+def pretrain_vlm(
+    out: Path,
+    minutes: float = 14.0,
+    seed: int = 0,
+    max_steps: int | None = None,
+    stop_at: float = 0.35,
+    eval_every: int = 200,
+    batch: int = 64,
+    lr: float = 1e-3,
+    warmup: int = 100,
+    n_scenes: int = 4000,
+    log=print,
+) -> dict:
     """Train the toy VLM by supervised answers; stop at the first held-out eval with overall
     hallucination <= stop_at (or the time / step cap); save to <out>/vlm_toy."""
     random.seed(seed)
@@ -175,12 +252,26 @@ def pretrain_vlm(out: Path, minutes: float = 14.0, seed: int = 0, max_steps: int
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     proc.save_pretrained(dest)
-    info = {"steps": step, "minutes": minutes_done, "device": "cpu", "threads": torch.get_num_threads(),
-            "seed": seed, "batch": batch, "lr": lr, "warmup": warmup, "n_scenes": n_scenes, "stop_at": stop_at,
-            "params": n_params, "heldout_hallucination": final, "train_hallucination": train_final,
-            "eval": "greedy answers; held-out: eval_set('heldout', 200, seed=0), train: eval_set('train', 100, seed=0)",
-            "history": history}
+    info = {
+        "steps": step,
+        "minutes": minutes_done,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "seed": seed,
+        "batch": batch,
+        "lr": lr,
+        "warmup": warmup,
+        "n_scenes": n_scenes,
+        "stop_at": stop_at,
+        "params": n_params,
+        "heldout_hallucination": final,
+        "train_hallucination": train_final,
+        "eval": "greedy answers; held-out: eval_set('heldout', 200, seed=0), train: eval_set('train', 100, seed=0)",
+        "history": history,
+    }
     (dest / "train_info.json").write_text(json.dumps(info, indent=2))
-    log(f"saved {dest}: {step} steps, {minutes_done:.1f} min; held-out hallucination "
-        + " ".join(f"{k}={v:.2f}" for k, v in final.items() if k != "n"))
+    log(
+        f"saved {dest}: {step} steps, {minutes_done:.1f} min; held-out hallucination "
+        + " ".join(f"{k}={v:.2f}" for k, v in final.items() if k != "n")
+    )
     return info

@@ -16,21 +16,21 @@ so every held-out question is about a colour-shape-relation combination never tr
 
     from mmalign.toy.vlm_world import make_scene, questions_for, check_answer, hallucination_rate
 """
+
 from __future__ import annotations
 
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from PIL import Image
 
 from mmalign.data.vlm import VLMEncoder, build_sequences
 
-from .world import (COLORS, SHAPES, heldout_captions, layout, parse, perturb_caption, render_objects,
-                    train_captions)
+from .world import COLORS, SHAPES, heldout_captions, layout, parse, perturb_caption, render_objects, train_captions
 
 QTYPES = ("color", "count", "exist", "describe")
 COUNT_WORDS = ("zero", "one", "two", "three")
@@ -212,9 +212,16 @@ def hallucination_rate(scenes: Sequence[Scene], questions: Sequence[str], answer
 # ---------------------------------------------------------------------------- answering
 
 
-def answer_questions(model, processor, images: Sequence[Image.Image], questions: Sequence[str],
-                     batch_size: int = 64, max_new_tokens: int = 16, do_sample: bool = False,
-                     temperature: float = 1.0) -> list[str]:
+def answer_questions(
+    model,
+    processor,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> list[str]:
     """Answers of an image-text-to-text model (greedy by default), through the same chat
     template and encoding the preference data uses (mmalign.data.vlm.VLMEncoder)."""
     enc = VLMEncoder(processor)
@@ -225,14 +232,17 @@ def answer_questions(model, processor, images: Sequence[Image.Image], questions:
     out: list[str] = []
     with torch.no_grad():
         for i in range(0, len(questions), batch_size):
-            ps = [enc.encode_prompt([im], q) for im, q in zip(images[i:i + batch_size], questions[i:i + batch_size])]
+            ps = [
+                enc.encode_prompt([im], q) for im, q in zip(images[i : i + batch_size], questions[i : i + batch_size])
+            ]
             seqs = build_sequences(ps, [torch.zeros(0, dtype=torch.long)] * len(ps), enc.pad_id, "left")
             kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=enc.pad_id, eos_token_id=eos)
             if do_sample:
                 kw["temperature"] = temperature
-            gen = model.generate(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
-                                 **seqs["vision"], **kw)
-            new = gen[:, seqs["input_ids"].shape[1]:]
+            gen = model.generate(
+                input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], **seqs["vision"], **kw
+            )
+            new = gen[:, seqs["input_ids"].shape[1] :]
             out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     model.train(was_training)
     return out

@@ -20,7 +20,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from PIL import Image, ImageDraw
 
@@ -105,7 +105,7 @@ def make_caption(kind: str, objects) -> str:
     raise ValueError(f"unknown caption kind {kind!r}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def all_captions() -> tuple[str, ...]:
     """Every caption of the grammar (432), in a fixed order."""
     objs = [(c, s) for c in COLORS for s in SHAPES]
@@ -123,12 +123,12 @@ def _heldout(caption: str) -> bool:
     return h % 4 == 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def heldout_captions() -> tuple[str, ...]:
     return tuple(c for c in all_captions() if _heldout(c))
 
 
-@lru_cache(maxsize=None)
+@cache
 def train_captions() -> tuple[str, ...]:
     return tuple(c for c in all_captions() if not _heldout(c))
 

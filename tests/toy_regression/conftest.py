@@ -5,6 +5,7 @@ worker) and keep the tests of one base model together, so that a worker computes
 held-out evaluation once (tests/toy_regression/test_toy_alignment.py caches it per process).
 A new slow test must be added to one of the groups (collection fails otherwise).
 """
+
 import pytest
 
 CI_GROUPS = {

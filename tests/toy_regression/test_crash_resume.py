@@ -6,6 +6,7 @@ its temporary directory, its manifest, the rename, the pruning), some while metr
 being appended. Offline (Diffusion-DPO on a pair manifest) and online (GRPO, a checkpoint in the
 middle of a round) tiny-model runs.
 """
+
 import json
 import os
 import random
@@ -22,8 +23,11 @@ from tests.helpers import ROOT, write_config
 
 KILLS = 6
 STEPS = 12
-GRPO = {"name": "grpo", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3,
-                                    "steps_per_round": 2}, "kl_coef": 0.1}
+GRPO = {
+    "name": "grpo",
+    "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "steps_per_round": 2},
+    "kl_coef": 0.1,
+}
 
 
 def _config(tmp_path, kind, tiny_sd, tiny_clip, pairs_manifest):
@@ -32,15 +36,28 @@ def _config(tmp_path, kind, tiny_sd, tiny_clip, pairs_manifest):
         return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train=train)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
-    return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method=GRPO,
-                        data={"kind": "prompts", "prompts": str(prompts)}, train=train)
+    return write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        method=GRPO,
+        data={"kind": "prompts", "prompts": str(prompts)},
+        train=train,
+    )
 
 
 def _start(config, run, *flags):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     code = "import sys; from mmalign.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "train", str(config), "--output-dir", str(run), *flags],
-                            cwd=run.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "train", str(config), "--output-dir", str(run), *flags],
+        cwd=run.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _logged_steps(run):

@@ -20,6 +20,7 @@ reversed ranking lowers gold (benchmarks/toy_alignment.py measures them); Flow-G
 at 160 steps, 35-40 min on one thread), which tests/toy_regression/test_toy_alignment_long.py
 asserts outside CI's budget (`scripts/test.sh -m long`).
 """
+
 import contextlib
 import dataclasses
 import json
@@ -64,8 +65,9 @@ def test_shipped_base_model_is_imperfect_on_purpose():
 
     gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained="toy:sd_toy", finetune="none"))
     prompts = expand_prompts([], "toy:heldout", None)
-    out, images = evaluate_generator(gen, None, prompts, seeds_per_prompt=2, num_steps=20, guidance_scale=4.0,
-                                     gold=True)
+    out, images = evaluate_generator(
+        gen, None, prompts, seeds_per_prompt=2, num_steps=20, guidance_scale=4.0, gold=True
+    )
     print(json.dumps({k: v for k, v in out.items() if k != "gold_per_constraint"}, indent=1))
     assert 0.25 <= out["gold_compositional"] <= 0.65, out
     assert out["diversity"] > 0.1
@@ -77,8 +79,10 @@ def test_flow_grpo_raises_heldout_proxy_and_keeps_gold(tmp_path):
     Gold swings by several points between checkpoints this early, so its bound is loose (6 points); the
     proxy bound is what a flipped advantage sign fails (the proxy then falls)."""
     before, after = heldout_evals("flow_grpo.yaml", ["train.steps=20"], tmp_path / "run")
-    print(f"flow_grpo.yaml, 20 steps: proxy {before['reward']:.4f} -> {after['reward']:.4f}, gold "
-          f"{before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}")
+    print(
+        f"flow_grpo.yaml, 20 steps: proxy {before['reward']:.4f} -> {after['reward']:.4f}, gold "
+        f"{before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}"
+    )
     assert after["reward"] >= before["reward"] + 0.005
     assert after["gold_accuracy"] >= before["gold_accuracy"] - 0.06
     assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
@@ -91,12 +95,21 @@ def test_demo_runs_end_to_end_and_raises_heldout_gold(tmp_path):
     cfg = load_config(ROOT / "configs" / "toy" / "diffusion_dpo.yaml")
     summary = fit_on_one_thread(cfg, tmp_path / "run")
     run = tmp_path / "run"
-    for f in ("config.yaml", "metrics.jsonl", "summary.json", "final/unet/diffusion_pytorch_model.safetensors",
-              "generated_pairs.safetensors", "samples/step_0000000.png", f"samples/step_{cfg.train.steps:07d}.png"):
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "final/unet/diffusion_pytorch_model.safetensors",
+        "generated_pairs.safetensors",
+        "samples/step_0000000.png",
+        f"samples/step_{cfg.train.steps:07d}.png",
+    ):
         assert (run / f).exists(), f
     before, after = first_and_last_evals(run)
-    print(f"gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, proxy {before['reward']:.4f} -> "
-          f"{after['reward']:.4f}, diversity {before['diversity']:.4f} -> {after['diversity']:.4f}")
+    print(
+        f"gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, proxy {before['reward']:.4f} -> "
+        f"{after['reward']:.4f}, diversity {before['diversity']:.4f} -> {after['diversity']:.4f}"
+    )
     assert after["n_samples"] == before["n_samples"] == 808
     assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
     assert summary["steps"] == cfg.train.steps
@@ -117,8 +130,9 @@ def base_eval(cfg) -> dict:
     key = repr((cfg.generator, cfg.reward, dataclasses.replace(cfg.eval, every=0, at_start=True)))
     if key not in _BASE_EVALS:
         with one_thread(), torch.no_grad():
-            _BASE_EVALS[key] = evaluate_config(build("generator", cfg.generator), build("reward", cfg.reward),
-                                               cfg.eval)[0]
+            _BASE_EVALS[key] = evaluate_config(
+                build("generator", cfg.generator), build("reward", cfg.reward), cfg.eval
+            )[0]
     return _BASE_EVALS[key]
 
 
@@ -137,21 +151,32 @@ def heldout_evals(config: str, overrides: list[str], run_dir: Path) -> tuple[dic
 # the distilled toy flow model) are asserted at 1 and 2 points. Diffusion-DRO and DiffusionNFT are asserted in their
 # variant configs: the recipes faithful to their papers' code (diffusion_dro.yaml, diffusion_nft.yaml)
 # do not raise gold on the toy (docs/parity.md has both rows).
-METHODS = {"flow_dpo.yaml": 0.02, "diffusion_nft_variant.yaml": 0.03, "d3po.yaml": 0.03, "grpo.yaml": 0.01,
-           "raft.yaml": 0.03, "online_dpo.yaml": 0.03, "diffusion_dro_final_sample.yaml": 0.03}
+METHODS = {
+    "flow_dpo.yaml": 0.02,
+    "diffusion_nft_variant.yaml": 0.03,
+    "d3po.yaml": 0.03,
+    "grpo.yaml": 0.01,
+    "raft.yaml": 0.03,
+    "online_dpo.yaml": 0.03,
+    "diffusion_dro_final_sample.yaml": 0.03,
+}
 
 
 def check_heldout_gain(config: str, min_gain: float, run_dir: Path) -> None:
     """Train configs/toy/<config>: held-out gold rises by `min_gain`, the proxy rises and diversity keeps 80%."""
     before, after = heldout_evals(config, [], run_dir)
-    print(f"{config}: gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, proxy "
-          f"{before['reward']:.4f} -> {after['reward']:.4f}, diversity {before['diversity']:.3f} -> "
-          f"{after['diversity']:.3f}")
+    print(
+        f"{config}: gold {before['gold_accuracy']:.3f} -> {after['gold_accuracy']:.3f}, proxy "
+        f"{before['reward']:.4f} -> {after['reward']:.4f}, diversity {before['diversity']:.3f} -> "
+        f"{after['diversity']:.3f}"
+    )
     assert after["n_samples"] == before["n_samples"] == 808
     assert after["diversity"] >= 0.8 * before["diversity"], "diversity collapsed"
     assert after["reward"] > before["reward"]
-    assert after["gold_accuracy"] >= before["gold_accuracy"] + min_gain, (before["gold_accuracy"],
-                                                                         after["gold_accuracy"])
+    assert after["gold_accuracy"] >= before["gold_accuracy"] + min_gain, (
+        before["gold_accuracy"],
+        after["gold_accuracy"],
+    )
 
 
 @pytest.mark.parametrize("config", list(METHODS))

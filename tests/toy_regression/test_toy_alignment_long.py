@@ -5,6 +5,7 @@ held-out gold only at 160 steps: 35-40 min on one CPU thread; none of the shorte
 3 points on two seeds (docs/results/toy-world-log.md). CI does not run this test;
 it runs a 20-step check instead (tests/toy_regression/test_toy_alignment.py: the held-out proxy rises, gold holds).
 """
+
 import pytest
 
 from tests.toy_regression.test_toy_alignment import METHODS, check_heldout_gain

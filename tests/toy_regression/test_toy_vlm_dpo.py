@@ -1,4 +1,5 @@
 """Slow: DPO on the toy VLM config lowers the held-out hallucination rate."""
+
 import pytest
 import torch
 
@@ -28,4 +29,3 @@ def test_dpo_on_the_toy_config_lowers_heldout_hallucination(tmp_path, monkeypatc
     assert after["overall"] <= before["overall"] - 0.04
     for t in QTYPES:  # no question type is wrecked
         assert after[t] <= before[t] + 0.05, (t, before, after)
-

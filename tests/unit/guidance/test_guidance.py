@@ -1,5 +1,6 @@
 """Inference-time guidance: dynamic CFG, reward-gradient guidance, best-of-N, beam search, and
 `mmalign sample --guidance ...`."""
+
 import json
 from pathlib import Path
 
@@ -7,8 +8,14 @@ import pytest
 import torch
 
 from mmalign.cli import main
-from mmalign.guidance import (Evaluator, beam_search_sample, best_of_n_sample, dynamic_cfg_sample, guide_prediction,
-                              reward_guided_sample)
+from mmalign.guidance import (
+    Evaluator,
+    beam_search_sample,
+    best_of_n_sample,
+    dynamic_cfg_sample,
+    guide_prediction,
+    reward_guided_sample,
+)
 from mmalign.pipelines.sd import LatentDiffusionGenerator, SDGeneratorConfig
 from mmalign.testing import make_tiny_sd
 
@@ -76,8 +83,14 @@ def test_dynamic_cfg_picks_the_scale_its_evaluator_prefers(gen):
         calls.append(len(x0))
         return -(x0 - ref_x0[k].repeat_interleave(len(x0) // 3, 0)).flatten(1).norm(dim=1)
 
-    out = dynamic_cfg_sample(gen, PROMPTS, Evaluator(closeness, space="latent"), candidates=[5.0, 1.5, 3.0, 7.5],
-                             num_steps=steps, seeds=seeds)
+    out = dynamic_cfg_sample(
+        gen,
+        PROMPTS,
+        Evaluator(closeness, space="latent"),
+        candidates=[5.0, 1.5, 3.0, 7.5],
+        num_steps=steps,
+        seeds=seeds,
+    )
     assert calls == [12] * steps
     assert out.extras["cfg_schedule"].tolist() == [[target] * steps] * 3
     torch.testing.assert_close(out.latents, ref.latents, rtol=0, atol=1e-5)
@@ -87,9 +100,11 @@ def test_dynamic_cfg_weights_follow_the_timestep(gen):
     """Two evaluators with opposite linear schedules: early steps follow the first, late the second;
     a step where every weight is 0 is not evaluated and keeps the first candidate."""
     cands = [5.0, 2.0, 8.0]
-    prefer = lambda j, v: (lambda x0, p: torch.tensor([v if i == j else 0.0 for i in range(3)]).repeat(len(x0) // 3))
-    evals = [Evaluator(prefer(1, 1.0), weight=(1.0, 0.0), space="latent", name="early"),
-             Evaluator(prefer(2, 2.0), weight=(0.0, 1.0), space="latent", name="late")]
+    prefer = lambda j, v: lambda x0, p: torch.tensor([v if i == j else 0.0 for i in range(3)]).repeat(len(x0) // 3)
+    evals = [
+        Evaluator(prefer(1, 1.0), weight=(1.0, 0.0), space="latent", name="early"),
+        Evaluator(prefer(2, 2.0), weight=(0.0, 1.0), space="latent", name="late"),
+    ]
     out = dynamic_cfg_sample(gen, PROMPTS[:2], evals, candidates=cands, num_steps=5, normalize="none")
     # progress 0, .25, .5, .75, 1: early scores 1-p on candidate 1, late 2p on candidate 2
     assert out.extras["cfg_schedule"].tolist() == [[2.0, 2.0, 8.0, 8.0, 8.0]] * 2
@@ -100,8 +115,14 @@ def test_dynamic_cfg_weights_follow_the_timestep(gen):
 
 
 def test_dynamic_cfg_with_image_rewards_reports_a_schedule(gen):
-    out = dynamic_cfg_sample(gen, PROMPTS, [(MeanRed(), 1.0), (MeanRed(), (0.0, 2.0))], candidates=[5.0, 1.0, 9.0],
-                             num_steps=3, keep_scores=True)
+    out = dynamic_cfg_sample(
+        gen,
+        PROMPTS,
+        [(MeanRed(), 1.0), (MeanRed(), (0.0, 2.0))],
+        candidates=[5.0, 1.0, 9.0],
+        num_steps=3,
+        keep_scores=True,
+    )
     sched = out.extras["cfg_schedule"]
     assert sched.shape == (3, 3) and set(sched.flatten().tolist()) <= {5.0, 1.0, 9.0}
     # the chosen candidate is the argmax of the combined scores at every step
@@ -113,8 +134,11 @@ def test_dynamic_cfg_with_image_rewards_reports_a_schedule(gen):
 def test_dynamic_cfg_bad_input(gen):
     with pytest.raises(ValueError, match="at least one evaluator"):
         dynamic_cfg_sample(gen, PROMPTS, [], candidates=[1.0, 2.0], num_steps=2)
-    audio = type("A", (), {"name": "clap", "modality": "audio", "differentiable": False,
-                           "__call__": lambda self, samples, prompts: None})()
+    audio = type(
+        "A",
+        (),
+        {"name": "clap", "modality": "audio", "differentiable": False, "__call__": lambda self, samples, prompts: None},
+    )()
     with pytest.raises(TypeError, match="scores audio samples"):
         dynamic_cfg_sample(gen, PROMPTS, audio, candidates=[1.0, 2.0], num_steps=2)
 
@@ -215,11 +239,21 @@ def _rows(d):
 def test_cli_sample_every_guidance(tmp_path, tiny_sd, tiny_clip):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n\na blue circle\n")
-    common = ["sample", "--model", str(tiny_sd), "--prompts", str(prompts), "--steps", "3",
-              "--reward", "clip", "--reward-args", f"model=local-dir:{tiny_clip}"]
+    common = [
+        "sample",
+        "--model",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts),
+        "--steps",
+        "3",
+        "--reward",
+        "clip",
+        "--reward-args",
+        f"model=local-dir:{tiny_clip}",
+    ]
     out = tmp_path / "dyn"
-    assert main([*common, "--guidance", "dynamic-cfg", "--cfg-candidates", "5,2,8", "--n", "2",
-                 "--out", str(out)]) == 0
+    assert main([*common, "--guidance", "dynamic-cfg", "--cfg-candidates", "5,2,8", "--n", "2", "--out", str(out)]) == 0
     rows = _rows(out)
     assert len(rows) == 4 and (out / "grid.png").is_file()
     for r in rows:
@@ -239,8 +273,24 @@ def test_cli_sample_every_guidance(tmp_path, tiny_sd, tiny_clip):
 
     # the older spelling: --pretrained / --weights / --guidance SCALE, no reward
     d = tmp_path / "old"
-    assert main(["sample", "--pretrained", str(tiny_sd), "--prompt", "a red square", "--guidance", "3.5",
-                 "--steps", "2", "--out", str(d)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--pretrained",
+                str(tiny_sd),
+                "--prompt",
+                "a red square",
+                "--guidance",
+                "3.5",
+                "--steps",
+                "2",
+                "--out",
+                str(d),
+            ]
+        )
+        == 0
+    )
     (row,) = _rows(d)
     assert row["guidance"] == "cfg" and row["cfg_scale"] == 3.5 and row["rewards"] == {}
 

@@ -1,5 +1,6 @@
 """D3PO's loss and its reference model, checked against the reference code's formula
 (yk7333/d3po, scripts/rm/train_d3po.py) computed independently in float64."""
+
 import math
 
 import pytest
@@ -39,8 +40,16 @@ def test_d3po_loss_matches_the_reference_code_in_float64(beta, eps):
     assert (lr > math.log(1 + eps)).any() and (lr < -math.log(1 - eps)).any()  # both sides of the clip
     for j in range(P):
         a, b = 2 * j, 2 * j + 1
-        want = _reference_code_loss(logp[a].item(), logp[b].item(), ref[a].item(), ref[b].item(),
-                                    rewards[a].item(), rewards[b].item(), beta, eps)
+        want = _reference_code_loss(
+            logp[a].item(),
+            logp[b].item(),
+            ref[a].item(),
+            ref[b].item(),
+            rewards[a].item(),
+            rewards[b].item(),
+            beta,
+            eps,
+        )
         assert got[j].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
@@ -64,8 +73,9 @@ def test_reference_is_the_initial_model_after_updates_or_the_rounds_sampler(tiny
     steps: the log-probs of a fresh copy of the pretrained model (finetune none), not those of the
     round's sampler; `reference: sampler` returns the round's stored log-probs."""
     gen, initial = _sd(tiny_sd, finetune), _sd(tiny_sd, "none")
-    rs = RolloutSettings(prompts_per_round=2, samples_per_prompt=2, same_initial_noise=True, num_steps=3, eta=1.0,
-                         guidance_scale=2.0)
+    rs = RolloutSettings(
+        prompts_per_round=2, samples_per_prompt=2, same_initial_noise=True, num_steps=3, eta=1.0, guidance_scale=2.0
+    )
     base = D3PO(D3POConfig(rollout=rs, timestep_fraction=1.0))
     sampler = D3PO(D3POConfig(rollout=rs, timestep_fraction=1.0, reference="sampler"))
     assert base.cfg.reference == "base"
@@ -110,7 +120,9 @@ def test_reference_option_is_read_and_checked():
     assert D3POConfig().reference == "base"
     cfg = load_config(ROOT / "configs" / "toy" / "d3po.yaml")
     assert cfg.method.args.reference == "base"
-    assert load_config(ROOT / "configs" / "toy" / "d3po.yaml",
-                       ["method.reference=sampler"]).method.args.reference == "sampler"
+    assert (
+        load_config(ROOT / "configs" / "toy" / "d3po.yaml", ["method.reference=sampler"]).method.args.reference
+        == "sampler"
+    )
     with pytest.raises(ConfigError, match=r"method.reference: expected one of \['base', 'sampler'\]"):
         load_config(ROOT / "configs" / "toy" / "d3po.yaml", ["method.reference=initial"])

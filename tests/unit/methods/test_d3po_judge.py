@@ -1,6 +1,7 @@
 """D3PO with a pairwise judge (`preference: pairwise`): the judge's preferred sample wins, a judge
 with its answers swapped swaps winner and loser, ties are counted, both presentation orders are
 averaged, and a reward that cannot compare pairs is refused by name."""
+
 import json
 
 import pytest
@@ -37,8 +38,9 @@ def judge(judge_dir):
 
 
 def _method(**kw) -> D3PO:
-    rs = RolloutSettings(prompts_per_round=len(PROMPTS), samples_per_prompt=2, same_initial_noise=True, num_steps=2,
-                         reencode=False)
+    rs = RolloutSettings(
+        prompts_per_round=len(PROMPTS), samples_per_prompt=2, same_initial_noise=True, num_steps=2, reencode=False
+    )
     cfg = D3POConfig(rollout=rs, preference="pairwise", **kw)
     cfg.validate()
     return D3PO(cfg)
@@ -142,22 +144,39 @@ def test_pairwise_refuses_a_reward_without_prefer(tmp_path, tiny_sd, tiny_clip, 
         check_pairwise(None)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                     method={"name": "d3po", "preference": "pairwise"},
-                     data={"kind": "prompts", "prompts": str(prompts)})
-    with pytest.raises(ConfigError, match=r"method.preference: pairwise needs a reward with prefer\(.*reward 'clip' "
-                                          r"only scores single samples"):
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        method={"name": "d3po", "preference": "pairwise"},
+        data={"kind": "prompts", "prompts": str(prompts)},
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"method.preference: pairwise needs a reward with prefer\(.*reward 'clip' "
+        r"only scores single samples",
+    ):
         Trainer(load_config(p), run_dir=tmp_path / "run")
 
 
-@pytest.mark.parametrize("method, error", [
-    ({"preference": "judge"}, r"method.preference: expected one of \['reward', 'pairwise'\]"),
-    ({"preference": "pairwise", "tie_threshold": 0.5}, r"method.*tie_threshold: .*must be < 0.5"),
-    ({"tie_threshold": -0.1}, r"method.*tie_threshold: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "method, error",
+    [
+        ({"preference": "judge"}, r"method.preference: expected one of \['reward', 'pairwise'\]"),
+        ({"preference": "pairwise", "tie_threshold": 0.5}, r"method.*tie_threshold: .*must be < 0.5"),
+        ({"tie_threshold": -0.1}, r"method.*tie_threshold: must be >= 0"),
+    ],
+)
 def test_config_validation(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, error):
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method={"name": "d3po", **method},
-                     data={"kind": "prompts", "prompts": "toy:train"})
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        method={"name": "d3po", **method},
+        data={"kind": "prompts", "prompts": "toy:train"},
+    )
     with pytest.raises(ConfigError, match=error):
         load_config(p)
 
@@ -176,13 +195,30 @@ def test_trains_with_a_vlm_judge(tmp_path, tiny_sd, tiny_clip, pairs_manifest, j
     evaluations report no reward (and say why) instead of failing after training."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
-    method = {"name": "d3po", "preference": "pairwise", "reference": "base", "timestep_fraction": 1.0,
-              "rollout": {"prompts_per_round": 2, "samples_per_prompt": 2, "same_initial_noise": True,
-                          "num_steps": 3, "steps_per_round": 2}}
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method=method,
-                     reward={"name": "vlm_judge", "model": judge_dir, "mode": mode},
-                     data={"kind": "prompts", "prompts": str(prompts)}, train={"steps": 2, "batch_size": 2, "lr": 1e-3},
-                     eval={"enabled": True, "images_per_prompt": 1})
+    method = {
+        "name": "d3po",
+        "preference": "pairwise",
+        "reference": "base",
+        "timestep_fraction": 1.0,
+        "rollout": {
+            "prompts_per_round": 2,
+            "samples_per_prompt": 2,
+            "same_initial_noise": True,
+            "num_steps": 3,
+            "steps_per_round": 2,
+        },
+    }
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        method=method,
+        reward={"name": "vlm_judge", "model": judge_dir, "mode": mode},
+        data={"kind": "prompts", "prompts": str(prompts)},
+        train={"steps": 2, "batch_size": 2, "lr": 1e-3},
+        eval={"enabled": True, "images_per_prompt": 1},
+    )
     tr = Trainer(load_config(p), run_dir=tmp_path / "run")
     before = {n: v.detach().clone() for n, v in tr.generator.trainable().named_parameters() if v.requires_grad}
     tr.fit()

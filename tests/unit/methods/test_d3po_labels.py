@@ -1,4 +1,5 @@
 """D3PO from human labels: writing a round for labelling, reading the labels, training on them."""
+
 import json
 import shutil
 
@@ -20,8 +21,29 @@ PROMPTS = ["a red circle", "a blue square"]
 def round_dir(tiny_sd, tmp_path_factory):
     """A labelling round from the base model: 2 prompts -> samples 0,1 (prompt 0) and 2,3 (prompt 1)."""
     out = tmp_path_factory.mktemp("label_round")
-    assert main(["sample", "--pretrained", str(tiny_sd), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                 "--label-pairs", "--eta", "1.0", "--steps", "3", "--cfg-scale", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--pretrained",
+                str(tiny_sd),
+                "--prompt",
+                PROMPTS[0],
+                "--prompt",
+                PROMPTS[1],
+                "--label-pairs",
+                "--eta",
+                "1.0",
+                "--steps",
+                "3",
+                "--cfg-scale",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -68,7 +90,9 @@ def test_label_pairs_writes_buffer_images_and_template(round_dir):
         assert Image.open(round_dir / "images" / f"{i:05d}.png").size == (32, 32)
     rows = [json.loads(l) for l in (round_dir / "pairs.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["sample_ids"], r["choice"], r["tie"]) for r in rows] == [
-        (PROMPTS[0], [0, 1], None, False), (PROMPTS[1], [2, 3], None, False)]
+        (PROMPTS[0], [0, 1], None, False),
+        (PROMPTS[1], [2, 3], None, False),
+    ]
     assert rows[1]["images"] == ["images/00002.png", "images/00003.png"]
     t = load_file(str(round_dir / "buffer.safetensors"))
     x_T = t["latents"][:, 0]
@@ -80,17 +104,21 @@ def test_label_pairs_writes_buffer_images_and_template(round_dir):
 
 
 def test_label_pairs_needs_stochastic_steps(tiny_sd, tmp_path, capsys):
-    assert main(["sample", "--pretrained", str(tiny_sd), "--prompt", "x", "--label-pairs", "--out",
-                 str(tmp_path)]) == 2
+    assert main(["sample", "--pretrained", str(tiny_sd), "--prompt", "x", "--label-pairs", "--out", str(tmp_path)]) == 2
     assert "--eta > 0" in capsys.readouterr().err
 
 
 def test_read_labels_valid_file_counts_ties(tmp_path):
     prompts = ["a", "a", "b", "b", "c", "c"]
     p = tmp_path / "labels.jsonl"
-    p.write_text(json.dumps({"prompt": "a", "sample_ids": [0, 1], "choice": 1, "tie": False, "who": "x"}) + "\n\n"
-                 + json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": None, "tie": True}) + "\n"
-                 + json.dumps({"prompt": "c", "sample_ids": [5, 4], "choice": 0, "tie": False}) + "\n")
+    p.write_text(
+        json.dumps({"prompt": "a", "sample_ids": [0, 1], "choice": 1, "tie": False, "who": "x"})
+        + "\n\n"
+        + json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": None, "tie": True})
+        + "\n"
+        + json.dumps({"prompt": "c", "sample_ids": [5, 4], "choice": 0, "tie": False})
+        + "\n"
+    )
     pairs, ties = read_labels(p, prompts)
     assert pairs.tolist() == [[1, 0], [5, 4]] and ties == 1
 
@@ -98,22 +126,37 @@ def test_read_labels_valid_file_counts_ties(tmp_path):
 GOOD = json.dumps({"prompt": "a", "sample_ids": [0, 1], "choice": 0, "tie": False})
 
 
-@pytest.mark.parametrize("line, error", [
-    ("{not json", r"labels.jsonl:2: not valid JSON"),
-    ("[0, 1]", r"labels.jsonl:2: expected a JSON object"),
-    (json.dumps({"prompt": "b", "sample_ids": [2, 3], "tie": False}), r"labels.jsonl:2: missing key 'choice'"),
-    (json.dumps({"prompt": "b", "sample_ids": [2], "choice": 0, "tie": False}), r":2: sample_ids must be a list of 2"),
-    (json.dumps({"prompt": "b", "sample_ids": [2, 4], "choice": 0, "tie": False}),
-     r"labels.jsonl:2: sample id 4 out of range \(the buffer has 4 samples"),
-    (json.dumps({"prompt": "a", "sample_ids": [2, 3], "choice": 0, "tie": False}),
-     r"labels.jsonl:2: prompt 'a' does not match the buffer's prompt of sample 2, 'b'"),
-    (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": 2, "tie": False}),
-     r"labels.jsonl:2: choice must be 0 or 1 .*got 2"),
-    (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": None, "tie": False}), r":2: .*still unlabelled"),
-    (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": True, "tie": False}), r":2: choice must be 0 or 1"),
-    (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": 1, "tie": True}), r":2: tie is true but choice is 1"),
-    (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": 1, "tie": "no"}), r":2: tie must be true or false"),
-])
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        ("{not json", r"labels.jsonl:2: not valid JSON"),
+        ("[0, 1]", r"labels.jsonl:2: expected a JSON object"),
+        (json.dumps({"prompt": "b", "sample_ids": [2, 3], "tie": False}), r"labels.jsonl:2: missing key 'choice'"),
+        (
+            json.dumps({"prompt": "b", "sample_ids": [2], "choice": 0, "tie": False}),
+            r":2: sample_ids must be a list of 2",
+        ),
+        (
+            json.dumps({"prompt": "b", "sample_ids": [2, 4], "choice": 0, "tie": False}),
+            r"labels.jsonl:2: sample id 4 out of range \(the buffer has 4 samples",
+        ),
+        (
+            json.dumps({"prompt": "a", "sample_ids": [2, 3], "choice": 0, "tie": False}),
+            r"labels.jsonl:2: prompt 'a' does not match the buffer's prompt of sample 2, 'b'",
+        ),
+        (
+            json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": 2, "tie": False}),
+            r"labels.jsonl:2: choice must be 0 or 1 .*got 2",
+        ),
+        (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": None, "tie": False}), r":2: .*still unlabelled"),
+        (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": True, "tie": False}), r":2: choice must be 0 or 1"),
+        (
+            json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": 1, "tie": True}),
+            r":2: tie is true but choice is 1",
+        ),
+        (json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": 1, "tie": "no"}), r":2: tie must be true or false"),
+    ],
+)
 def test_read_labels_names_file_and_line(tmp_path, line, error):
     p = tmp_path / "labels.jsonl"
     p.write_text(GOOD + "\n" + line + "\n")
@@ -199,9 +242,16 @@ def _labels_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, round_dir, **secti
     prompts.write_text("unused\n")
     labels = _labels(tmp_path / "l.jsonl", _row(0, 1), _row(1, 0))
     method = {"name": "d3po", "buffer": str(round_dir), "labels": str(labels)}
-    return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method=method,
-                        data={"kind": "prompts", "prompts": str(prompts)},
-                        train={"steps": 2, "batch_size": 2, "lr": 1e-3}, **sections)
+    return write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        method=method,
+        data={"kind": "prompts", "prompts": str(prompts)},
+        train={"steps": 2, "batch_size": 2, "lr": 1e-3},
+        **sections,
+    )
 
 
 def test_bad_labels_fail_at_config_load(tmp_path, tiny_sd, tiny_clip, pairs_manifest, round_dir):

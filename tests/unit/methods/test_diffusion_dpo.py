@@ -31,8 +31,9 @@ def test_loss_matches_float64_reference():
 
 def test_loss_hand_computed():
     # policy improves the winner by 0.002 relative to the reference: inside = -2500 * (-0.002) = 5
-    losses, m = diffusion_dpo_loss(torch.tensor([0.100]), torch.tensor([0.2]), torch.tensor([0.102]),
-                                   torch.tensor([0.2]), beta=5000.0)
+    losses, m = diffusion_dpo_loss(
+        torch.tensor([0.100]), torch.tensor([0.2]), torch.tensor([0.102]), torch.tensor([0.2]), beta=5000.0
+    )
     assert losses.item() == pytest.approx(math.log1p(math.exp(-5.0)), rel=1e-4)
     assert m["implicit_acc"].item() == 1.0
     # equal policy and reference: loss log 2

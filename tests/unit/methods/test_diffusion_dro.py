@@ -1,12 +1,12 @@
 """Diffusion-DRO's policy term: which noise target the policy sample is scored against
 (basiclab/DiffusionDRO train.py: the sampler's own noise prediction stored in its replay
 buffer), checked against independent float64 computations."""
+
 import pytest
 import torch
 
 from mmalign.config import ConfigError, load_config
-from mmalign.methods.diffusion_dro import (DiffusionDRO, DiffusionDROConfig, policy_target,
-                                           sample_with_predictions)
+from mmalign.methods.diffusion_dro import DiffusionDRO, DiffusionDROConfig, policy_target, sample_with_predictions
 from mmalign.methods.online import RolloutSettings
 from mmalign.types import per_sample_randint, per_sample_randn
 from tests.helpers import ROOT
@@ -35,8 +35,9 @@ def test_sampler_keeps_its_guided_prediction_at_every_step(gen, eta):
     s = 3.0
     rs = RolloutSettings(samples_per_prompt=1, num_steps=3, eta=eta, guidance_scale=s)
     ro = sample_with_predictions(gen, PROMPTS, [4, 9], rs)
-    want = gen.rollout(PROMPTS, num_steps=3, guidance_scale=s, eta=eta, seeds=[4, 9], need_log_probs=False,
-                       decode=False)
+    want = gen.rollout(
+        PROMPTS, num_steps=3, guidance_scale=s, eta=eta, seeds=[4, 9], need_log_probs=False, decode=False
+    )
     assert torch.equal(ro.timesteps, want.timesteps)
     torch.testing.assert_close(ro.latents, want.latents, rtol=1e-5, atol=1e-5)
     cond, uncond = gen.encode_prompt(PROMPTS), gen.encode_prompt(PROMPTS, negative=True)
@@ -70,9 +71,14 @@ def test_loss_scores_the_policy_sample_against_its_target(gen, mode):
     """The hinge loss equals a float64 recomputation of the reference code's formula,
     max(0, [e_theta(x^E) - e_ref(x^E)] - [e_theta(x^P) - e_ref(x^P)] + margin), with the
     policy target of `mode` at the step the method draws from each item's seed."""
-    m = DiffusionDRO(DiffusionDROConfig(experts="toy:render", rollout=RolloutSettings(samples_per_prompt=1, num_steps=4, eta=0.0,
-                                                                guidance_scale=2.0),
-                                        margin=0.01, policy_target=mode))
+    m = DiffusionDRO(
+        DiffusionDROConfig(
+            experts="toy:render",
+            rollout=RolloutSettings(samples_per_prompt=1, num_steps=4, eta=0.0, guidance_scale=2.0),
+            margin=0.01,
+            policy_target=mode,
+        )
+    )
     ro = m.collect(gen, None, PROMPTS, [5, 6])
     assert ("eps" in ro.extras) == (mode == "sampler_prediction")
     seeds = torch.tensor([11, 12])
@@ -92,7 +98,7 @@ def test_loss_scores_the_policy_sample_against_its_target(gen, mode):
                 eps_p = (x_p - a.sqrt() * ro.latents[i, -1].double()) / (1 - a).sqrt()
             eps_e = per_sample_randn([int(seeds[i])], ro.extras["expert_x0"].shape[1:])[0].double()
             x_e = a.sqrt() * ro.extras["expert_x0"][i].double() + (1 - a).sqrt() * eps_e
-            c_i = {key: v[i:i + 1] for key, v in cond.items()}
+            c_i = {key: v[i : i + 1] for key, v in cond.items()}
 
             def err(x, target):
                 pred = gen.model_output(x[None].float(), t[None], c_i)[0].double()

@@ -1,6 +1,7 @@
 """DiffusionNFT's schedule as in NVlabs/DiffusionNFT scripts/train_nft_sd3.py: the old policy's
 EMA decay per optimizer step, training at the sampler's timesteps, on the sampler's raw latents;
 each checked against an independent float64 computation."""
+
 import pytest
 import torch
 from torch import nn
@@ -111,8 +112,15 @@ def test_trains_at_the_samplers_timesteps_on_its_raw_latents(which, request, mon
     ro = m.collect(gen, _reward, PROMPTS, [3, 8])
     assert "x0" not in ro.extras
     sample_seeds = [s * 1009 + j for s in [3, 8] for j in range(G)]
-    raw = gen.rollout([p for p in PROMPTS for _ in range(G)], num_steps=T, guidance_scale=2.0, eta=0.0,
-                      seeds=sample_seeds, need_log_probs=False, decode=False)
+    raw = gen.rollout(
+        [p for p in PROMPTS for _ in range(G)],
+        num_steps=T,
+        guidance_scale=2.0,
+        eta=0.0,
+        seeds=sample_seeds,
+        need_log_probs=False,
+        decode=False,
+    )
     torch.testing.assert_close(ro.latents[:, -1], raw.latents[:, -1], rtol=1e-5, atol=1e-5)
     assert torch.equal(ro.timesteps, raw.timesteps)
 
@@ -126,7 +134,7 @@ def test_trains_at_the_samplers_timesteps_on_its_raw_latents(which, request, mon
     per_sample = [[] for _ in seeds]
     for j in range(K):
         noise = per_sample_randn([s * K + j for s in seeds], x0.shape[1:]).double()
-        for x_t, t in calls[2 * j: 2 * j + 2]:
+        for x_t, t in calls[2 * j : 2 * j + 2]:
             for i in range(len(seeds)):
                 ti = t[i].item()
                 assert ti in sampler_t
@@ -145,13 +153,21 @@ def test_trains_at_the_samplers_timesteps_on_its_raw_latents(which, request, mon
 
 def test_reencoded_latents_and_training_density_are_options(flow_gen, monkeypatch):
     rs = RolloutSettings(prompts_per_round=2, samples_per_prompt=2, num_steps=4, eta=0.0, guidance_scale=2.0)
-    m = DiffusionNFT(DiffusionNFTConfig(rollout=rs, train_latents="reencoded", timesteps="training_density",
-                                        timesteps_per_sample=3))
+    m = DiffusionNFT(
+        DiffusionNFTConfig(rollout=rs, train_latents="reencoded", timesteps="training_density", timesteps_per_sample=3)
+    )
     ro = m.collect(flow_gen, _reward, PROMPTS, [3, 8])
-    raw = flow_gen.rollout([p for p in PROMPTS for _ in range(2)], num_steps=4, guidance_scale=2.0, eta=0.0,
-                           seeds=[3 * 1009, 3 * 1009 + 1, 8 * 1009, 8 * 1009 + 1], need_log_probs=False)
-    torch.testing.assert_close(ro.latents[:, -1], flow_gen.encode_images(raw.samples.images, [3, 3, 8, 8]),
-                               rtol=1e-4, atol=1e-4)
+    raw = flow_gen.rollout(
+        [p for p in PROMPTS for _ in range(2)],
+        num_steps=4,
+        guidance_scale=2.0,
+        eta=0.0,
+        seeds=[3 * 1009, 3 * 1009 + 1, 8 * 1009, 8 * 1009 + 1],
+        need_log_probs=False,
+    )
+    torch.testing.assert_close(
+        ro.latents[:, -1], flow_gen.encode_images(raw.samples.images, [3, 3, 8, 8]), rtol=1e-4, atol=1e-4
+    )
     calls = _recording(monkeypatch, flow_gen)
     m.loss(m.batch(ro, [0, 1, 2, 3], [1, 2, 3, 4]), flow_gen)
     assert len(calls) == 2 * 3
@@ -165,14 +181,16 @@ def test_options_are_read_and_range_checked():
     path = ROOT / "configs" / "toy" / "diffusion_nft.yaml"
     toy = load_config(path).method.args
     assert (toy.timesteps, toy.train_latents, toy.old_decay_rate, toy.old_decay_max) == ("sampler", "raw", 0.001, 0.5)
-    for override, msg in [("timestep_fraction=0", r"method.timestep_fraction: must be > 0 and <= 1"),
-                          ("timestep_fraction=1.5", r"method.timestep_fraction: must be > 0 and <= 1"),
-                          ("old_decay_rate=-0.1", "method.old_decay_rate: must be >= 0"),
-                          ("old_decay_max=1.0", r"method.old_decay_max: must be >= 0 and < 1"),
-                          ("old_decay_flat=-1", "method.old_decay_flat: must be >= 0"),
-                          ("timesteps_per_sample=0", "method.timesteps_per_sample: must be >= 1"),
-                          ("kl_coef=-1", "method.kl_coef: must be >= 0"),
-                          ("timesteps=uniform", r"method.timesteps: expected one of \['sampler', 'training_density'\]"),
-                          ("train_latents=decoded", r"method.train_latents: expected one of \['raw', 'reencoded'\]")]:
+    for override, msg in [
+        ("timestep_fraction=0", r"method.timestep_fraction: must be > 0 and <= 1"),
+        ("timestep_fraction=1.5", r"method.timestep_fraction: must be > 0 and <= 1"),
+        ("old_decay_rate=-0.1", "method.old_decay_rate: must be >= 0"),
+        ("old_decay_max=1.0", r"method.old_decay_max: must be >= 0 and < 1"),
+        ("old_decay_flat=-1", "method.old_decay_flat: must be >= 0"),
+        ("timesteps_per_sample=0", "method.timesteps_per_sample: must be >= 1"),
+        ("kl_coef=-1", "method.kl_coef: must be >= 0"),
+        ("timesteps=uniform", r"method.timesteps: expected one of \['sampler', 'training_density'\]"),
+        ("train_latents=decoded", r"method.train_latents: expected one of \['raw', 'reencoded'\]"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             load_config(path, [f"method.{override}"])

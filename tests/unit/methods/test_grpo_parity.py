@@ -2,6 +2,7 @@
 flow_grpo's `sde_step_with_logprob` (per-dimension mean log-prob, prev_sample_mean, std_dev_t),
 its train_sd3.py KL and PPO-clip loss, and its `PerPromptStatTracker` advantages; the
 precision of step log-prob ratios at SD3-1024px latent size; and the flow SDE at one step."""
+
 import math
 
 import numpy as np
@@ -27,8 +28,7 @@ def flow_grpo_sde_step(v, x, sigma, sigma_prev, sigma_max, noise_level, prev_sam
     std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * noise_level
     mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
     step_std = std_dev_t * math.sqrt(-dt)
-    log_prob = (-((prev_sample - mean) ** 2) / (2 * step_std**2) - math.log(step_std)
-                - math.log(math.sqrt(2 * math.pi)))
+    log_prob = -((prev_sample - mean) ** 2) / (2 * step_std**2) - math.log(step_std) - math.log(math.sqrt(2 * math.pi))
     return log_prob.flatten(1).mean(1), mean, std_dev_t
 
 
@@ -61,7 +61,7 @@ def test_log_ratio_is_float64_accurate_at_262144_dims():
     got = step_gaussian_log_prob(x, m_new, std) - step_gaussian_log_prob(x, m_old, std)
 
     def ref(mean):  # float64, element by element, then the mean over dimensions
-        lp = (-((x.double() - mean.double()) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi)))
+        lp = -((x.double() - mean.double()) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))
         return lp.flatten(1).mean(1)
 
     want = ref(m_new) - ref(m_old)
@@ -160,15 +160,23 @@ def test_advantages_match_flow_grpo_stat_tracker(mode):
         class Gen:  # collect() only needs rollouts with rewards
             def rollout(self, prompts, **kw):
                 from mmalign.types import Rollout, Samples
-                return Rollout(Samples(), torch.zeros(len(prompts), 2, 1), torch.zeros(1), torch.zeros(len(prompts), 1),
-                               list(prompts))
 
-        buf = m.collect(Gen(), lambda s, p: rewards[:len(p)], ["a", "b", "c", "d"], [0, 1, 2, 3])
+                return Rollout(
+                    Samples(),
+                    torch.zeros(len(prompts), 2, 1),
+                    torch.zeros(1),
+                    torch.zeros(len(prompts), 1),
+                    list(prompts),
+                )
+
+        buf = m.collect(Gen(), lambda s, p: rewards[: len(p)], ["a", "b", "c", "d"], [0, 1, 2, 3])
         np.testing.assert_allclose(buf.extras["advantages"].double().numpy(), want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("key,value", [("clip_range", 0.0), ("clip_range", 1.5), ("adv_clip", 0.0),
-                                       ("kl_coef", -0.1), ("advantage_std", "batch")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("clip_range", 0.0), ("clip_range", 1.5), ("adv_clip", 0.0), ("kl_coef", -0.1), ("advantage_std", "batch")],
+)
 def test_grpo_options_are_range_checked(key, value, tmp_path):
 
     root = ROOT

@@ -12,7 +12,6 @@ from mmalign.trainer import Trainer
 from tests.helpers import ROOT, write_config
 
 
-
 def test_ppo_clip_matches_float64_and_is_flat_outside_the_range():
     g = torch.Generator().manual_seed(0)
     new = torch.randn(64, generator=g, dtype=torch.float64) * 0.3
@@ -85,31 +84,60 @@ def test_d3po_loss_float64_swap_and_tie():
 
 
 ONLINE = {
-    "grpo": {"name": "grpo", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3,
-                                         "steps_per_round": 2}, "kl_coef": 0.1},
-    "raft": {"name": "raft", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3,
-                                         "steps_per_round": 2}},
-    "rwr": {"name": "raft", "mode": "rwr", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3,
-                                                       "num_steps": 3, "steps_per_round": 2}},
-    "raft_baseline": {"name": "raft", "baseline": True, "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3,
-                                                                    "num_steps": 3, "steps_per_round": 2}},
-    "online_dpo": {"name": "online_dpo", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3,
-                                                     "num_steps": 3, "steps_per_round": 2}},
-    "d3po": {"name": "d3po", "reference": "base", "rollout": {"prompts_per_round": 2, "samples_per_prompt": 2,
-                                                              "same_initial_noise": True, "num_steps": 3,
-                                                              "steps_per_round": 2}},
-    "diffusion_dro": {"name": "diffusion_dro", "experts": "toy:render",
-                      "rollout": {"prompts_per_round": 2, "samples_per_prompt": 1, "num_steps": 3,
-                                  "steps_per_round": 2}},
+    "grpo": {
+        "name": "grpo",
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "steps_per_round": 2},
+        "kl_coef": 0.1,
+    },
+    "raft": {
+        "name": "raft",
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "steps_per_round": 2},
+    },
+    "rwr": {
+        "name": "raft",
+        "mode": "rwr",
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "steps_per_round": 2},
+    },
+    "raft_baseline": {
+        "name": "raft",
+        "baseline": True,
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "steps_per_round": 2},
+    },
+    "online_dpo": {
+        "name": "online_dpo",
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "steps_per_round": 2},
+    },
+    "d3po": {
+        "name": "d3po",
+        "reference": "base",
+        "rollout": {
+            "prompts_per_round": 2,
+            "samples_per_prompt": 2,
+            "same_initial_noise": True,
+            "num_steps": 3,
+            "steps_per_round": 2,
+        },
+    },
+    "diffusion_dro": {
+        "name": "diffusion_dro",
+        "experts": "toy:render",
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 1, "num_steps": 3, "steps_per_round": 2},
+    },
 }
 
 
 def _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, **train):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\ntwo green triangles\n")  # toy captions (DRO renders experts)
-    return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, method=method,
-                        data={"kind": "prompts", "prompts": str(prompts)},
-                        train={"steps": 3, "batch_size": 2, "lr": 1e-3, **train})
+    return write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        method=method,
+        data={"kind": "prompts", "prompts": str(prompts)},
+        train={"steps": 3, "batch_size": 2, "lr": 1e-3, **train},
+    )
 
 
 @pytest.mark.parametrize("name", list(ONLINE))
@@ -147,8 +175,11 @@ def test_stored_log_prob_equals_recomputed_before_update(tiny_sd, tiny_clip):
 
     gen = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(tiny_sd)))
     reward = ClipScore(ClipRewardConfig(model=f"local-dir:{tiny_clip}"))
-    m = GRPO(GRPOConfig(rollout=RolloutSettings(samples_per_prompt=3, num_steps=3), timestep_fraction=1.0,
-                        filter_zero_std=False))
+    m = GRPO(
+        GRPOConfig(
+            rollout=RolloutSettings(samples_per_prompt=3, num_steps=3), timestep_fraction=1.0, filter_zero_std=False
+        )
+    )
     buf = m.collect(gen, reward, ["a red circle", "a blue square"], [0, 1])
     assert "x0" not in buf.extras  # no VAE round trip: the policy gradient needs log-probs only
     batch = m.batch(buf, list(range(6)), [5] * 6)
@@ -163,8 +194,7 @@ def test_online_resume_mid_round_is_exact(name, per_round, split, tmp_path, tiny
     and resume. online_dpo stops in round 1, whose reference copy is not the base."""
     base = ONLINE["grpo"] if name == "grpo" else dict(ONLINE["online_dpo"], reference="previous", beta=50.0)
     method = dict(base, rollout=dict(base["rollout"], steps_per_round=per_round))
-    p = _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, steps=4, checkpoint_every=1,
-                    keep_last=10)
+    p = _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, steps=4, checkpoint_every=1, keep_last=10)
     Trainer(load_config(p), run_dir=tmp_path / "full").fit()
     Trainer(load_config(p, [f"train.steps={split}"]), run_dir=tmp_path / "split").fit()
     assert (ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints") / "buffer_0" / "buffer.safetensors").is_file()
@@ -266,11 +296,14 @@ def test_diffusion_nft_resume_keeps_the_old_policy(tmp_path, tiny_sd, tiny_clip,
     through round 2's EMA update (eta = min(0.3 * 4, 0.9) after 4 optimizer steps) after the resume."""
     from safetensors.torch import load_file
 
-    method = {"name": "diffusion_nft", "kl_coef": 0.01, "old_decay_rate": 0.3, "old_decay_max": 0.9,
-              "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "eta": 0.0,
-                          "steps_per_round": 2}}
-    p = _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, steps=6, checkpoint_every=1,
-                    keep_last=10)
+    method = {
+        "name": "diffusion_nft",
+        "kl_coef": 0.01,
+        "old_decay_rate": 0.3,
+        "old_decay_max": 0.9,
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "eta": 0.0, "steps_per_round": 2},
+    }
+    p = _online_cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method, steps=6, checkpoint_every=1, keep_last=10)
     Trainer(load_config(p), run_dir=tmp_path / "full").fit()
     tr = Trainer(load_config(p, ["train.steps=3"]), run_dir=tmp_path / "split")
     tr.fit()
@@ -314,20 +347,26 @@ def test_rwr_weights_match_float64_softmax(tiny_sd):
         z = sum(math.exp(r / T) for r in grp)
         want += [G * math.exp(r / T) / z for r in grp]
     assert sum(want[:3]) == pytest.approx(G) and want[4] > 1 > want[1]  # uniform mean 1; best > 1 > worst
-    torch.testing.assert_close(buf.extras["weights"].double(), torch.tensor(want, dtype=torch.float64),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        buf.extras["weights"].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0
+    )
     assert m.num_items(buf) == 6  # rwr keeps every sample
 
     idx, seeds = [4, 0, 3], [11, 12, 13]
     batch = m.batch(buf, idx, seeds)
-    torch.testing.assert_close(batch["weights"].double(), torch.tensor([want[i] for i in idx], dtype=torch.float64),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        batch["weights"].double(), torch.tensor([want[i] for i in idx], dtype=torch.float64), rtol=1e-6, atol=0
+    )
     loss, metrics = m.loss(batch, gen)
     x0 = batch["latents"].float()  # the loss is mean_i w_i * ||eps - eps_theta(x_t^(i))||^2
     s = torch.as_tensor(seeds)
     with torch.no_grad():
-        err = gen.denoise_error(x0, gen.encode_prompt(batch["prompts"]), per_sample_randint(s, 0, 1000, x0.device),
-                                per_sample_randn(s, x0.shape[1:], x0.device))
+        err = gen.denoise_error(
+            x0,
+            gen.encode_prompt(batch["prompts"]),
+            per_sample_randint(s, 0, 1000, x0.device),
+            per_sample_randn(s, x0.shape[1:], x0.device),
+        )
     expect = sum(want[i] * e for i, e in zip(idx, err.double().tolist())) / len(idx)
     assert loss.item() == pytest.approx(expect, rel=1e-5)
     assert metrics["weight_max"] == pytest.approx(want[4], rel=1e-6)
@@ -348,8 +387,14 @@ def test_raft_baseline_weights_are_group_centred_and_share_noise(tiny_sd, mode):
     T, G = 0.2, 3
 
     def build(rs, group_size=G):
-        m = RAFT(RAFTConfig(mode=mode, temperature=T, baseline=True,
-                            rollout=RolloutSettings(samples_per_prompt=group_size, num_steps=2)))
+        m = RAFT(
+            RAFTConfig(
+                mode=mode,
+                temperature=T,
+                baseline=True,
+                rollout=RolloutSettings(samples_per_prompt=group_size, num_steps=2),
+            )
+        )
         return m, m.collect(gen, lambda samples, prompts: torch.tensor(rs), ["a red circle", "a blue square"], [0, 1])
 
     m, buf = build(rewards)
@@ -363,8 +408,9 @@ def test_raft_baseline_weights_are_group_centred_and_share_noise(tiny_sd, mode):
         want += [x - sum(w) / G for x in w]
     if mode == "raft":
         assert want[:3] == pytest.approx([2 / 3, -1 / 3, -1 / 3])
-    torch.testing.assert_close(buf.extras["weights"].double(), torch.tensor(want, dtype=torch.float64),
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        buf.extras["weights"].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7
+    )
     assert m.num_items(buf) == 2  # whole groups
 
     batch = m.batch(buf, [1], [11])  # group 1: samples 3, 4, 5, all with seed 11
@@ -373,8 +419,9 @@ def test_raft_baseline_weights_are_group_centred_and_share_noise(tiny_sd, mode):
     loss, _ = m.loss(batch, gen)
     x0, s = batch["latents"].float(), torch.tensor([11] * 3)
     with torch.no_grad():
-        err = gen.denoise_error(x0, gen.encode_prompt(batch["prompts"]), per_sample_randint(s, 0, 1000),
-                                per_sample_randn(s, x0.shape[1:]))
+        err = gen.denoise_error(
+            x0, gen.encode_prompt(batch["prompts"]), per_sample_randint(s, 0, 1000), per_sample_randn(s, x0.shape[1:])
+        )
     want_loss = sum(w * e for w, e in zip(want[3:], err.double().tolist())) / 3  # a difference: float32 abs tol
     assert loss.item() == pytest.approx(want_loss, abs=1e-5 * float(err.mean()))
 
@@ -410,8 +457,9 @@ def test_grpo_kl_matches_float64_gaussian_kl(tiny_sd, tiny_clip):
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     c = 0.3
-    settings = dict(rollout=RolloutSettings(samples_per_prompt=3, num_steps=3), timestep_fraction=1.0,
-                    filter_zero_std=False)
+    settings = dict(
+        rollout=RolloutSettings(samples_per_prompt=3, num_steps=3), timestep_fraction=1.0, filter_zero_std=False
+    )
     m0, m1 = GRPO(GRPOConfig(**settings)), GRPO(GRPOConfig(kl_coef=c, **settings))
     buf = m1.collect(gen, reward, ["a red circle", "a blue square"], [0, 1])
     batch = m1.batch(buf, list(range(6)), [5] * 6)

@@ -1,4 +1,5 @@
 """The preference layer against independent float64 formulas (math, not torch)."""
+
 import itertools
 import math
 
@@ -53,8 +54,9 @@ def test_rank_is_plackett_luce_and_reduces_to_dpo():
     total = sum(math.exp(-P.rank(sp[:1, list(o)], sr[:1, list(o)], beta).item()) for o in orders)
     assert total == pytest.approx(1.0, rel=1e-9)
     pw, pl, rw, rl = _data(8)
-    torch.testing.assert_close(P.rank(torch.stack([pw, pl], 1), torch.stack([rw, rl], 1), 1.3),
-                               P.dpo(pw, pl, rw, rl, 1.3))
+    torch.testing.assert_close(
+        P.rank(torch.stack([pw, pl], 1), torch.stack([rw, rl], 1), 1.3), P.dpo(pw, pl, rw, rl, 1.3)
+    )
 
 
 def test_diffusion_dpo_is_dpo_on_negative_errors():

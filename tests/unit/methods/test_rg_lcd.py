@@ -1,4 +1,5 @@
 """RG-LCD (mmalign/methods/rg_lcd.py) and LCM sampling in the sd adapter, on tiny models."""
+
 import json
 import math
 
@@ -47,7 +48,9 @@ def test_guidance_embedding_is_diffusers_bit_for_bit():
 def test_boundary_condition():
     c_skip, c_out = boundary_scalings(torch.tensor([0, 19, 999]))
     assert c_skip[0] == 1.0 and c_out[0] == 0.0
-    assert c_skip[1] == pytest.approx(0.25 / (190.0**2 + 0.25)) and c_out[1] == pytest.approx(190 / math.sqrt(190**2 + 0.25))
+    assert c_skip[1] == pytest.approx(0.25 / (190.0**2 + 0.25)) and c_out[1] == pytest.approx(
+        190 / math.sqrt(190**2 + 0.25)
+    )
     x = torch.randn(1, 4, 8, 8)
     f0 = consistency_output(torch.randn_like(x), x, torch.tensor([0]), torch.tensor([0.99]), "epsilon")
     assert torch.equal(f0, x)  # f(x, 0) = x whatever the model says
@@ -110,8 +113,11 @@ def test_consistency_distillation_loss_matches_float64(tiny_sd):
     # seeds whose solver index is 0 (t_end = 0: the boundary) and three others
     n = m.draws(list(range(400)), (4, 8, 8), "cpu")["t_start"]
     seeds = [int((n == m.cfg.skip - 1).nonzero()[0])] + [s for s in range(3)]
-    batch = {"prompts": ["a red circle", "two blue squares", "a green triangle", ""],
-             "latents": torch.randn(4, 4, 8, 8, generator=g), "seeds": torch.tensor(seeds)}
+    batch = {
+        "prompts": ["a red circle", "two blue squares", "a green triangle", ""],
+        "latents": torch.randn(4, 4, 8, 8, generator=g),
+        "seeds": torch.tensor(seeds),
+    }
     loss, metrics = m.loss(batch, gen)
     terms = m.distillation_terms(batch, gen)
     want = _float64_lcd(tiny_sd, gen, m, batch)
@@ -165,8 +171,12 @@ def test_lrm_loss_hand_computed():
 def test_reward_term_gradient_ascends_the_reward_and_flips_with_its_sign(tiny_sd, path):
     beta = 0.5
     gen, m = _setup(tiny_sd, reward=Brightness(1.0), reward_weight=beta, reward_path=path, time_cond_proj_dim=32)
-    batch = {"prompts": ["a red circle", "two blue squares"], "latents": torch.randn(2, 4, 8, 8),
-             "seeds": torch.tensor([5, 6]), "rewards": torch.zeros(2)}
+    batch = {
+        "prompts": ["a red circle", "two blue squares"],
+        "latents": torch.randn(2, 4, 8, 8),
+        "seeds": torch.tensor([5, 6]),
+        "rewards": torch.zeros(2),
+    }
     params = [p for p in gen.unet.parameters()]
 
     def grad_of(fn):
@@ -204,7 +214,7 @@ def test_reward_term_gradient_ascends_the_reward_and_flips_with_its_sign(tiny_sd
     with torch.no_grad():  # a small descent step on the reward term raises the reward
         off = 0
         for p in params:
-            p.sub_(1e-2 / float(r_plus.norm()) * r_plus[off:off + p.numel()].view_as(p))
+            p.sub_(1e-2 / float(r_plus.norm()) * r_plus[off : off + p.numel()].view_as(p))
             off += p.numel()
     assert float(reward_now().detach()) > before
 
@@ -220,8 +230,9 @@ def test_saved_student_is_an_lcm_pipeline_that_samples_in_1_2_4_steps(tiny_sd, t
     assert isinstance(sd.scheduler, LCMScheduler)
     assert sd.scheduler.config.original_inference_steps == 1000 // m.cfg.skip
     assert sd.unet.config.time_cond_proj_dim == 32
-    lcm = LatentConsistencyModelPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
-                                                         requires_safety_checker=False)
+    lcm = LatentConsistencyModelPipeline.from_pretrained(
+        out, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     lcm.set_progress_bar_config(disable=True)
     student = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=str(out), finetune="none"))
     assert student.lcm_scheduler is not None
@@ -232,8 +243,14 @@ def test_saved_student_is_an_lcm_pipeline_that_samples_in_1_2_4_steps(tiny_sd, t
         imgs = ro.samples.images
         assert imgs.shape == (2, 3, 32, 32) and 0 <= float(imgs.min()) and float(imgs.max()) <= 1
         gens = [torch.Generator().manual_seed(s * 7919 + 1) for s in seeds]
-        want = lcm(prompts, num_inference_steps=steps, guidance_scale=4.0, latents=ro.latents[:, 0].clone(),
-                   generator=gens, output_type="latent").images
+        want = lcm(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            latents=ro.latents[:, 0].clone(),
+            generator=gens,
+            output_type="latent",
+        ).images
         torch.testing.assert_close(ro.latents[:, -1], want, rtol=1e-5, atol=1e-5)
     # one step is the consistency function at t=999 by hand
     ro = student.rollout(prompts, num_steps=1, guidance_scale=4.0, seeds=seeds, need_log_probs=False)
@@ -268,19 +285,32 @@ def test_setup_rejects_bad_generators_and_missing_rewards(tiny_sd):
         RGLCD(RGLCDConfig(skip=300, reward_weight=0.0)).setup(full, None)
 
 
-RG = {"name": "rg_lcd", "skip": 100, "time_cond_proj_dim": 32, "reward_weight": 0.5,
-      "lrm": {"width": 8, "warmup_steps": 1},
-      "rollout": {"prompts_per_round": 2, "samples_per_prompt": 2, "num_steps": 3, "guidance_scale": 3.0,
-                  "steps_per_round": 2}}
+RG = {
+    "name": "rg_lcd",
+    "skip": 100,
+    "time_cond_proj_dim": 32,
+    "reward_weight": 0.5,
+    "lrm": {"width": 8, "warmup_steps": 1},
+    "rollout": {
+        "prompts_per_round": 2,
+        "samples_per_prompt": 2,
+        "num_steps": 3,
+        "guidance_scale": 3.0,
+        "steps_per_round": 2,
+    },
+}
 
 
 def _rg_config(tmp_path, tiny_sd, tiny_clip, pairs_manifest, method=RG, **sections):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
-    base = {"generator": {"name": "sd", "pretrained": str(tiny_sd), "finetune": "full"}, "method": method,
-            "data": {"kind": "prompts", "prompts": str(prompts)},
-            "train": {"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "keep_last": 5},
-            "eval": {"enabled": True, "prompts": ["a red circle"], "num_steps": 2, "guidance_scale": 3.0}}
+    base = {
+        "generator": {"name": "sd", "pretrained": str(tiny_sd), "finetune": "full"},
+        "method": method,
+        "data": {"kind": "prompts", "prompts": str(prompts)},
+        "train": {"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "keep_last": 5},
+        "eval": {"enabled": True, "prompts": ["a red circle"], "num_steps": 2, "guidance_scale": 3.0},
+    }
     for k, v in sections.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) and k in base else v
     return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, **base)
@@ -325,8 +355,15 @@ def test_trains_from_yaml_and_resumes_exactly(tmp_path, tiny_sd, tiny_clip, pair
 
 
 def test_no_reward_variant_needs_no_reward(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
-    p = _rg_config(tmp_path, tiny_sd, tiny_clip, pairs_manifest, reward=None,
-                   train={"steps": 1, "checkpoint_every": 0}, eval={"enabled": False})
+    p = _rg_config(
+        tmp_path,
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        reward=None,
+        train={"steps": 1, "checkpoint_every": 0},
+        eval={"enabled": False},
+    )
     summary = Trainer(load_config(p, ["method.reward_weight=0"]), run_dir=tmp_path / "run").fit()
     assert summary["steps"] == 1
     with pytest.raises((TrainingError, ValueError), match="reward"):

@@ -1,4 +1,5 @@
 """The VLM-family losses of the preference layer against independent float64 formulas (math, not torch)."""
+
 import math
 
 import pytest
@@ -29,8 +30,10 @@ def test_simpo_is_reference_free_and_length_normalised(beta, gamma):
     # summed log-probs and lengths -> the length averages SimPO uses
     sw, sl = -_t(16, seed=1).abs() * 20, -_t(16, seed=2).abs() * 20
     nw, nl = torch.randint(1, 30, (16,)).double(), torch.randint(1, 30, (16,)).double()
-    want = [-lsig(beta / a_n * a - beta / b_n * b - gamma) for a, b, a_n, b_n in
-            zip(sw.tolist(), sl.tolist(), nw.tolist(), nl.tolist())]
+    want = [
+        -lsig(beta / a_n * a - beta / b_n * b - gamma)
+        for a, b, a_n, b_n in zip(sw.tolist(), sl.tolist(), nw.tolist(), nl.tolist())
+    ]
     _close(P.simpo(sw / nw, sl / nl, beta, gamma), want)
 
 
@@ -57,8 +60,10 @@ def test_kto_with_its_kl_baseline():
     got_z0 = P.kto_kl_baseline(klp, klr)
     assert float(got_z0) == pytest.approx(z0, rel=1e-12, abs=1e-15)
     assert not got_z0.requires_grad
-    want = [ld * (1 - sig(beta * ((a - b) - z0))) if d else lu * (1 - sig(beta * (z0 - (a - b))))
-            for a, b, d in zip(lp.tolist(), ref.tolist(), lab.tolist())]
+    want = [
+        ld * (1 - sig(beta * ((a - b) - z0))) if d else lu * (1 - sig(beta * (z0 - (a - b))))
+        for a, b, d in zip(lp.tolist(), ref.tolist(), lab.tolist())
+    ]
     _close(P.kto(lp, ref, lab, got_z0, beta, ld, lu), want)
     # a negative mean KL clamps to zero
     assert float(P.kto_kl_baseline(klp - 10, klr)) == 0.0
@@ -86,9 +91,13 @@ def test_mmdpo_dynamic_beta_and_dpo_with_it():
     _close(b, want)
     assert float(P.mmdpo_beta(beta, torch.zeros(1, dtype=torch.float64), w, k)) == pytest.approx(beta)
     pw, pl, rw, rl = (_t(8, seed=s) for s in range(21, 25))
-    _close(P.dpo(pw, pl, rw, rl, b),
-           [-lsig(bb * ((a - c) - (x - d))) for bb, a, x, c, d in
-            zip(want, pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist())])
+    _close(
+        P.dpo(pw, pl, rw, rl, b),
+        [
+            -lsig(bb * ((a - c) - (x - d)))
+            for bb, a, x, c, d in zip(want, pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist())
+        ],
+    )
 
 
 def test_rlhf_v_dense_score_and_weights():
@@ -109,16 +118,19 @@ def test_rlhf_v_dense_score_and_weights():
     wts = P.dense_token_weights(mask, changed, gamma)
     assert wts[0].tolist() == [0, 0, 5, 1, 1, 5, 0]
     # gamma = 1 is the plain length average
-    _close(P.dense_logp(lp, mask, changed, 1.0), [(lp[b] * mask[b]).sum().item() / mask[b].sum().item()
-                                                  for b in range(3)])
+    _close(
+        P.dense_logp(lp, mask, changed, 1.0), [(lp[b] * mask[b]).sum().item() / mask[b].sum().item() for b in range(3)]
+    )
 
 
 def test_povid_two_part_objective():
     xs = [_t(9, seed=s) for s in range(40, 46)]
     pw, plt, pln, rw, rlt, rln = xs
     a, b1, b2 = 0.2, 0.1, 0.3
-    want = [-lsig(a * (w - rw_) - (b1 * (t - rt) + b2 * (n - rn))) for w, t, n, rw_, rt, rn in
-            zip(*(x.tolist() for x in xs))]
+    want = [
+        -lsig(a * (w - rw_) - (b1 * (t - rt) + b2 * (n - rn)))
+        for w, t, n, rw_, rt, rn in zip(*(x.tolist() for x in xs))
+    ]
     _close(P.povid(pw, plt, pln, rw, rlt, rln, a, b1, b2), want)
     # with beta2 = 0 and alpha = beta1 it is DPO
     _close(P.povid(pw, plt, pln, rw, rlt, rln, a, a, 0.0), P.dpo(pw, plt, rw, rlt, a).tolist())

@@ -1,6 +1,7 @@
 """The flow-matching generator (SD3 / FLUX layouts) and the methods that run on it:
 Flow-GRPO (grpo.py on the SDE sampler), Flow-DPO (diffusion_dpo.py on velocity errors) and
 DiffusionNFT. Tiny random models of the real classes, saved and loaded like a user's."""
+
 import copy
 import json
 import math
@@ -44,16 +45,20 @@ def _perturbed(gen: FlowMatchingGenerator, seed: int = 0) -> FlowMatchingGenerat
 def gen(tiny_sd3):
     torch.manual_seed(0)
     lora = LoraSettings(rank=4, alpha=4, target_modules=list(FLOW_LORA_TARGETS))
-    return _perturbed(FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), lora=lora,
-                                                                max_sequence_length=4)))
+    return _perturbed(
+        FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), lora=lora, max_sequence_length=4))
+    )
 
 
 @pytest.fixture(scope="module")
 def flux(tiny_flux):
     torch.manual_seed(0)
     lora = LoraSettings(rank=4, alpha=4, target_modules=list(FLOW_LORA_TARGETS))
-    return _perturbed(FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_flux), lora=lora, resolution=32,
-                                                                max_sequence_length=8)))
+    return _perturbed(
+        FlowMatchingGenerator(
+            FlowGeneratorConfig(pretrained=str(tiny_flux), lora=lora, resolution=32, max_sequence_length=8)
+        )
+    )
 
 
 # ---------------------------------------------------------------- adapter
@@ -102,8 +107,14 @@ def test_noise_level_zero_is_diffusers_euler_sampler_exactly(gen, sde_type, monk
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     ro = gen.rollout(PROMPTS, num_steps=5, guidance_scale=3.0, eta=0.0, latents=x_T, need_log_probs=False)
     with torch.no_grad():
-        ref = gen.pipe(PROMPTS, num_inference_steps=5, guidance_scale=3.0, latents=x_T.clone(),
-                       output_type="latent", max_sequence_length=gen.max_sequence_length).images
+        ref = gen.pipe(
+            PROMPTS,
+            num_inference_steps=5,
+            guidance_scale=3.0,
+            latents=x_T.clone(),
+            output_type="latent",
+            max_sequence_length=gen.max_sequence_length,
+        ).images
     # without T5 the generator runs the identical zero tokens as one (RepeatedTokenJointAttnProcessor)
     torch.testing.assert_close(ro.latents[:, -1], ref, rtol=0, atol=1e-5)
     # and every step is diffusers' FlowMatchEulerDiscreteScheduler.step on the same velocity
@@ -125,9 +136,15 @@ def test_noise_level_zero_matches_flux_pipeline(flux):
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     ro = flux.rollout(PROMPTS, num_steps=4, guidance_scale=1.0, eta=0.0, latents=x_T, need_log_probs=False)
     with torch.no_grad():
-        ref = flux.pipe(PROMPTS, num_inference_steps=4, height=32, width=32, output_type="latent",
-                        latents=FluxPipeline._pack_latents(x_T.clone(), 2, 4, 8, 8),
-                        max_sequence_length=flux.max_sequence_length).images
+        ref = flux.pipe(
+            PROMPTS,
+            num_inference_steps=4,
+            height=32,
+            width=32,
+            output_type="latent",
+            latents=FluxPipeline._pack_latents(x_T.clone(), 2, 4, 8, 8),
+            max_sequence_length=flux.max_sequence_length,
+        ).images
     torch.testing.assert_close(FluxPipeline._pack_latents(ro.latents[:, -1], 2, 4, 8, 8), ref, rtol=0, atol=1e-6)
 
 
@@ -145,8 +162,9 @@ def test_step_log_prob_recomputes_the_stored_one(which, request):
         assert not torch.allclose(ref, lp)  # adapters disabled -> a different policy
     # a sub-batch recomputes its own rows
     with torch.no_grad():
-        torch.testing.assert_close(g.step_log_prob(ro, 1, index=torch.tensor([1])), ro.log_probs[1:, 1],
-                                   rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(
+            g.step_log_prob(ro, 1, index=torch.tensor([1])), ro.log_probs[1:, 1], rtol=1e-6, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("which", ["gen", "flux"])
@@ -163,8 +181,9 @@ def test_sde_steps_leave_the_other_steps_euler(which, request):
     _, sigmas = g.sampling_schedule(4)
     for k in (2, 3):
         with torch.no_grad():
-            v = g.guided_velocity(mixed.latents[:, k], mixed.timesteps[k], mixed.extras["cond"],
-                                  mixed.extras["uncond"], scale)
+            v = g.guided_velocity(
+                mixed.latents[:, k], mixed.timesteps[k], mixed.extras["cond"], mixed.extras["uncond"], scale
+            )
         assert torch.equal(mixed.latents[:, k + 1], mixed.latents[:, k] + (sigmas[k + 1] - sigmas[k]) * v)
     with torch.no_grad():
         torch.testing.assert_close(g.step_log_prob(mixed, 1), mixed.log_probs[:, 1], rtol=1e-6, atol=1e-5)
@@ -227,18 +246,30 @@ def test_dance_grpo_step_log_prob_recomputes_the_stored_one(which, request, monk
             ref = g.step_log_prob(ro, k)
         assert not torch.allclose(ref, lp)  # adapters disabled -> a different policy
     with torch.no_grad():
-        torch.testing.assert_close(g.step_log_prob(ro, 1, index=torch.tensor([1])), ro.log_probs[1:, 1],
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            g.step_log_prob(ro, 1, index=torch.tensor([1])), ro.log_probs[1:, 1], rtol=1e-6, atol=1e-6
+        )
     # the rollout carries its SDE: switching the config back does not change how it is scored
     monkeypatch.setattr(g.cfg, "sde_type", "flow_grpo")
     with torch.no_grad():
         torch.testing.assert_close(g.step_log_prob(ro, 2), ro.log_probs[:, 2], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("field,bad,bad_yaml,good,default,choices,toy", [
-    ("sde_type", "dance", "dance", "dance_grpo", "flow_grpo", r"\['flow_grpo', 'dance_grpo'\]", "flow_grpo.yaml"),
-    ("loss_weighting", "logit_normal", "sigma", "cosmap", "none", r"\['none', 'sigma_sqrt', 'cosmap', 'eps'\]", "flow_dpo.yaml"),
-])
+@pytest.mark.parametrize(
+    "field,bad,bad_yaml,good,default,choices,toy",
+    [
+        ("sde_type", "dance", "dance", "dance_grpo", "flow_grpo", r"\['flow_grpo', 'dance_grpo'\]", "flow_grpo.yaml"),
+        (
+            "loss_weighting",
+            "logit_normal",
+            "sigma",
+            "cosmap",
+            "none",
+            r"\['none', 'sigma_sqrt', 'cosmap', 'eps'\]",
+            "flow_dpo.yaml",
+        ),
+    ],
+)
 def test_unknown_choice_is_a_clear_error(field, bad, bad_yaml, good, default, choices, toy, tiny_sd3):
 
     from mmalign.config import ConfigError
@@ -275,11 +306,14 @@ def test_denoise_error_by_hand(gen):
             u = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((t[i].item() + 0.5) / 1000, dtype=torch.float64))
             s = torch.sigmoid(u).item()
             s = shift * s / (1 + (shift - 1) * s)
-            xt = (1 - s) * x0[i:i + 1] + s * noise[i:i + 1]
-            v = gen.transformer(hidden_states=xt, timestep=torch.tensor([s * 1000.0]),
-                                encoder_hidden_states=cond["encoder_hidden_states"][i:i + 1],
-                                pooled_projections=cond["pooled_projections"][i:i + 1]).sample
-            errs.append(((noise[i:i + 1] - x0[i:i + 1]) - v).pow(2).mean())
+            xt = (1 - s) * x0[i : i + 1] + s * noise[i : i + 1]
+            v = gen.transformer(
+                hidden_states=xt,
+                timestep=torch.tensor([s * 1000.0]),
+                encoder_hidden_states=cond["encoder_hidden_states"][i : i + 1],
+                pooled_projections=cond["pooled_projections"][i : i + 1],
+            ).sample
+            errs.append(((noise[i : i + 1] - x0[i : i + 1]) - v).pow(2).mean())
     torch.testing.assert_close(got, torch.stack(errs), rtol=1e-4, atol=1e-6)
     # uniform t -> logit-normal sigma: the median timestep is sigma = shift(1/2)
     assert gen.train_sigmas(torch.tensor([499, 500])).mean().item() == pytest.approx(0.75, abs=2e-3)
@@ -311,12 +345,19 @@ def test_denoise_error_loss_weighting_by_hand(gen, weighting, monkeypatch):
         want = []
         for i in range(2):
             s = _sigma_by_hand(int(t[i]))
-            w = {"none": 1.0, "sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2)),
-                 "eps": (1 - s) ** 2}[weighting]
-            x, e = x0[i:i + 1].double(), noise[i:i + 1].double()
-            v = model(hidden_states=(1 - s) * x + s * e, timestep=torch.tensor([s * 1000.0], dtype=torch.float64),
-                      encoder_hidden_states=cond["encoder_hidden_states"][i:i + 1].double(),
-                      pooled_projections=cond["pooled_projections"][i:i + 1].double()).sample
+            w = {
+                "none": 1.0,
+                "sigma_sqrt": s**-2,
+                "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2)),
+                "eps": (1 - s) ** 2,
+            }[weighting]
+            x, e = x0[i : i + 1].double(), noise[i : i + 1].double()
+            v = model(
+                hidden_states=(1 - s) * x + s * e,
+                timestep=torch.tensor([s * 1000.0], dtype=torch.float64),
+                encoder_hidden_states=cond["encoder_hidden_states"][i : i + 1].double(),
+                pooled_projections=cond["pooled_projections"][i : i + 1].double(),
+            ).sample
             want.append(w * ((e - x) - v).pow(2).mean())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-4, atol=1e-6)
@@ -349,33 +390,45 @@ def test_loss_weighting_none_is_the_previous_error_exactly(gen, tiny_sd3):
         x_t, sig = gen.noisy(x0, t, noise)
         v = gen.model_output(x_t, sig.flatten() * 1000, cond)
         assert torch.equal(gen.denoise_error(x0, cond, t, noise), (v - (noise - x0)).pow(2).flatten(1).mean(1))
-        u, c = gen.model_output(torch.cat([x_t, x_t]), torch.cat([sig.flatten() * 1000] * 2),
-                                gen.cat_cond(uncond, cond)).chunk(2)
-        assert torch.equal(gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=3.0),
-                           ((u + 3.0 * (c - u)) - (noise - x0)).pow(2).flatten(1).mean(1))
+        u, c = gen.model_output(
+            torch.cat([x_t, x_t]), torch.cat([sig.flatten() * 1000] * 2), gen.cat_cond(uncond, cond)
+        ).chunk(2)
+        assert torch.equal(
+            gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=3.0),
+            ((u + 3.0 * (c - u)) - (noise - x0)).pow(2).flatten(1).mean(1),
+        )
 
 
 def test_lora_save_and_load_roundtrip(gen, tiny_sd3, tmp_path):
     gen.save_trained(tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    fresh = FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), max_sequence_length=4,
-                                                      lora=LoraSettings(rank=4, alpha=4,
-                                                                        target_modules=list(FLOW_LORA_TARGETS))))
+    fresh = FlowMatchingGenerator(
+        FlowGeneratorConfig(
+            pretrained=str(tiny_sd3),
+            max_sequence_length=4,
+            lora=LoraSettings(rank=4, alpha=4, target_modules=list(FLOW_LORA_TARGETS)),
+        )
+    )
     fresh.load_trained(tmp_path / "lora")
     x = torch.randn(1, 4, 8, 8)
     cond = gen.encode_prompt(PROMPTS[:1])
     with torch.no_grad():
-        torch.testing.assert_close(fresh.model_output(x, torch.tensor(500.0), cond),
-                                   gen.model_output(x, torch.tensor(500.0), cond))
+        torch.testing.assert_close(
+            fresh.model_output(x, torch.tensor(500.0), cond), gen.model_output(x, torch.tensor(500.0), cond)
+        )
     # the diffusers way a user loads it
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
     pipe.load_lora_weights(tmp_path / "lora")
     with torch.no_grad():
-        out = pipe.transformer(hidden_states=x, timestep=torch.tensor([500.0]), return_dict=False,
-                               encoder_hidden_states=cond["encoder_hidden_states"],
-                               pooled_projections=cond["pooled_projections"])[0]
+        out = pipe.transformer(
+            hidden_states=x,
+            timestep=torch.tensor([500.0]),
+            return_dict=False,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            pooled_projections=cond["pooled_projections"],
+        )[0]
     torch.testing.assert_close(out, gen.model_output(x, torch.tensor(500.0), cond).detach())
 
 
@@ -395,7 +448,8 @@ def test_flow_dpo_loss_matches_float64(gen, weighting, monkeypatch):
     beta = 700.0
     monkeypatch.setattr(gen.cfg, "loss_weighting", weighting)
     loss, _ = DiffusionDPO(DiffusionDPOConfig(beta=beta)).loss(
-        {"prompts": PROMPTS, "latents_w": x_w, "latents_l": x_l, "seeds": seeds}, gen)
+        {"prompts": PROMPTS, "latents_w": x_w, "latents_l": x_l, "seeds": seeds}, gen
+    )
 
     model = copy.deepcopy(gen.transformer).double()
     noise = per_sample_randn(seeds, (4, 8, 8)).double()
@@ -406,8 +460,12 @@ def test_flow_dpo_loss_matches_float64(gen, weighting, monkeypatch):
     def err(x0):
         x0 = x0.double()
         xt = (1 - sig) * x0 + sig * noise
-        v = model(hidden_states=xt, timestep=sig.flatten() * 1000, encoder_hidden_states=cond["encoder_hidden_states"],
-                  pooled_projections=cond["pooled_projections"]).sample
+        v = model(
+            hidden_states=xt,
+            timestep=sig.flatten() * 1000,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            pooled_projections=cond["pooled_projections"],
+        ).sample
         return ((noise - x0) - v).pow(2).flatten(1).mean(1)
 
     with torch.no_grad():
@@ -468,8 +526,7 @@ def test_nft_method_moves_towards_rewarded_samples(gen, tiny_sd3):
     g = FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), lora=lora, max_sequence_length=4))
     m = DiffusionNFT(DiffusionNFTConfig(timesteps="training_density", timesteps_per_sample=2))
     x0 = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    ro = Rollout(Samples(), x0, torch.zeros(0), None, ["a red circle"] * 2,
-                 {"optimality": torch.tensor([1.0, 0.0])})
+    ro = Rollout(Samples(), x0, torch.zeros(0), None, ["a red circle"] * 2, {"optimality": torch.tensor([1.0, 0.0])})
     params = [p for p in g.trainable().parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.05)
     probe_t, probe_noise = torch.tensor([300, 300, 700, 700]), torch.randn(4, 4, 8, 8)
@@ -500,33 +557,69 @@ def test_nft_method_moves_towards_rewarded_samples(gen, tiny_sd3):
 
 SD3_BLOCK = {"name": "flow", "lora": {"rank": 4, "alpha": 4}, "max_sequence_length": 4}
 METHODS = {
-    "flow_grpo": {"name": "grpo", "kl_coef": 0.1, "timestep_fraction": 0.5,
-                  "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 4, "eta": 0.7,
-                              "steps_per_round": 2, "same_initial_noise": True}},
+    "flow_grpo": {
+        "name": "grpo",
+        "kl_coef": 0.1,
+        "timestep_fraction": 0.5,
+        "rollout": {
+            "prompts_per_round": 2,
+            "samples_per_prompt": 3,
+            "num_steps": 4,
+            "eta": 0.7,
+            "steps_per_round": 2,
+            "same_initial_noise": True,
+        },
+    },
     # SDE only on the first half of the steps, trained there (MixGRPO / Flow-GRPO-Fast)
-    "grpo_sde_window": {"name": "grpo", "kl_coef": 0.1, "timestep_fraction": 0.5, "timestep_window": [0.0, 0.5],
-                        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 4, "eta": 0.7,
-                                    "steps_per_round": 2, "sde_window": [0.0, 0.5]}},
-    "diffusion_nft": {"name": "diffusion_nft", "kl_coef": 0.01,
-                      "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "eta": 0.0,
-                                  "steps_per_round": 2}},
+    "grpo_sde_window": {
+        "name": "grpo",
+        "kl_coef": 0.1,
+        "timestep_fraction": 0.5,
+        "timestep_window": [0.0, 0.5],
+        "rollout": {
+            "prompts_per_round": 2,
+            "samples_per_prompt": 3,
+            "num_steps": 4,
+            "eta": 0.7,
+            "steps_per_round": 2,
+            "sde_window": [0.0, 0.5],
+        },
+    },
+    "diffusion_nft": {
+        "name": "diffusion_nft",
+        "kl_coef": 0.01,
+        "rollout": {"prompts_per_round": 2, "samples_per_prompt": 3, "num_steps": 3, "eta": 0.0, "steps_per_round": 2},
+    },
     "flow_dpo": {"name": "diffusion_dpo", "beta": 500},
 }
 
 
 @pytest.mark.parametrize("kind", ["sd", "flow"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_same_method_config_trains_unet_and_flow(method, kind, tmp_path, tiny_sd, tiny_sd3, tiny_clip,
-                                                 pairs_manifest):
+def test_same_method_config_trains_unet_and_flow(method, kind, tmp_path, tiny_sd, tiny_sd3, tiny_clip, pairs_manifest):
     """One method block; only the `generator` block changes between the UNet and the flow model."""
-    generator = ({"name": "sd", "pretrained": str(tiny_sd), "lora": {"rank": 4, "alpha": 4}} if kind == "sd"
-                 else {**SD3_BLOCK, "pretrained": str(tiny_sd3)})
+    generator = (
+        {"name": "sd", "pretrained": str(tiny_sd), "lora": {"rank": 4, "alpha": 4}}
+        if kind == "sd"
+        else {**SD3_BLOCK, "pretrained": str(tiny_sd3)}
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
-    data = ({"kind": "manifest", "path": str(pairs_manifest)} if method == "flow_dpo"
-            else {"kind": "prompts", "prompts": str(prompts)})
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, generator=generator,
-                     method=METHODS[method], data=data, train={"steps": 2, "batch_size": 2, "lr": 1e-3})
+    data = (
+        {"kind": "manifest", "path": str(pairs_manifest)}
+        if method == "flow_dpo"
+        else {"kind": "prompts", "prompts": str(prompts)}
+    )
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        generator=generator,
+        method=METHODS[method],
+        data=data,
+        train={"steps": 2, "batch_size": 2, "lr": 1e-3},
+    )
     tr = Trainer(load_config(p), run_dir=tmp_path / "run")
     before = {n: v.detach().clone() for n, v in tr.generator.trainable().named_parameters() if v.requires_grad}
     tr.fit()
@@ -558,8 +651,9 @@ def test_shipped_sd3_toy_loads_in_diffusers_and_the_adapter():
     pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.dtype == torch.float32 and pipe.text_encoder_2.dtype == torch.float32
-    out = pipe(PROMPTS, num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
-               output_type="np")
+    out = pipe(
+        PROMPTS, num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
     assert out.images.shape == (2, 32, 32, 3)
     g = FlowMatchingGenerator(FlowGeneratorConfig(pretrained="toy:sd3_toy", finetune="none"))
     assert g.max_sequence_length == 256 and g.latent_shape == (4, 8, 8)  # the pipeline's default
@@ -569,8 +663,9 @@ def test_shipped_sd3_toy_loads_in_diffusers_and_the_adapter():
 
 def test_bf16_weights_and_gradient_checkpointing_train(tiny_sd3):
     lora = LoraSettings(rank=4, alpha=4, target_modules=list(FLOW_LORA_TARGETS))
-    g = FlowMatchingGenerator(FlowGeneratorConfig(pretrained=str(tiny_sd3), lora=lora, dtype="bfloat16",
-                                                  max_sequence_length=4))
+    g = FlowMatchingGenerator(
+        FlowGeneratorConfig(pretrained=str(tiny_sd3), lora=lora, dtype="bfloat16", max_sequence_length=4)
+    )
     g.enable_gradient_checkpointing()
     g.trainable().train()
     assert g.vae.dtype == torch.bfloat16 and g.pipe.text_encoder.dtype == torch.bfloat16
@@ -578,8 +673,9 @@ def test_bf16_weights_and_gradient_checkpointing_train(tiny_sd3):
     assert all(p.dtype == torch.float32 for p in trained)  # LoRA weights train in float32
     ro = g.rollout(PROMPTS, num_steps=2, guidance_scale=2.0, eta=0.7)
     assert ro.log_probs.dtype == torch.float64 and torch.isfinite(ro.log_probs).all()
-    err = g.denoise_error(ro.latents[:, -1], g.encode_prompt(PROMPTS), torch.tensor([200, 700]),
-                          torch.randn(2, 4, 8, 8))
+    err = g.denoise_error(
+        ro.latents[:, -1], g.encode_prompt(PROMPTS), torch.tensor([200, 700]), torch.randn(2, 4, 8, 8)
+    )
     err.mean().backward()
     assert err.dtype == torch.float32 and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
 
@@ -607,6 +703,7 @@ def _mean_red(images, prompts):
 
 class _MeanRed:
     """A differentiable image 'reward': red minus blue."""
+
     modality, differentiable, name = "image", True, "mean_red"
 
     def __call__(self, samples, prompts):
@@ -621,8 +718,7 @@ def test_guided_samplers_with_nothing_to_do_are_the_rollout_sampler(gen, eta, sd
 
     ref = gen.rollout(PROMPTS, num_steps=4, guidance_scale=3.0, eta=eta, seeds=[3, 4], need_log_probs=False)
     dyn = dynamic_cfg_sample(gen, PROMPTS, _MeanRed(), candidates=[3.0], num_steps=4, seeds=[3, 4], eta=eta)
-    rg = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), 0.0)], guidance_scale=3.0, num_steps=4, seeds=[3, 4],
-                              eta=eta)
+    rg = reward_guided_sample(gen, PROMPTS, [(_MeanRed(), 0.0)], guidance_scale=3.0, num_steps=4, seeds=[3, 4], eta=eta)
     for out in (dyn, rg):
         assert torch.equal(out.latents, ref.latents)
         assert torch.equal(out.samples.images, ref.samples.images)

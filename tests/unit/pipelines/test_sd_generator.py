@@ -161,11 +161,13 @@ def test_lora_save_is_diffusers_format_and_loads(gen, tmp_path):
 
     out = gen.save_trained(tmp_path / "lora")
     assert (out / "pytorch_lora_weights.safetensors").is_file()
-    pipe = StableDiffusionPipeline.from_pretrained(gen.cfg.pretrained, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        gen.cfg.pretrained, safety_checker=None, requires_safety_checker=False
+    )
     pipe.load_lora_weights(out)
-    fresh = LatentDiffusionGenerator(SDGeneratorConfig(pretrained=gen.cfg.pretrained,
-                                                       lora=LoraSettings(rank=4, alpha=4)))
+    fresh = LatentDiffusionGenerator(
+        SDGeneratorConfig(pretrained=gen.cfg.pretrained, lora=LoraSettings(rank=4, alpha=4))
+    )
     fresh.load_trained(out)
     for (n, a), b in zip(gen.trainable_state_dict().items(), fresh.trainable_state_dict().values()):
         torch.testing.assert_close(a, b, msg=n)
@@ -175,8 +177,9 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
     from mmalign.config import ConfigError, config_from_dict
 
     with pytest.raises(ConfigError, match=r"generator\.pretrained: directory .*nope not found"):
-        config_from_dict({"generator": {"name": "sd", "pretrained": str(tmp_path / "nope")},
-                          "method": {"name": "diffusion_dpo"}})
+        config_from_dict(
+            {"generator": {"name": "sd", "pretrained": str(tmp_path / "nope")}, "method": {"name": "diffusion_dpo"}}
+        )
 
 
 def test_guided_denoise_error_is_the_cfg_combination(gen):
@@ -193,5 +196,6 @@ def test_guided_denoise_error_is_the_cfg_combination(gen):
         got = gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=3.0)
         plain = gen.denoise_error(x0, cond, t, noise, uncond=uncond, guidance_scale=1.0)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(plain.double(), (c.double() - noise.double()).pow(2).flatten(1).mean(1),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        plain.double(), (c.double() - noise.double()).pow(2).flatten(1).mean(1), rtol=1e-4, atol=1e-6
+    )

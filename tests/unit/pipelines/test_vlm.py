@@ -1,4 +1,5 @@
 """VLM adapter, collator, DPO-family method and trainer integration on tiny LLaVA / Qwen2-VL."""
+
 import json
 import math
 
@@ -22,8 +23,12 @@ IMAGE_TOKEN = 250
 @pytest.fixture(scope="session")
 def tiny_vlms(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm_models")
-    return {"llava": make_tiny_llava(root / "llava"), "qwen2vl": make_tiny_qwen2vl(root / "qwen2vl"),
-            "qwen25vl": make_tiny_qwen25vl(root / "qwen25vl"), "llava_next": make_tiny_llava_next(root / "llava_next")}
+    return {
+        "llava": make_tiny_llava(root / "llava"),
+        "qwen2vl": make_tiny_qwen2vl(root / "qwen2vl"),
+        "qwen25vl": make_tiny_qwen25vl(root / "qwen25vl"),
+        "llava_next": make_tiny_llava_next(root / "llava_next"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +38,16 @@ def vlm_rows(tmp_path_factory):
     rows = []
     for i in range(4):
         Image.fromarray((rng.random((40, 50, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
-        rows.append({"image": f"{i}.png", "prompt": f"what is in picture {i}?" + " x" * i,
-                     "chosen": "a red circle", "rejected": "a blue circle and more", "margin": float(i),
-                     "weight": 1.0})
+        rows.append(
+            {
+                "image": f"{i}.png",
+                "prompt": f"what is in picture {i}?" + " x" * i,
+                "chosen": "a red circle",
+                "rejected": "a blue circle and more",
+                "margin": float(i),
+                "weight": 1.0,
+            }
+        )
     (d / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return d / "rows.jsonl"
 
@@ -60,9 +72,11 @@ def _n_image_features(kind, gen, vision):
         kw = {"image_sizes": vision["image_sizes"]} if kind == "llava_next" else {}
         feats = m.get_image_features(pixel_values=vision["pixel_values"], **kw)
         feats = feats if isinstance(feats, (torch.Tensor, list, tuple)) else feats.pooler_output
-        return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in (feats if isinstance(feats, (list, tuple)) else [feats]))
+        return sum(
+            f.reshape(-1, f.shape[-1]).shape[0] for f in (feats if isinstance(feats, (list, tuple)) else [feats])
+        )
     merge = gen.processor.image_processor.merge_size
-    return int((vision["image_grid_thw"].prod(-1) // merge ** 2).sum())
+    return int((vision["image_grid_thw"].prod(-1) // merge**2).sum())
 
 
 # --------------------------------------------------------------------------- collator
@@ -93,8 +107,9 @@ def test_collated_pairs_image_tokens_masking_shared_image(kind, side, tiny_vlms,
         text = gen.tokenizer.decode(it["chosen"])
         assert text.startswith("a red circle")
         # chosen and rejected share the prompt and the image
-        assert torch.equal(ids[i][seqs["attention_mask"][i].bool()][:P],
-                           ids[n + i][seqs["attention_mask"][n + i].bool()][:P])
+        assert torch.equal(
+            ids[i][seqs["attention_mask"][i].bool()][:P], ids[n + i][seqs["attention_mask"][n + i].bool()][:P]
+        )
     for k, v in seqs["vision"].items():
         a, b = v.chunk(2)
         assert torch.equal(a, b), k
@@ -137,8 +152,10 @@ def test_too_long_is_an_error_naming_the_row_or_dropped_and_counted(tiny_vlms, v
 
 def test_missing_or_corrupt_image_names_it(tiny_vlms, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    rows = [{"image": "nope.png", "prompt": "q", "chosen": "a", "rejected": "b"},
-            {"image": "bad.png", "prompt": "q", "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"image": "nope.png", "prompt": "q", "chosen": "a", "rejected": "b"},
+        {"image": "bad.png", "prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
     p = tmp_path / "rows.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     gen = _gen(tiny_vlms["llava"])
@@ -159,17 +176,48 @@ def test_rlaif_v_and_vlfeedback_column_shapes(tmp_path, vlm_rows):
     import datasets
 
     png = (vlm_rows.parent / "0.png").read_bytes()
-    rlaif = datasets.Dataset.from_list([{"image": {"bytes": png, "path": "0.png"}, "question": "q?",
-                                         "chosen": "yes", "rejected": "no", "ds_name": "x"}])
+    rlaif = datasets.Dataset.from_list(
+        [
+            {
+                "image": {"bytes": png, "path": "0.png"},
+                "question": "q?",
+                "chosen": "yes",
+                "rejected": "no",
+                "ds_name": "x",
+            }
+        ]
+    )
     rlaif.to_parquet(str(tmp_path / "rlaif.parquet"))
     rs = read_rows(tmp_path / "rlaif.parquet")
     assert (rs.rows[0].prompt, rs.rows[0].chosen, rs.rows[0].rejected) == ("q?", "yes", "no")
-    vlf = [{"image": str(vlm_rows.parent / "0.png"), "prompt": "p", "completions": [
-        {"response": "mid", "annotations": {"Helpfulness": {"Rating": "3"}, "Visual Faithfulness": {"Rating": "3"}}},
-        {"response": "best", "annotations": {"Helpfulness": {"Rating": "5"}, "Visual Faithfulness": {"Rating": "4"}}},
-        {"response": "worst", "annotations": {"Helpfulness": {"Rating": "1"}, "Visual Faithfulness": {"Rating": "2"}}}]},
-        {"image": "0.png", "prompt": "tie", "completions": [
-            {"response": "a", "annotations": {"H": {"Rating": "3"}}}, {"response": "b", "annotations": {"H": {"Rating": "3"}}}]}]
+    vlf = [
+        {
+            "image": str(vlm_rows.parent / "0.png"),
+            "prompt": "p",
+            "completions": [
+                {
+                    "response": "mid",
+                    "annotations": {"Helpfulness": {"Rating": "3"}, "Visual Faithfulness": {"Rating": "3"}},
+                },
+                {
+                    "response": "best",
+                    "annotations": {"Helpfulness": {"Rating": "5"}, "Visual Faithfulness": {"Rating": "4"}},
+                },
+                {
+                    "response": "worst",
+                    "annotations": {"Helpfulness": {"Rating": "1"}, "Visual Faithfulness": {"Rating": "2"}},
+                },
+            ],
+        },
+        {
+            "image": "0.png",
+            "prompt": "tie",
+            "completions": [
+                {"response": "a", "annotations": {"H": {"Rating": "3"}}},
+                {"response": "b", "annotations": {"H": {"Rating": "3"}}},
+            ],
+        },
+    ]
     (tmp_path / "vlf.jsonl").write_text("\n".join(json.dumps(r) for r in vlf))
     rs = read_rows(tmp_path / "vlf.jsonl")
     assert len(rs.rows) == 1 and rs.ties_dropped == 1
@@ -236,8 +284,17 @@ def test_trainable_parameters_change_frozen_ones_do_not(kind, tiny_vlms, vlm_row
             assert torch.equal(p, before[n]), f"frozen {n} changed"
 
 
-@pytest.mark.parametrize("loss_type,extra", [("dpo", {}), ("ipo", {}), ("simpo", {}), ("dpo", {"dense_gamma": 5.0}),
-                                             ("mdpo", {}), ("dpo", {"dynamic_beta": True})])
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [
+        ("dpo", {}),
+        ("ipo", {}),
+        ("simpo", {}),
+        ("dpo", {"dense_gamma": 5.0}),
+        ("mdpo", {}),
+        ("dpo", {"dynamic_beta": True}),
+    ],
+)
 def test_a_few_steps_raise_the_chosen_vs_rejected_margin(loss_type, extra, tiny_vlms, vlm_rows, tmp_path):
     """A sign error anywhere (scores, loss, reference) makes the margin fall instead."""
     gen = _gen(tiny_vlms["llava"])
@@ -252,8 +309,15 @@ def test_a_few_steps_raise_the_chosen_vs_rejected_margin(loss_type, extra, tiny_
 
 
 def test_kto_unpaired_moves_rewards_the_right_way(tiny_vlms, vlm_rows, tmp_path):
-    rows = [{"image": str(vlm_rows.parent / f"{i}.png"), "prompt": "q", "completion": "good" if i % 2 else "bad",
-             "label": bool(i % 2)} for i in range(4)]
+    rows = [
+        {
+            "image": str(vlm_rows.parent / f"{i}.png"),
+            "prompt": "q",
+            "completion": "good" if i % 2 else "bad",
+            "label": bool(i % 2),
+        }
+        for i in range(4)
+    ]
     p = tmp_path / "kto.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     gen = _gen(tiny_vlms["llava"])
@@ -291,8 +355,12 @@ def test_trainer_end_to_end_from_yaml(tiny_vlms, vlm_rows, tmp_path):
 
     cfg = {
         "run": {"name": "vlm", "seed": 0, "output_dir": str(tmp_path / "run")},
-        "generator": {"name": "vlm", "pretrained": str(tiny_vlms["llava"]), "lora": {"rank": 4, "alpha": 8},
-                      "max_length": 128},
+        "generator": {
+            "name": "vlm",
+            "pretrained": str(tiny_vlms["llava"]),
+            "lora": {"rank": 4, "alpha": 8},
+            "max_length": 128,
+        },
         "method": {"name": "vlm_dpo", "loss_type": "dpo", "beta": 0.5, "reference": "cached"},
         "data": {"kind": "vlm", "path": str(vlm_rows)},
         "train": {"steps": 3, "batch_size": 2, "lr": 5e-3, "gradient_checkpointing": True},

@@ -1,5 +1,6 @@
 """benchmarks/reward_throughput.py: argument parsing and the real-mode spec builders, at the
 tiny sizes only (`--arch tiny`); the released sizes are far too slow for CI."""
+
 import importlib.util
 import json
 
@@ -37,8 +38,18 @@ def test_real_spec_tiny_loads_through_the_adapter(rt, tmp_path, name):
 def test_real_arch_configs_are_the_released_sizes(rt):
     h, l14 = rt.CLIP_H14, rt.CLIP_L14
     hv, ht, lv, lt = h["vision_config"], h["text_config"], l14["vision_config"], l14["text_config"]
-    assert (hv["hidden_size"], hv["num_hidden_layers"], hv["intermediate_size"], h["projection_dim"]) == (1280, 32, 5120, 1024)
-    assert (ht["hidden_size"], ht["num_hidden_layers"], ht["intermediate_size"], ht["vocab_size"]) == (1024, 24, 4096, 49408)
+    assert (hv["hidden_size"], hv["num_hidden_layers"], hv["intermediate_size"], h["projection_dim"]) == (
+        1280,
+        32,
+        5120,
+        1024,
+    )
+    assert (ht["hidden_size"], ht["num_hidden_layers"], ht["intermediate_size"], ht["vocab_size"]) == (
+        1024,
+        24,
+        4096,
+        49408,
+    )
     assert (lv["hidden_size"], lt["hidden_size"], l14["projection_dim"]) == (1024, 768, 768)
     import open_clip.factory
 
@@ -49,8 +60,28 @@ def test_real_arch_configs_are_the_released_sizes(rt):
 
 def test_real_mode_main_writes_json(rt, tmp_path):
     out = tmp_path / "real.json"
-    assert rt.main(["--real", "--arch", "tiny", "--adapters", "aesthetic", "--batches", "1,2", "--min-time", "0",
-                    "--warmup", "0", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    assert (
+        rt.main(
+            [
+                "--real",
+                "--arch",
+                "tiny",
+                "--adapters",
+                "aesthetic",
+                "--batches",
+                "1,2",
+                "--min-time",
+                "0",
+                "--warmup",
+                "0",
+                "--out",
+                str(out),
+                "--workdir",
+                str(tmp_path / "work"),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["meta"]["mode"] == "real" and res["meta"]["dtype"] == "float32" and res["meta"]["device_name"]
     assert [(r["adapter"], r["batch"]) for r in res["results"]] == [("aesthetic", 1), ("aesthetic", 2)]
@@ -67,13 +98,16 @@ def test_tiny_mode_default_output_unchanged(rt, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0].split() == ["adapter", "batch", "batched/s", "loop/s", "speedup"]
 
 
-@pytest.mark.parametrize("argv", [
-    ["--device", "cuda"],  # real-mode options need --real
-    ["--dtype", "bfloat16"],
-    ["--real", "--adapters", "clap"],  # not a real-mode adapter
-    ["--real", "--dtype", "float16"],
-    ["--adapters", "nope"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "cuda"],  # real-mode options need --real
+        ["--dtype", "bfloat16"],
+        ["--real", "--adapters", "clap"],  # not a real-mode adapter
+        ["--real", "--dtype", "float16"],
+        ["--adapters", "nope"],
+    ],
+)
 def test_bad_arguments_exit(rt, argv):
     with pytest.raises(SystemExit):
         rt.main(argv + ["--out", "/nonexistent/never-written.json"])

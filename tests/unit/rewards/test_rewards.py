@@ -1,6 +1,7 @@
 """Image reward adapters (CLIP-HF, HPSv2, PickScore, LAION aesthetic), rule rewards, mixes,
 ensembles and the video-from-image reward, on tiny random models of the real classes saved
 to disk and loaded back through the adapters' normal loading path (no downloads)."""
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,21 @@ def hps():
 def test_every_reward_is_registered_with_its_description():
     registry.load_builtins()
     registry.load_plugins()  # toy_gold comes from the toy world's plug-in
-    want = {"clip_hf", "hps", "pickscore", "aesthetic", "vlm_judge", "audio_judge", "clap", "video_from_image",
-            "jpeg_compressibility", "jpeg_incompressibility", "toy_gold", "mix", "ensemble"}
+    want = {
+        "clip_hf",
+        "hps",
+        "pickscore",
+        "aesthetic",
+        "vlm_judge",
+        "audio_judge",
+        "clap",
+        "video_from_image",
+        "jpeg_compressibility",
+        "jpeg_incompressibility",
+        "toy_gold",
+        "mix",
+        "ensemble",
+    }
     assert want <= set(registry.REWARDS)
     for name in want:
         b = registry.REWARDS[name].build
@@ -375,8 +389,17 @@ def test_toy_gold_reduces_the_gold_dict(monkeypatch):
 
     def fake(image, caption):
         calls.append((tuple(image.shape), caption))
-        return {"count": True, "color": False, "shape": True, "binding": False, "relation": True,
-                "no_extra_objects": True, "correct": False, "kind": "single", "n_objects": 1}
+        return {
+            "count": True,
+            "color": False,
+            "shape": True,
+            "binding": False,
+            "relation": True,
+            "no_extra_objects": True,
+            "correct": False,
+            "kind": "single",
+            "n_objects": 1,
+        }
 
     monkeypatch.setattr(gold, "gold_score", fake)
     x = rand_images(2, 16, 16)
@@ -397,8 +420,11 @@ def test_toy_gold_on_the_real_evaluator():
 def test_mix_is_the_weighted_sum_of_named_rewards():
     x = rand_images(2, 8, 8)
     mean = x.flatten(1).mean(1)
-    r = build("mix", rewards=[{"name": "test_mean_pixel", "scale": 2.0}, {"name": "test_mean_pixel", "offset": 1.0}],
-              weights=[0.5, -3.0])
+    r = build(
+        "mix",
+        rewards=[{"name": "test_mean_pixel", "scale": 2.0}, {"name": "test_mean_pixel", "offset": 1.0}],
+        weights=[0.5, -3.0],
+    )
     torch.testing.assert_close(r(Samples(images=x), ["a", "b"]), 0.5 * 2.0 * mean - 3.0 * (mean + 1.0))
     assert r.differentiable and r.modality == "image"
     assert len(r.last_components) == 2
@@ -412,7 +438,9 @@ def test_per_prompt_stat_tracker_matches_hand_computation():
     a1 = t.update(["p", "p", "q"], r1)
     # p: 2 seen >= min_count -> its own stats (mean 2, std 1); q: 1 seen -> batch stats
     bmean, bstd = r1.mean(), r1.std(unbiased=False)
-    torch.testing.assert_close(a1, torch.tensor([(1 - 2) / (1 + 1e-6), (3 - 2) / (1 + 1e-6), float((10 - bmean) / (bstd + 1e-6))]))
+    torch.testing.assert_close(
+        a1, torch.tensor([(1 - 2) / (1 + 1e-6), (3 - 2) / (1 + 1e-6), float((10 - bmean) / (bstd + 1e-6))])
+    )
     a2 = t.update(["p", "p", "p"], torch.tensor([5.0, 5.0, 5.0]))
     hist = torch.tensor([3.0, 5.0, 5.0, 5.0])  # buffer of 4 keeps the last four for p
     torch.testing.assert_close(a2, (5.0 - hist.mean()) / (hist.std(unbiased=False) + 1e-6) * torch.ones(3))
@@ -464,7 +492,9 @@ def test_video_segment_sampling_tar_weights_and_mean():
     r = build("video_from_image", image_reward=spec, frames="segments", segments=4, tar_lambda=0.5)
     w = torch.exp(-0.5 * torch.tensor([4.0, 2.0, 0.0, 2.0]))  # |f - F//2| for f = 0, 2, 4, 6
     f = torch.tensor([0.0, 2.0, 4.0, 6.0])
-    torch.testing.assert_close(r(Samples(video=v), ["a", "b"]), torch.stack([(w * f).mean(), (w * (f + 10)).mean()]) / 100)
+    torch.testing.assert_close(
+        r(Samples(video=v), ["a", "b"]), torch.stack([(w * f).mean(), (w * (f + 10)).mean()]) / 100
+    )
     torch.testing.assert_close(tar_weights(torch.tensor([[4]]), 8, 3.0), torch.ones(1, 1))
     idx = segment_indices(16, 4, "random", torch.Generator().manual_seed(0), batch=5)
     assert ((idx // 4) == torch.arange(4)).all()  # one frame inside each segment
@@ -477,8 +507,9 @@ def test_video_frame_consistency_term(clip_dir):
     r = build("video_from_image", image_reward=spec, frames="all", consistency_weight=1.0)
     base = build("video_from_image", image_reward=spec, frames="all")
     # a still video: consecutive CLIP embeddings are identical, so the term adds exactly 1
-    torch.testing.assert_close(r(Samples(video=still), ["a"]) - base(Samples(video=still), ["a"]), torch.ones(1),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        r(Samples(video=still), ["a"]) - base(Samples(video=still), ["a"]), torch.ones(1), rtol=0, atol=1e-5
+    )
     assert r.differentiable and r.modality == "video"
     with pytest.raises(TypeError, match="scores video samples, but got image"):
         r(Samples(images=rand_images(1, 32, 32)), ["a"])

@@ -1,6 +1,7 @@
 """Audiobox Aesthetics reward (rewards/audiobox.py) on tiny WavLMs: checked against outputs of the
 original package (tests/fixtures/audiobox, written by scripts/make_audiobox_reference.py with
 audiobox_aesthetics 0.0.4), plus windows, resampling, de-normalisation and errors."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +15,9 @@ import torch
 from mmalign import registry
 from mmalign.config import ConfigError
 from mmalign.rewards import fixtures as fx
-from mmalign.rewards.common import build_reward
 from mmalign.rewards.audiobox import AXES, convert_state_dict, frame_padding_mask, original_state_dict
 from mmalign.rewards.clap import resample
+from mmalign.rewards.common import build_reward
 from mmalign.types import Samples
 from tests.helpers import ROOT
 
@@ -136,8 +137,18 @@ def test_mmalign_score_on_wav_files_of_different_lengths_and_rates(tmp_path):
     save_wav(tmp_path / "b.wav", b, 16000)
     out = tmp_path / "scores.jsonl"
     args = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in fx.tiny("audiobox").items()]
-    argv = ["--reward", "audiobox_aesthetics", "--reward-args", *args, "axis=CE", "--out", out,
-            "--", tmp_path / "a.wav", tmp_path / "b.wav"]
+    argv = [
+        "--reward",
+        "audiobox_aesthetics",
+        "--reward-args",
+        *args,
+        "axis=CE",
+        "--out",
+        out,
+        "--",
+        tmp_path / "a.wav",
+        tmp_path / "b.wav",
+    ]
     assert main(["score", *[str(x) for x in argv]]) == 0
     got = [json.loads(line)["score"] for line in out.read_text().splitlines()]
     r = tiny()
@@ -156,8 +167,9 @@ def test_resamples_to_16k():
     assert not torch.allclose(s, r(Samples(audio=a, sample_rate=16000)), atol=1e-4)  # the rate matters
     stereo = torch.cat([a, -a], 1)  # channels are averaged: +a and -a cancel to silence
     silence = torch.zeros_like(a)
-    torch.testing.assert_close(r(Samples(audio=stereo, sample_rate=22050)),
-                               r(Samples(audio=silence, sample_rate=22050)))
+    torch.testing.assert_close(
+        r(Samples(audio=stereo, sample_rate=22050)), r(Samples(audio=silence, sample_rate=22050))
+    )
 
 
 def test_long_audio_is_scored_in_weighted_10s_windows():
@@ -248,8 +260,14 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="nth_layer=3 .* encoder_layers \\+ 1 = 13"):  # tiny weights, no `wavlm`
         build(model=fx.tiny("audiobox")["model"])
     bad = tmp_path / "bad.pt"
-    torch.save({"state_dict": {"model.wavlm_model.nope": torch.zeros(1)}, "target_transform": fx.AUDIOBOX_TARGETS,
-                "model_cfg": {"nth_layer": 3}}, bad)
+    torch.save(
+        {
+            "state_dict": {"model.wavlm_model.nope": torch.zeros(1)},
+            "target_transform": fx.AUDIOBOX_TARGETS,
+            "model_cfg": {"nth_layer": 3},
+        },
+        bad,
+    )
     with pytest.raises(ValueError, match=f"{bad}: not an Audiobox Aesthetics checkpoint"):
         build(model=str(bad), wavlm=fx.TINY_WAVLM)
     with pytest.raises(ValueError, match="sample 0 is empty"):

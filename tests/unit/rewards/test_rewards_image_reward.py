@@ -1,6 +1,7 @@
 """ImageReward adapter (rewards/image_reward.py) on a tiny BLIP of the real transformers classes,
 checked against scores recorded from the ORIGINAL image-reward code
 (tests/fixtures/image_reward_reference.json, made by scripts/make_image_reward_reference.py)."""
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,9 @@ def test_float64_matches_the_reference_too(reference, tmp_path):
     fx.tiny_image_reward_blip_config().save_pretrained(tmp_path / "blip")
     tok = fx.write_bert_tokenizer(tmp_path / "tokenizer")
     torch.save(fx.det_state_dict(reference["keys"], reference["seed"]), tmp_path / "ImageReward.pt")
-    r = build(checkpoint=str(tmp_path / "ImageReward.pt"), blip_config=str(tmp_path / "blip"), tokenizer=tok,
-              dtype="float64")
+    r = build(
+        checkpoint=str(tmp_path / "ImageReward.pt"), blip_config=str(tmp_path / "blip"), tokenizer=tok, dtype="float64"
+    )
     s = reference["image_sets"][0]
     x = fx.det_images(s["n"], s["height"], s["width"], reference["seed"]).double() / 255
     out = r(Samples(images=x), reference["prompts"][: s["n"]])
@@ -133,10 +135,20 @@ def test_key_mapping_is_complete_and_strict(reference):
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == ours  # every weight, right shapes, nothing extra
     dropped = set(keys) - set(to_original_state_dict(mapped))
-    assert dropped == {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
-                       "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
-    assert mapped["vision_model.encoder.layers.1.self_attn.qkv.weight"].shape == keys["blip.visual_encoder.blocks.1.attn.qkv.weight"]
-    with pytest.raises(ValueError, match=r"ckpt.pt: not an ImageReward checkpoint: 1 unknown keys.*blip.itm_head.weight"):
+    assert dropped == {
+        "blip.vision_proj.weight",
+        "blip.vision_proj.bias",
+        "blip.text_proj.weight",
+        "blip.text_proj.bias",
+        "blip.text_encoder.embeddings.position_ids",
+    }
+    assert (
+        mapped["vision_model.encoder.layers.1.self_attn.qkv.weight"].shape
+        == keys["blip.visual_encoder.blocks.1.attn.qkv.weight"]
+    )
+    with pytest.raises(
+        ValueError, match=r"ckpt.pt: not an ImageReward checkpoint: 1 unknown keys.*blip.itm_head.weight"
+    ):
         convert_original_state_dict({**sd, "blip.itm_head.weight": torch.zeros(2, 32)}, "ckpt.pt")
 
 
@@ -145,14 +157,18 @@ def test_checkpoint_missing_a_weight_or_of_another_size_is_reported(tiny, tmp_pa
     sd.pop("blip.visual_encoder.blocks.1.attn.qkv.bias")
     bad = tmp_path / "missing_key.pt"
     torch.save(sd, bad)
-    with pytest.raises(ValueError, match=r"missing_key.pt: checkpoint does not match the model.*layers.1.self_attn.qkv.bias"):
+    with pytest.raises(
+        ValueError, match=r"missing_key.pt: checkpoint does not match the model.*layers.1.self_attn.qkv.bias"
+    ):
         build(**{**tiny, "checkpoint": str(bad)})
     with pytest.raises(ValueError, match=r"MLP head expects 32-d text features but .*ImageReward v1.0.* 768-d"):
         build(checkpoint=tiny["checkpoint"], tokenizer=tiny["tokenizer"])  # default (full-size) architecture
     cfg = fx.tiny_image_reward_blip_config()
     cfg.vision_config.image_size = 64  # a BLIP config for another resolution: position embeddings differ
     cfg.save_pretrained(tmp_path / "blip64")
-    with pytest.raises(ValueError, match=r"ImageReward.pt: checkpoint does not match the BLIP config .*blip64.*size mismatch"):
+    with pytest.raises(
+        ValueError, match=r"ImageReward.pt: checkpoint does not match the BLIP config .*blip64.*size mismatch"
+    ):
         build(**{**tiny, "blip_config": str(tmp_path / "blip64")})
 
 
@@ -163,7 +179,9 @@ def test_missing_checkpoint_file_is_a_clear_error(tiny, tmp_path):
     from mmalign.rewards.image_reward import ImageReward
 
     with pytest.raises(FileNotFoundError, match=f"checkpoint: file {missing} not found"):
-        ImageReward(ImageRewardConfig(checkpoint=str(missing), blip_config=tiny["blip_config"], tokenizer=tiny["tokenizer"]))
+        ImageReward(
+            ImageRewardConfig(checkpoint=str(missing), blip_config=tiny["blip_config"], tokenizer=tiny["tokenizer"])
+        )
 
 
 # --------------------------------------------------------------------------- formula and constants
@@ -173,19 +191,24 @@ def test_normalisation_formula_and_published_constants(reward, reference):
     assert IMAGE_REWARD_MEAN == 0.16717362830052426 and IMAGE_REWARD_STD == 1.0333394966054072
     assert (reference["mean"], reference["std"]) == (IMAGE_REWARD_MEAN, IMAGE_REWARD_STD)  # read off the original
     raw = torch.tensor([IMAGE_REWARD_MEAN, IMAGE_REWARD_MEAN + IMAGE_REWARD_STD, 0.0])
-    torch.testing.assert_close(image_reward_formula(raw), torch.tensor([0.0, 1.0, -IMAGE_REWARD_MEAN / IMAGE_REWARD_STD]))
+    torch.testing.assert_close(
+        image_reward_formula(raw), torch.tensor([0.0, 1.0, -IMAGE_REWARD_MEAN / IMAGE_REWARD_STD])
+    )
     # end to end: score = (MLP(text encoder [CLS] | image) - mean) / std, by hand from the parts
     x = rand_images()
     px = reward.preprocess(x)
     tok = reward.tokenize(PROMPTS)
     with torch.no_grad():
         img = reward.model.vision_model(pixel_values=px).last_hidden_state
-        h = reward.model.text_encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                                      encoder_hidden_states=img).last_hidden_state[:, 0]
+        h = reward.model.text_encoder(
+            input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], encoder_hidden_states=img
+        ).last_hidden_state[:, 0]
         raw = h
         for layer in reward.model.mlp.layers:  # Linear / Dropout(eval) chain, no activations
             raw = layer(raw)
-    torch.testing.assert_close(reward(Samples(images=x), PROMPTS), (raw.squeeze(-1) - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD)
+    torch.testing.assert_close(
+        reward(Samples(images=x), PROMPTS), (raw.squeeze(-1) - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD
+    )
     assert [type(m).__name__ for m in reward.model.mlp.layers] == ["Linear", "Dropout"] * 3 + ["Linear", "Linear"]
 
 
@@ -204,11 +227,27 @@ def test_preprocessing_and_tokenizer_constants(reward):
     # the released architecture: ViT-L/16 at 224 px (eps 1e-6) + BERT-base with cross-attention to 1024-d tokens
     v1 = image_reward_v1_config()
     v, tx = v1.vision_config, v1.text_config
-    assert (v.image_size, v.patch_size, v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size,
-            v.layer_norm_eps, v.hidden_act) == (224, 16, 1024, 24, 16, 4096, 1e-6, "gelu")
-    assert (tx.vocab_size, tx.hidden_size, tx.encoder_hidden_size, tx.num_hidden_layers, tx.num_attention_heads,
-            tx.intermediate_size, tx.max_position_embeddings, tx.layer_norm_eps, tx.is_decoder) == (
-            30524, 768, 1024, 12, 12, 3072, 512, 1e-12, True)
+    assert (
+        v.image_size,
+        v.patch_size,
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.num_attention_heads,
+        v.intermediate_size,
+        v.layer_norm_eps,
+        v.hidden_act,
+    ) == (224, 16, 1024, 24, 16, 4096, 1e-6, "gelu")
+    assert (
+        tx.vocab_size,
+        tx.hidden_size,
+        tx.encoder_hidden_size,
+        tx.num_hidden_layers,
+        tx.num_attention_heads,
+        tx.intermediate_size,
+        tx.max_position_embeddings,
+        tx.layer_norm_eps,
+        tx.is_decoder,
+    ) == (30524, 768, 1024, 12, 12, 3072, 512, 1e-12, True)
 
 
 def test_torch_preprocessing_is_close_to_the_pil_path(reward):

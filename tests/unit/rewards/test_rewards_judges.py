@@ -1,5 +1,6 @@
 """VLM judge (tiny LLaVA and Qwen2-VL), audio-LM judge (tiny Qwen2-Audio) and CLAP, each
 loaded from a saved directory with an offline word-level tokenizer and chat template."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from mmalign.rewards import fixtures as fx
-from mmalign.rewards.common import build_reward
 from mmalign.rewards._judge import expected_rating, first_probability, yes_probability
+from mmalign.rewards.common import build_reward
 from mmalign.types import Samples
 
 PROMPTS = ["a red circle left of a blue square", "a cat", "dog"]
@@ -191,14 +192,20 @@ def test_clap_score_is_scaled_cosine_and_paths_agree(clap):
     assert s.shape == (2,) and torch.isfinite(s).all()
     d = fx.tiny("clap")["model"]
     model, proc = ClapModel.from_pretrained(d).eval(), AutoProcessor.from_pretrained(d)
-    inp = proc(text=["a cat", "a dog barking"], audio=[x.numpy() for x in a[:, 0]], sampling_rate=16000,
-               return_tensors="pt", padding=True)
+    inp = proc(
+        text=["a cat", "a dog barking"],
+        audio=[x.numpy() for x in a[:, 0]],
+        sampling_rate=16000,
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         ref = torch.diagonal(model(**inp).logits_per_audio)  # exp(logit_scale_a) * cos(audio, text)
     torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-4)
     proc_path = build("clap", model=d, features="processor", differentiable=False)
-    torch.testing.assert_close(proc_path(Samples(audio=a, sample_rate=16000), ["a cat", "a dog barking"]), ref,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        proc_path(Samples(audio=a, sample_rate=16000), ["a cat", "a dog barking"]), ref, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_clap_resamples_and_checks_modality(clap):

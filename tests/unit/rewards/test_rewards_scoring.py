@@ -1,4 +1,5 @@
 """`mmalign score` / `mmalign eval-judge` (mmalign/cli/, mmalign/scoring.py) on files written here."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,20 @@ def write_images(d, values, size=16):
 def test_list_shows_every_reward_with_modality(capsys):
     assert score("--list") == 0
     out = capsys.readouterr().out
-    for name in ("clip_hf", "hps", "pickscore", "aesthetic", "vlm_judge", "audio_judge", "clap", "mix", "ensemble",
-                 "video_from_image", "jpeg_compressibility", "toy_gold"):
+    for name in (
+        "clip_hf",
+        "hps",
+        "pickscore",
+        "aesthetic",
+        "vlm_judge",
+        "audio_judge",
+        "clap",
+        "mix",
+        "ensemble",
+        "video_from_image",
+        "jpeg_compressibility",
+        "toy_gold",
+    ):
         assert name in out
     assert "modality" in out and "differentiable" in out and "loads" in out
 
@@ -48,9 +61,20 @@ def test_score_images_writes_jsonl_and_summary(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\n")
     out = tmp_path / "scores.jsonl"
-    rc = score("--reward", "mix", "--reward-args",
-               "rewards=[{name: test_mean_pixel, scale: 2.0}, {name: jpeg_compressibility}]", "weights=[1.0, 0.0]",
-               "--prompts", prompts, "--out", out, "--batch-size", 2, *paths)
+    rc = score(
+        "--reward",
+        "mix",
+        "--reward-args",
+        "rewards=[{name: test_mean_pixel, scale: 2.0}, {name: jpeg_compressibility}]",
+        "weights=[1.0, 0.0]",
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--batch-size",
+        2,
+        *paths,
+    )
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["a", "b", "c"] and [r["path"] for r in rows] == [str(p) for p in paths]
@@ -72,7 +96,7 @@ def test_reward_args_are_validated_by_the_config_dataclass(tmp_path, capsys):
 
 
 def test_corrupt_or_missing_media_names_the_file(tmp_path, capsys):
-    good, = write_images(tmp_path, [0.5])
+    (good,) = write_images(tmp_path, [0.5])
     bad = tmp_path / "broken.png"
     bad.write_bytes(good.read_bytes()[:40])
     assert score("--reward", "jpeg_compressibility", good, bad) == 2
@@ -100,8 +124,9 @@ def test_score_audio_with_clap_and_video_frames_with_a_config_file(tmp_path):
     from mmalign.media import load_audio
 
     loaded = torch.stack([load_audio(w)[0] for w in wavs])
-    direct = build_reward({"name": "clap", "model": clap_dir}, "r")(Samples(audio=loaded, sample_rate=16000),
-                                                                      ["sound 0", "sound 1"])
+    direct = build_reward({"name": "clap", "model": clap_dir}, "r")(
+        Samples(audio=loaded, sample_rate=16000), ["sound 0", "sound 1"]
+    )
     assert got == pytest.approx(direct.tolist(), rel=1e-5)
 
     frames = tmp_path / "video0"
@@ -136,8 +161,11 @@ def test_eval_judge_per_category_and_mj_bench_rows(tmp_path, capsys):
     assert eval_judge("--reward", "test_mean_pixel", "--pairs", pairs, "--out", out) == 0
     text = capsys.readouterr().out
     assert "human ties skipped: 1" in text
-    lines = {ln.split()[0]: ln.split()[1:] for ln in text.splitlines() if ln.split() and ln.split()[0] in
-             ("quality", "alignment", "overall")}
+    lines = {
+        ln.split()[0]: ln.split()[1:]
+        for ln in text.splitlines()
+        if ln.split() and ln.split()[0] in ("quality", "alignment", "overall")
+    }
     assert lines["quality"][:3] == ["2", "0.5000", "0.5000"]
     assert lines["alignment"][:4] == ["2", "0.5000", "1.0000", "0.5000"]
     assert lines["overall"][:4] == ["4", "0.5000", "0.6667", "0.2500"]
@@ -194,8 +222,11 @@ def _register_stub_judges():
         def prefer(self, a, b, prompts):
             return self.fn(a.images.flatten(1).mean(1), b.images.flatten(1).mean(1))
 
-    for name, fn in (("test_first_judge", lambda ma, mb: torch.ones_like(ma)),
-                     ("test_bright_judge", lambda ma, mb: torch.sigmoid(50 * (ma - mb)))):
+    for name, fn in (
+        ("test_first_judge", lambda ma, mb: torch.ones_like(ma)),
+        ("test_bright_judge", lambda ma, mb: torch.sigmoid(50 * (ma - mb))),
+    ):
+
         def build(cfg, name=name, fn=fn):
             """Test pairwise judge."""
             return Stub(name, fn)

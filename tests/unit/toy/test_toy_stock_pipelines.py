@@ -1,14 +1,15 @@
 """The shipped toy models sample the same through their stock diffusers pipelines, called with
 default arguments (only the prompts, steps, guidance scale and initial noise given), as through
 mmalign's generators."""
+
 import copy
 
 import pytest
 import torch
 
-from mmalign.toy import ASSETS as TOY_ASSETS
 from mmalign.pipelines.common import LoraSettings
 from mmalign.pipelines.flow import FLOW_LORA_TARGETS, FlowGeneratorConfig, FlowMatchingGenerator
+from mmalign.toy import ASSETS as TOY_ASSETS
 from mmalign.toy.world import heldout_captions
 from mmalign.types import per_sample_randn
 
@@ -39,8 +40,9 @@ def test_sd3_toy_matches_stock_pipeline_defaults(sd3_toy):
     ro = sd3_toy.rollout(PROMPTS, num_steps=20, guidance_scale=4.0, eta=0.0, seeds=SEEDS, need_log_probs=False)
     with torch.no_grad():
         ref = pipe(PROMPTS, num_inference_steps=20, guidance_scale=4.0, latents=x_T.clone(), output_type="latent")
-        images = pipe.image_processor.postprocess(pipe.vae.decode(ref.images / pipe.vae.config.scaling_factor
-                                                                  + pipe.vae.config.shift_factor).sample, "pt")
+        images = pipe.image_processor.postprocess(
+            pipe.vae.decode(ref.images / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample, "pt"
+        )
     # mmalign runs the 256 identical zero tokens as one (an attention bias of log 256): equal up to rounding
     torch.testing.assert_close(ro.latents[:, -1], ref.images, rtol=0, atol=1e-4)
     torch.testing.assert_close(ro.samples.images, images, rtol=0, atol=1e-4)
@@ -64,8 +66,14 @@ def test_repeated_token_attention_equals_the_full_forward_under_lora_with_gradie
     outs, grads = [], []
     for e, kw in ((emb, None), (emb[:, :17], {"last_token_repeats": 256})):
         model.zero_grad()
-        v = model(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=cond["pooled_projections"],
-                  joint_attention_kwargs=kw, return_dict=False)[0]
+        v = model(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=e,
+            pooled_projections=cond["pooled_projections"],
+            joint_attention_kwargs=kw,
+            return_dict=False,
+        )[0]
         v.pow(2).mean().backward()
         outs.append(v.detach())
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
@@ -76,8 +84,13 @@ def test_repeated_token_attention_equals_the_full_forward_under_lora_with_gradie
     # and the generator's float32 forward (the shortcut) against the float32 256-token forward
     c32 = g.encode_prompt(PROMPTS)
     with torch.no_grad():
-        full = g.transformer(hidden_states=x.float(), timestep=t, encoder_hidden_states=c32["encoder_hidden_states"],
-                             pooled_projections=c32["pooled_projections"], return_dict=False)[0]
+        full = g.transformer(
+            hidden_states=x.float(),
+            timestep=t,
+            encoder_hidden_states=c32["encoder_hidden_states"],
+            pooled_projections=c32["pooled_projections"],
+            return_dict=False,
+        )[0]
         torch.testing.assert_close(g.model_output(x.float(), t, c32), full, rtol=0, atol=1e-4)
 
 
@@ -87,8 +100,14 @@ def test_sd3_toy_is_good_with_the_default_zero_tokens(sd3_toy):
     from mmalign.toy.evaluate import gold_report
 
     caps = heldout_captions()
-    ro = sd3_toy.rollout(caps, num_steps=20, guidance_scale=4.0, eta=0.0, seeds=[1234 + i for i in range(len(caps))],
-                         need_log_probs=False)
+    ro = sd3_toy.rollout(
+        caps,
+        num_steps=20,
+        guidance_scale=4.0,
+        eta=0.0,
+        seeds=[1234 + i for i in range(len(caps))],
+        need_log_probs=False,
+    )
     assert gold_report(ro.samples.images, caps)["accuracy"] > 0.3
 
 

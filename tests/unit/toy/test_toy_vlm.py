@@ -1,5 +1,6 @@
 """The toy VLM world: exact checker, split, the shipped tiny LLaVA, pair builder, and (slow)
 DPO lowering the held-out hallucination rate."""
+
 import json
 import random
 from pathlib import Path
@@ -9,8 +10,17 @@ import pytest
 import torch
 
 from mmalign.toy import ASSETS as TOY_ASSETS
-from mmalign.toy.vlm_world import (QTYPES, check_answer, eval_set, hallucination_rate, make_scene,
-                                   question_type, questions_for, split_scenes, wrong_answer)
+from mmalign.toy.vlm_world import (
+    QTYPES,
+    check_answer,
+    eval_set,
+    hallucination_rate,
+    make_scene,
+    question_type,
+    questions_for,
+    split_scenes,
+    wrong_answer,
+)
 from mmalign.toy.world import all_captions, heldout_captions, train_captions
 from tests.helpers import ROOT
 

@@ -181,8 +181,13 @@ def test_gold_constraints_name_the_failure():
 
 
 def test_gold_report_and_diversity():
-    caps = ["a red circle", "two blue squares", "a red circle above a green square",
-            "a yellow triangle to the left of a blue circle", "a red square and a green circle"]
+    caps = [
+        "a red circle",
+        "two blue squares",
+        "a red circle above a green square",
+        "a yellow triangle to the left of a blue circle",
+        "a red square and a green circle",
+    ]
     imgs = [render(c, 0) for c in caps]
     r = gold_report(imgs, caps)
     assert r["accuracy"] == 1.0 and r["n"] == 5 and set(r["per_kind"]) == set(KINDS)
@@ -211,8 +216,13 @@ def test_shipped_pipeline_loads_and_samples():
     import open_clip
 
     assert ids == open_clip.tokenize(["a red circle"])[0][: len(ids)].tolist()
-    out = pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=3.0,
-               generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipe(
+        ["a red circle", "two blue squares"],
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     assert out.images.shape == (2, 32, 32, 3) and np.isfinite(out.images).all()
     size = sum(f.stat().st_size for f in (ASSETS / "sd_toy").rglob("*") if f.is_file())
     assert size < 16e6
