@@ -394,6 +394,7 @@ def _validate(manifest: Path, skip_bad: bool = False):
     return P.validate_pairs(P.read_manifest(manifest), skip_bad)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("name,call,pattern", API_CASES, ids=[c[0] for c in API_CASES])
 def test_bad_data_is_a_one_line_known_error(name, call, pattern, env, monkeypatch):
     """Data readers raise an error type `mmalign.cli.main` turns into one line (exit 2), naming the culprit."""
@@ -407,6 +408,7 @@ def test_bad_data_is_a_one_line_known_error(name, call, pattern, env, monkeypatc
     assert re.search(pattern, str(e.value)), str(e.value)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_is_skipped_and_counted_with_skip_bad(env, monkeypatch):
     """Documented behaviour: under data.skip_bad a decompression bomb is a bad image, skipped and counted."""
     ps = _validate(env.pairs(env.row(chosen=str(_bomb(env, monkeypatch)))), skip_bad=True)
