@@ -38,7 +38,8 @@ transformers / open_clip versions and each adapter's parameter count.
     # on a GPU (about 4 GB of fp32 weights per CLIP-H model; checkpoints go to a temp dir,
     # --workdir to choose where):
     .venv/bin/python benchmarks/reward_throughput.py --real --device cuda --dtype bfloat16
-    .venv/bin/python benchmarks/reward_throughput.py --real --device cuda --out benchmarks/results/reward_throughput_real_fp32.json
+    .venv/bin/python benchmarks/reward_throughput.py --real --device cuda \
+        --out benchmarks/results/reward_throughput_real_fp32.json
     # CPU smoke run (about 5 minutes on one thread; peak RSS about 11 GB, while ViT-H-14 loads):
     .venv/bin/python benchmarks/reward_throughput.py --real --device cpu --batches 1,2 --min-time 0.1
     # the same harness at the tiny sizes (seconds; checks the builders and dtypes):
@@ -441,7 +442,7 @@ def bench_real(name: str, batches: list[int], args, workdir: Path) -> list[dict]
             f"(x{batched / looped:.2f}){mem}",
             file=sys.stderr,
         )
-    del reward, samples, singles, images, scores
+    reward = samples = singles = images = scores = None  # free the model before the next one loads
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

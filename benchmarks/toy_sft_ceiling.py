@@ -8,8 +8,8 @@ Every reward a method could optimise stands in for one thing: which scenes are c
 This control hands the fine-tuning that answer directly. It runs RAFT's training path
 (`configs/toy/raft.yaml` without its baseline: the same trainer, denoising loss and budget) with
 x0 replaced by VAE posterior draws of scenes `mmalign.toy.world.render` drew correctly for the
-round's training captions; nothing is sampled (the reward only scores the evaluations). If held-out gold does not rise here, no
-alignment method can be expected to raise it at the same budget, and the toy table cannot
+round's training captions; nothing is sampled (the reward only scores the evaluations). If held-out gold
+does not rise here, no alignment method can be expected to raise it at the same budget, and the toy table cannot
 rank methods there. Prints held-out gold before -> after (and per constraint) for each
 evaluation and writes benchmarks/results/toy_sft_ceiling.json.
 """

@@ -21,8 +21,8 @@ conventions (sigma in [0, 1], sigma = 1 noise):
   makes it the error of the implied noise prediction eps_hat = x_sigma + (1 - sigma) v_theta,
   what the UNet adapter's error measures (a UNet's Diffusion-DPO beta then means the same here).
   diffusers' SD3 scripts apply it to uniformly drawn t (`timestep_sampling: uniform` reproduces
-  them; with logit_normal the density and the weight multiply) and to the velocity error (their `precondition_outputs=0`;
-  the x0 target is sigma^2 times it). SD3's `mode` density is not offered: diffusers'
+  them; with logit_normal the density and the weight multiply) and to the velocity error (their
+  `precondition_outputs=0`; the x0 target is sigma^2 times it). SD3's `mode` density is not offered: diffusers'
   `compute_density_for_timestep_sampling` draws its own u, while t here maps to sigma through a
   quantile function. Every caller gets the weight, policy and reference passes alike: RAFT /
   RWR and DPO's sft term become SD3's weighted objective; Diffusion-/Flow-DPO (pair and

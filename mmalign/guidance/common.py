@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ from mmalign.types import Rollout, Samples
 
 # A weight: a constant, (start, end) linear in sampling progress, or a function of progress.
 # Progress runs from 0 at the first (noisiest) step to 1 at the last.
-Weight = Union[float, tuple[float, float], Callable[[float], float]]
+Weight = float | tuple[float, float] | Callable[[float], float]
 
 
 def check_guidable(generator: Any, who: str) -> None:

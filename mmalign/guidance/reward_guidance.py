@@ -23,7 +23,8 @@ scores the noisy latent x_t with a reward model trained on noisy latents; here t
 always sees x̂_0(x_t), as universal guidance does.)
 
 With `through_model` (default) the gradient goes through the denoiser (∂x̂_0/∂x_t includes
-∂ε̂/∂x_t); without it ε̂ is held fixed (∂x̂_0/∂x_t = 1/α), which is cheaper. With every weight 0 at a step, the step is plain CFG.
+∂ε̂/∂x_t); without it ε̂ is held fixed (∂x̂_0/∂x_t = 1/α), which is cheaper. With every weight 0 at a step, the
+step is plain CFG.
 """
 
 from __future__ import annotations

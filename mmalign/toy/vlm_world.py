@@ -138,7 +138,7 @@ def question_type(question: str) -> str:
 
 
 def _relation_holds(a, b, relation: str) -> bool:
-    (_, _, ax, ay, asz), (_, _, bx, by, bsz) = a, b
+    (_, _, ax, ay, asz), (_, _, bx, by, _) = a, b
     return ax + asz <= bx if relation == "left" else ay + asz <= by
 
 

@@ -157,7 +157,7 @@ def _disjoint(a, b, gap: int = GAP) -> bool:
 
 def _relation_ok(a, b, relation: str | None, gap: int = GAP) -> bool:
     """Relation with a clear margin: the boxes are separated along the relation's axis."""
-    (ax, ay, asz), (bx, by, bsz) = a, b
+    (ax, ay, asz), (bx, by, _) = a, b
     if relation == "left":
         return ax + asz + gap <= bx
     if relation == "above":

@@ -34,7 +34,7 @@ def test_checker_accepts_ground_truth_and_rejects_perturbed_answers():
     rng = random.Random(0)
     caps = all_captions()
     seen = set()
-    for i in range(500):
+    for _ in range(500):
         sc = make_scene(rng.choice(caps), rng.randrange(10_000))
         for qa in questions_for(sc, rng):
             seen.add(qa.qtype)

@@ -66,7 +66,7 @@ def test_render_spec_colors_sizes_background():
         a = np.asarray(img)
         assert {tuple(p) for p in a.reshape(-1, 3)} <= allowed
         assert (a == 255).all(-1).mean() > 0.5  # white background
-        for color, shape, x, y, s in layout(cap, i):
+        for _color, _shape, _x, _y, s in layout(cap, i):
             assert 8 <= s <= 12
         for o in detect(img):
             x0, y0, x1, y1 = o.bbox
