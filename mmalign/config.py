@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from mmalign import registry, sources
+from mmalign.tracking import check_report_to
 
 
 class ConfigError(ValueError):
@@ -209,10 +210,15 @@ class TrainConfig:
     # skip up to N consecutive steps whose loss is NaN/inf (no update; counted in metrics as
     # nonfinite_skipped), then roll back to the last intact checkpoint; 0 = stop with an error
     skip_nonfinite: int = num(0, ge=0)
+    # experiment trackers, through accelerate (mmalign.tracking): any of tensorboard, wandb, trackio,
+    # mlflow; each gets metrics.jsonl's numbers, the evaluation grids and this config, offline unless
+    # the environment says otherwise (docs/reports-and-trackers.md). [] = metrics.jsonl only
+    report_to: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.save_rollouts_every < 0:
             raise ValueError("save_rollouts_every: must be >= 0 (rounds; 0 = never)")
+        check_report_to(self.report_to)
 
 
 @dataclass

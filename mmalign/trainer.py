@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmalign import checkpoint as ckpt
-from mmalign import registry, rundir
-from mmalign.config import RunConfig, dump_config
+from mmalign import registry, rundir, tracking
+from mmalign.config import RunConfig, dump_config, to_dict
 from mmalign.data import preference as P
 from mmalign.data.generated import generate_pairs, load_prompts
 from mmalign.data.sampling import GlobalBatchSampler, Seeded
@@ -81,7 +81,8 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.run_dir = Path(run_dir or cfg.run.output_dir or f"runs/{cfg.run.name}")
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                               **tracking.accelerator_kwargs(t.report_to, self.run_dir))  # train.report_to
         self.is_main = self.acc.is_main_process
         set_seed(cfg.run.seed)  # identical LoRA init on every process
         self.generator = build("generator", cfg.generator).to(self.acc.device)
@@ -134,6 +135,7 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         with rundir.writing(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.log(self.acc, record, self.step)  # the same numbers to train.report_to's trackers
 
     def _claim(self) -> None:
         """First write into the run directory, once config, resume point and data are validated.
@@ -157,6 +159,7 @@ class Trainer:
                 if dropped:
                     self._print(f"metrics.jsonl: dropped {dropped} rows logged after step {self._resume_step}")
             rundir.write_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
+            tracking.start(self.acc, to_dict(self.cfg), self.cfg.run.name, self.run_dir)
             seen = metrics.read_text().splitlines() if self._resume_step is not None and metrics.is_file() else []
             self._claimed = True
             for record in self._pending_logs:
@@ -392,7 +395,9 @@ class Trainer:
             path = self.run_dir / "samples" / f"{tag}.png"
             with rundir.writing(path):
                 path.parent.mkdir(exist_ok=True)
-                image_grid(images[:64], nrow=min(8 * e.images_per_prompt, 16)).save(path)
+                grid = image_grid(images[:64], nrow=min(8 * e.images_per_prompt, 16))
+                grid.save(path)
+            tracking.log_image(self.acc, "eval/samples", grid, self.step)
             self._log({"step": self.step, "tag": tag, "eval": out})
         self.acc.wait_for_everyone()
         return out
@@ -404,6 +409,7 @@ class Trainer:
             return self._fit()
         finally:
             self.lock.release()
+            self.acc.end_training()  # closes train.report_to's trackers, however the run ended
 
     def _fit(self) -> dict[str, Any]:
         from diffusers.optimization import get_scheduler
