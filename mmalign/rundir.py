@@ -29,7 +29,7 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 LOCK_NAME = ".lock"
 # keys a resumed run may change: they do not touch the optimisation of the steps to come
 RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.skip_nonfinite",
-             "train.save_rollouts_every", "data.num_workers", "run.name", "run.output_dir")
+             "train.save_rollouts_every", "train.report_to", "data.num_workers", "run.name", "run.output_dir")
 
 
 class RunDirError(RuntimeError):
