@@ -8,6 +8,7 @@ checkpoint damaged after it was written (a truncated copy, a flipped byte) is de
 checkpoint to `.trash-*` before deleting it, so an interrupted prune never leaves a half-deleted
 checkpoint that looks complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -153,10 +154,14 @@ def save_rng(directory: Path, rank: int) -> None:
 
     py = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    (directory / f"rng_{rank}.json").write_text(json.dumps({
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }))
+    (directory / f"rng_{rank}.json").write_text(
+        json.dumps(
+            {
+                "python": [py[0], list(py[1]), py[2]],
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            }
+        )
+    )
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})

@@ -6,6 +6,7 @@ before validation, so they are checked the same way. Component sections (`genera
 `reward`, `method`) name a registry entry with `name:`; their other keys are validated
 against that entry's config dataclass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,27 @@ class Range:
         """Why `value` is out of range (`must be > 0`), or None when it is in range."""
         if not math.isfinite(value):
             return "must be a finite number"
-        bounds = [(">=", self.ge, value >= (self.ge or 0)), (">", self.gt, value > (self.gt or 0)),
-                  ("<=", self.le, value <= (self.le or 0)), ("<", self.lt, value < (self.lt or 0))]
+        bounds = [
+            (">=", self.ge, value >= (self.ge or 0)),
+            (">", self.gt, value > (self.gt or 0)),
+            ("<=", self.le, value <= (self.le or 0)),
+            ("<", self.lt, value < (self.lt or 0)),
+        ]
         wanted = [f"{op} {bound:g}" for op, bound, ok in bounds if bound is not None]
         if all(ok for _, bound, ok in bounds if bound is not None):
             return None
         return "must be " + " and ".join(wanted)
 
 
-def num(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+def num(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A numeric config field checked at load time: `steps: int = num(100, ge=1)`.
 
     The bounds apply to the value (None passes, when the type allows it) or to each item of a
@@ -59,8 +71,9 @@ def num(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasse
     return field(default=default, default_factory=default_factory, metadata={"range": Range(ge, gt, le, lt)})
 
 
-def flag(tp: type, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-         lt: float | None = None) -> Any:
+def flag(
+    tp: type, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> Any:
     """An argparse `type=` for a numeric flag with bounds: `--eta -1` -> `argument --eta: must be >= 0, got -1`."""
     bounds = Range(ge, gt, le, lt)
 
@@ -401,8 +414,10 @@ def check_hub_model(key: str, model_id: str) -> None:
 
     cached = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}"
     if constants.HF_HUB_OFFLINE and not cached.is_dir():
-        raise ConfigError(f"{key}: {model_id!r} is not a local directory and is not downloaded, and HF_HUB_OFFLINE=1 "
-                          "forbids downloading it (no network): download it first or give a local path")
+        raise ConfigError(
+            f"{key}: {model_id!r} is not a local directory and is not downloaded, and HF_HUB_OFFLINE=1 "
+            "forbids downloading it (no network): download it first or give a local path"
+        )
 
 
 def read_utf8(path: str | Path, what: str = "file") -> str:
@@ -411,9 +426,10 @@ def read_utf8(path: str | Path, what: str = "file") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: line {line}: the {what} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
-                          "save it as UTF-8") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: the {what} is not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -11,6 +11,7 @@
 - `writing`: OSError ENOSPC / EROFS / EACCES (and torch's opaque stream errors on a full disk)
   become one line naming the path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,18 @@ import yaml
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 LOCK_NAME = ".lock"
 # keys a resumed run may change: they do not touch the optimisation of the steps to come
-RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.skip_nonfinite",
-             "train.save_rollouts_every", "train.report_to", "data.num_workers", "run.name", "run.output_dir")
+RESUMABLE = (
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.skip_nonfinite",
+    "train.save_rollouts_every",
+    "train.report_to",
+    "data.num_workers",
+    "run.name",
+    "run.output_dir",
+)
 
 
 class RunDirError(RuntimeError):
@@ -51,8 +62,10 @@ def check_free(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise RunDirError(f"output directory {run_dir} is a file")
     found = existing_run(run_dir)
     if found and not resume and not overwrite:
-        raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
-                          f"or --overwrite to move it aside and start anew")
+        raise RunDirError(
+            f"{run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
+            f"or --overwrite to move it aside and start anew"
+        )
     holder = RunLock(run_dir).holder()
     if holder is not None:
         raise RunDirError(_locked_message(run_dir, holder))
@@ -82,8 +95,10 @@ def _alive(pid: int) -> bool:
 
 
 def _locked_message(run_dir: Path, holder: dict) -> str:
-    return (f"{run_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, lock file "
-            f"{run_dir / LOCK_NAME}); wait for it, or delete the lock file if that run is gone")
+    return (
+        f"{run_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, lock file "
+        f"{run_dir / LOCK_NAME}); wait for it, or delete the lock file if that run is gone"
+    )
 
 
 class RunLock:
@@ -129,8 +144,9 @@ class RunLock:
                     continue
                 if not self._stale(info):
                     raise RunDirError(_locked_message(self.path.parent, info)) from None
-                self.log(f"taking over the stale lock {self.path} (pid {info.get('pid')} on "
-                         f"{info.get('host')} is gone)")
+                self.log(
+                    f"taking over the stale lock {self.path} (pid {info.get('pid')} on {info.get('host')} is gone)"
+                )
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
                 continue

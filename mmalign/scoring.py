@@ -14,12 +14,14 @@ Reward arguments (`--reward-args k=v`, values parsed as YAML, and/or a YAML file
 reward section `{name: ..., k: v}` or a run config with a `reward:` section) are validated by
 the registry entry's config dataclass, exactly as in a run config.
 """
+
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -97,8 +99,9 @@ _KNOWN_INFO = {
 }
 
 
-def build_scoring_reward(name: str | None, reward_args: Sequence[str] | None = None, config: str | None = None,
-                         device: str | None = None) -> tuple[Any, dict]:
+def build_scoring_reward(
+    name: str | None, reward_args: Sequence[str] | None = None, config: str | None = None, device: str | None = None
+) -> tuple[Any, dict]:
     """The reward a `--reward NAME --reward-args k=v --config FILE --device D` spec names, validated
     before any model loads; returns (reward, spec)."""
     spec = reward_spec(name, reward_args, config)
@@ -118,13 +121,17 @@ def list_rewards() -> list[dict[str, str]]:
         e = registry.REWARDS[name]
         known = _KNOWN_INFO.get(name, ("?", "?", "?"))
         diff = getattr(e.build, "differentiable", known[1])
-        rows.append({
-            "name": name,
-            "modality": str(getattr(e.build, "modality", known[0])),
-            "differentiable": {True: "yes", False: "no"}.get(diff, str(diff)) if isinstance(diff, bool) else str(diff),
-            "loads": str(getattr(e.build, "loads", known[2])),
-            "description": e.doc,
-        })
+        rows.append(
+            {
+                "name": name,
+                "modality": str(getattr(e.build, "modality", known[0])),
+                "differentiable": {True: "yes", False: "no"}.get(diff, str(diff))
+                if isinstance(diff, bool)
+                else str(diff),
+                "loads": str(getattr(e.build, "loads", known[2])),
+                "description": e.doc,
+            }
+        )
     return rows
 
 
@@ -142,8 +149,10 @@ def check_prompts(reward: Any, name: str, items: Sequence[tuple[str, str]]) -> N
     """ValueError when a reward that scores media against a prompt (`uses_prompts`) would get an empty one."""
     empty = [path for path, prompt in items if not prompt.strip()]
     if getattr(reward, "uses_prompts", False) and empty:
-        raise ValueError(f"--reward {name} scores media against a prompt, and {empty[0]} has none: give --prompt, "
-                         "--prompts or a --manifest with a prompt per row")
+        raise ValueError(
+            f"--reward {name} scores media against a prompt, and {empty[0]} has none: give --prompt, "
+            "--prompts or a --manifest with a prompt per row"
+        )
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -165,8 +174,12 @@ def _resolve(base: Path, value: str) -> str:
 MEDIA_KEYS = ("path", "file", "image", "video", "audio")
 
 
-def media_items(paths: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
-                prompts_file: str | None = None, manifest: str | None = None) -> list[tuple[str, str]]:
+def media_items(
+    paths: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
+    prompts_file: str | None = None,
+    manifest: str | None = None,
+) -> list[tuple[str, str]]:
     """(path, prompt) pairs from media paths + prompts (and/or a prompts file), or from a manifest."""
     if manifest:
         if paths:
@@ -223,8 +236,9 @@ def _samples(tensors: list, modality: str, sample_rate: int | None):
     return Samples(audio=x, sample_rate=sample_rate)
 
 
-def score_items(reward: Any, items: Sequence[tuple[str, str]], batch_size: int = 8,
-                num_frames: int | None = None) -> list[float]:
+def score_items(
+    reward: Any, items: Sequence[tuple[str, str]], batch_size: int = 8, num_frames: int | None = None
+) -> list[float]:
     """Score (path, prompt) items, batching files of equal shape (and sample rate) together."""
     modality = reward.modality if reward.modality in ("image", "video", "audio") else None
     scores: list[float] = [math.nan] * len(items)
@@ -296,8 +310,15 @@ def read_pairs(path: str) -> list[dict]:
                 continue
         else:
             raise ValueError(f"{path}:{i}: expected keys chosen/rejected (or image0/image1/label)")
-        out.append({"prompt": str(prompt), "chosen": _resolve(base, chosen), "rejected": _resolve(base, rejected),
-                    "category": str(row.get("category", "all")), "human_tie": False})
+        out.append(
+            {
+                "prompt": str(prompt),
+                "chosen": _resolve(base, chosen),
+                "rejected": _resolve(base, rejected),
+                "category": str(row.get("category", "all")),
+                "human_tie": False,
+            }
+        )
     return out
 
 
@@ -320,8 +341,9 @@ def agreement(margins: Sequence[float], tie_eps: float = 0.0) -> dict[str, float
     }
 
 
-def both_orders_agreement(p_chosen_first: Sequence[float], p_rejected_first: Sequence[float],
-                          tie_eps: float = 0.0) -> dict[str, float]:
+def both_orders_agreement(
+    p_chosen_first: Sequence[float], p_rejected_first: Sequence[float], tie_eps: float = 0.0
+) -> dict[str, float]:
     """Agreement and position bias of a pairwise judge shown every pair in both orders.
 
     p_chosen_first[i] / p_rejected_first[i] are the judge's P(the first-shown item is better)
@@ -349,8 +371,13 @@ def _judge_pair_both_orders(reward: Any, p: dict) -> dict:
     with torch.no_grad():
         p_cf, p_rf = float(ask(c, r, [p["prompt"]])[0]), float(ask(r, c, [p["prompt"]])[0])
     p_chosen = 0.5 * (p_cf + 1.0 - p_rf)  # both orders averaged: P(chosen is better)
-    return {**p, "p_first_chosen_first": p_cf, "p_first_rejected_first": p_rf, "p_chosen": p_chosen,
-            "margin": p_chosen - 0.5}
+    return {
+        **p,
+        "p_first_chosen_first": p_cf,
+        "p_first_rejected_first": p_rf,
+        "p_chosen": p_chosen,
+        "margin": p_chosen - 0.5,
+    }
 
 
 def judge_pairs(reward: Any, pairs: Sequence[dict], batch_size: int = 8, pairwise: bool = False) -> list[dict]:
@@ -366,14 +393,16 @@ def judge_pairs(reward: Any, pairs: Sequence[dict], batch_size: int = 8, pairwis
     scores = score_items(reward, items, batch_size)
     n = len(usable)
     for k, p in enumerate(usable):
-        results.append({**p, "score_chosen": scores[k], "score_rejected": scores[n + k],
-                        "margin": scores[k] - scores[n + k]})
+        results.append(
+            {**p, "score_chosen": scores[k], "score_rejected": scores[n + k], "margin": scores[k] - scores[n + k]}
+        )
     return results
 
 
 def agreement_row(results: Sequence[dict], pairwise: bool, tie_eps: float) -> dict[str, float]:
     """Agreement of judged pairs (judge_pairs) with the human labels: scores or both-order answers."""
     if pairwise:
-        return both_orders_agreement([r["p_first_chosen_first"] for r in results],
-                                     [r["p_first_rejected_first"] for r in results], tie_eps)
+        return both_orders_agreement(
+            [r["p_first_chosen_first"] for r in results], [r["p_first_rejected_first"] for r in results], tie_eps
+        )
     return agreement([r["margin"] for r in results], tie_eps)

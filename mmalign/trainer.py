@@ -23,14 +23,16 @@ have been validated; a directory holding another run is refused unless resumed o
 SIGINT / SIGTERM finish the current step, save a checkpoint and raise RunInterrupted (a second
 signal abandons the step); see docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,8 +48,19 @@ from mmalign.data.sampling import GlobalBatchSampler, Seeded
 from mmalign.evaluation import evaluate_config
 from mmalign.media import image_grid
 from mmalign.methods.online import dump_rollout, load_buffer, save_buffer
-from mmalign.protocols import (AfterStepMethod, Generator, Method, MovesToDevice, OnlineMethod, OwnDataMethod,
-                               RewardOptionalMethod, RoleError, SetupMethod, StatefulMethod, require)
+from mmalign.protocols import (
+    AfterStepMethod,
+    Generator,
+    Method,
+    MovesToDevice,
+    OnlineMethod,
+    OwnDataMethod,
+    RewardOptionalMethod,
+    RoleError,
+    SetupMethod,
+    StatefulMethod,
+    require,
+)
 
 
 class TrainingError(RuntimeError):
@@ -72,8 +85,9 @@ def build(kind: str, component) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: str | None = None,
-                 overwrite: bool = False):
+    def __init__(
+        self, cfg: RunConfig, run_dir: str | Path | None = None, resume: str | None = None, overwrite: bool = False
+    ):
         # accelerate and diffusers are heavy imports: deferred until a Trainer is built / trains
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -81,8 +95,11 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.run_dir = Path(run_dir or cfg.run.output_dir or f"runs/{cfg.run.name}")
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                               **tracking.accelerator_kwargs(t.report_to, self.run_dir))  # train.report_to
+        self.acc = Accelerator(
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.grad_accum,
+            **tracking.accelerator_kwargs(t.report_to, self.run_dir),
+        )  # train.report_to
         self.is_main = self.acc.is_main_process
         set_seed(cfg.run.seed)  # identical LoRA init on every process
         self.generator = build("generator", cfg.generator).to(self.acc.device)
@@ -121,8 +138,12 @@ class Trainer:
         try:
             require(self.generator, Generator, "the trainer", f"generator {g!r} ({type(self.generator).__name__})")
             require(self.method, Method, "the trainer", f"method {m!r} ({type(self.method).__name__})")
-            require(self.generator, self.method.generator_role, f"method {m!r}",
-                    f"generator {g!r} ({type(self.generator).__name__})")
+            require(
+                self.generator,
+                self.method.generator_role,
+                f"method {m!r}",
+                f"generator {g!r} ({type(self.generator).__name__})",
+            )
         except RoleError as e:
             raise TrainingError(str(e)) from None
 
@@ -182,9 +203,11 @@ class Trainer:
         except (ValueError, OSError) as e:
             raise TrainingError(f"--resume: cannot read {old}: {e}") from None
         if bad:
-            raise TrainingError(f"--resume: {', '.join(bad)} differ from {old}, which would change the resumed "
-                                f"run's training; only {', '.join(rundir.RESUMABLE)} may change on resume (start "
-                                f"a new run with --overwrite or another --output-dir to change the others)")
+            raise TrainingError(
+                f"--resume: {', '.join(bad)} differ from {old}, which would change the resumed "
+                f"run's training; only {', '.join(rundir.RESUMABLE)} may change on resume (start "
+                f"a new run with --overwrite or another --output-dir to change the others)"
+            )
         if ok:
             self._print(f"--resume: applying changed {', '.join(ok)} (recorded in config.yaml)")
 
@@ -201,8 +224,15 @@ class Trainer:
                 raise TrainingError("data.kind=generated ranks samples with a reward: set `reward:`")
             self._claim()
             with self.acc.autocast(), rundir.writing(self.run_dir / "generated_pairs.safetensors"):
-                ds = generate_pairs(self.generator, self.reward, d, seed=self.cfg.run.seed, log=self._print,
-                                    accelerator=self.acc, cache=self.run_dir / "generated_pairs.safetensors")
+                ds = generate_pairs(
+                    self.generator,
+                    self.reward,
+                    d,
+                    seed=self.cfg.run.seed,
+                    log=self._print,
+                    accelerator=self.acc,
+                    cache=self.run_dir / "generated_pairs.safetensors",
+                )
             self._log({"data/pairs": len(ds)})
         elif d.kind in ("manifest", "pickapic"):
             ps = P.read_manifest(d.path) if d.kind == "manifest" else P.read_pickapic(d.path)
@@ -210,10 +240,13 @@ class Trainer:
                 ps.pairs = ps.pairs[: d.max_samples]
             ps = P.validate_pairs(ps, d.skip_bad)
             P.check_batch_fits(len(ps.pairs), self.cfg.train.batch_size * self.acc.num_processes, ps.source)
-            self._print(f"data: {len(ps.pairs)} pairs from {ps.source} "
-                        f"({ps.ties_dropped} ties dropped, {ps.bad_skipped} bad pairs skipped)")
-            self._log({"data/pairs": len(ps.pairs), "data/ties_dropped": ps.ties_dropped,
-                       "data/bad_skipped": ps.bad_skipped})
+            self._print(
+                f"data: {len(ps.pairs)} pairs from {ps.source} "
+                f"({ps.ties_dropped} ties dropped, {ps.bad_skipped} bad pairs skipped)"
+            )
+            self._log(
+                {"data/pairs": len(ps.pairs), "data/ties_dropped": ps.ties_dropped, "data/bad_skipped": ps.bad_skipped}
+            )
             ds = P.PreferenceDataset(ps, res, d.random_flip, seed=self.cfg.run.seed)
             self._claim()
             if d.cache_latents:
@@ -227,10 +260,20 @@ class Trainer:
         return ds
 
     def _batches(self, ds, start_micro: int) -> Iterator[dict]:
-        sampler = GlobalBatchSampler(len(ds), self.cfg.train.batch_size, self.acc.num_processes,
-                                     self.acc.process_index, self.cfg.run.seed, start_micro)
-        loader = DataLoader(Seeded(ds), batch_sampler=sampler, collate_fn=getattr(ds, "collate", P.collate),
-                            num_workers=self.cfg.data.num_workers)
+        sampler = GlobalBatchSampler(
+            len(ds),
+            self.cfg.train.batch_size,
+            self.acc.num_processes,
+            self.acc.process_index,
+            self.cfg.run.seed,
+            start_micro,
+        )
+        loader = DataLoader(
+            Seeded(ds),
+            batch_sampler=sampler,
+            collate_fn=getattr(ds, "collate", P.collate),
+            num_workers=self.cfg.data.num_workers,
+        )
         return iter(loader)
 
     def _check_online(self) -> None:
@@ -282,9 +325,8 @@ class Trainer:
             need = micro_per_round * t.batch_size
             order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))]).tolist()
             for m in range(offset * t.grad_accum, micro_per_round):
-                idx = order[m * t.batch_size:(m + 1) * t.batch_size]
-                seeds = [seed * 1_000_000_007 + (rnd * micro_per_round + m) * t.batch_size + i
-                         for i in range(len(idx))]
+                idx = order[m * t.batch_size : (m + 1) * t.batch_size]
+                seeds = [seed * 1_000_000_007 + (rnd * micro_per_round + m) * t.batch_size + i for i in range(len(idx))]
                 yield self.method.batch(buf, idx, seeds)
             rnd, offset = rnd + 1, 0
 
@@ -306,8 +348,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.is_main:
             with rundir.writing(tmp):  # disk errors as one line; older checkpoints stay intact
-                sd = {n: p.detach().cpu().contiguous()
-                      for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+                sd = {n: p.detach().cpu().contiguous() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
                 save_file(sd, str(tmp / "trainable.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
@@ -327,8 +368,9 @@ class Trainer:
         missing = [n for n, p in named.items() if p.requires_grad and n not in sd]
         unexpected = [n for n in sd if n not in named]
         if missing or unexpected:
-            raise TrainingError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]})")
+            raise TrainingError(
+                f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         with torch.no_grad():
             for n, v in sd.items():
                 named[n].copy_(v)
@@ -439,10 +481,10 @@ class Trainer:
         if not params:
             raise TrainingError("the generator has no trainable parameters")
         n_params = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                weight_decay=t.weight_decay)
-        self.lr_scheduler = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.warmup_steps,
-                                          num_training_steps=t.steps)
+        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+        self.lr_scheduler = get_scheduler(
+            t.lr_scheduler, opt, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
+        )
         self.model, self.optimizer = self.acc.prepare(self.unwrapped, opt)
         self.generator.set_forward_module(self.model)
         self.ema = None
@@ -457,8 +499,10 @@ class Trainer:
             self.evaluate("step_0000000")
 
         batches = self._online_batches(self.step) if online else self._batches(ds, self.step * t.grad_accum)
-        self._print(f"training {n_params:,} parameters for {t.steps} steps "
-                    f"(global batch {t.batch_size * t.grad_accum * self.acc.num_processes}) -> {self.run_dir}")
+        self._print(
+            f"training {n_params:,} parameters for {t.steps} steps "
+            f"(global batch {t.batch_size * t.grad_accum * self.acc.num_processes}) -> {self.run_dir}"
+        )
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
         t0, steps_timed = time.perf_counter(), 0
         bad_in_a_row = 0
@@ -533,10 +577,14 @@ class Trainer:
         final_eval = self.evaluate(f"step_{self.step:07d}") if self.cfg.eval.enabled else {}
         final_eval = {f"eval/{k}": v for k, v in final_eval.items() if isinstance(v, (int, float))}
         pairs = steps_timed * t.batch_size * t.grad_accum * self.acc.num_processes
-        summary = {"steps": self.step, "train_seconds": elapsed,
-                   "seconds_per_step": elapsed / max(steps_timed, 1),
-                   "samples_per_second": pairs / max(elapsed, 1e-9), "trainable_parameters": n_params,
-                   **final_eval}
+        summary = {
+            "steps": self.step,
+            "train_seconds": elapsed,
+            "seconds_per_step": elapsed / max(steps_timed, 1),
+            "samples_per_second": pairs / max(elapsed, 1e-9),
+            "trainable_parameters": n_params,
+            **final_eval,
+        }
         if self.is_main:
             rundir.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
@@ -550,7 +598,8 @@ class Trainer:
             raise TrainingError(
                 f"non-finite loss ({value}) at step {self.step + 1}, prompts "
                 f"{batch['prompts'][:3]}; metrics {metrics}. Nothing was written for this step; "
-                f"last checkpoint: {last or 'none'}")
+                f"last checkpoint: {last or 'none'}"
+            )
         for p in params:  # the micro-batches already accumulated for this step are dropped too
             p.grad = None
         self._print(f"step {self.step + 1}: non-finite loss ({value}), step skipped (train.skip_nonfinite)")
@@ -559,8 +608,10 @@ class Trainer:
     def _roll_back(self, in_a_row: int, online: bool, ds) -> Iterator[dict]:
         """After skip_nonfinite bad steps in a row: reload the newest intact checkpoint; new batches from there."""
         last, _ = ckpt.latest_intact(self.ckpt_root)
-        why = f"{in_a_row} non-finite steps in a row up to step {self.step} (train.skip_nonfinite=" \
-              f"{self.cfg.train.skip_nonfinite})"
+        why = (
+            f"{in_a_row} non-finite steps in a row up to step {self.step} (train.skip_nonfinite="
+            f"{self.cfg.train.skip_nonfinite})"
+        )
         if last is None:
             raise TrainingError(f"{why} and no checkpoint to roll back to")
         if last in self._rolled_back_to:
@@ -579,12 +630,15 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGINT / SIGTERM during training: finish the step, then stop (a second signal abandons it)."""
+
         def handler(signum, frame):
             if self._stop is not None:
                 raise RunInterrupted(signum, self.step, ckpt.latest_checkpoint(self.ckpt_root), abandoned=True)
             self._stop = signum
-            self._print(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
-                        f"and stopping (send it again to abandon the step)")
+            self._print(
+                f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
+                f"and stopping (send it again to abandon the step)"
+            )
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -16,6 +16,7 @@ The subcommand modules import only argparse at the top; the libraries they drive
 when the command runs, so `mmalign --help` is fast and a missing optional package gives
 its subcommand one line naming the package instead of hiding the subcommand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,17 @@ from . import export as export_cmd
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 throttle_when_not_a_terminal()  # before tqdm is imported: a bar written to a log redraws once a minute
 
-COMMANDS = {"train": train, "sample": sample, "score": score, "eval-judge": eval_judge, "pairs": pairs,
-            "eval": eval_cmd, "report": report, "export": export_cmd,
-            "label": label}
+COMMANDS = {
+    "train": train,
+    "sample": sample,
+    "score": score,
+    "eval-judge": eval_judge,
+    "pairs": pairs,
+    "eval": eval_cmd,
+    "report": report,
+    "export": export_cmd,
+    "label": label,
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,8 +72,11 @@ def missing_package_message(command: str, e: ModuleNotFoundError) -> str:
 
 def os_error_message(e: OSError) -> str:
     """`PATH: what went wrong` for a file-system error (disk full and read-only named as such)."""
-    what = {errno.ENOSPC: "disk full (no space left on device)", errno.EROFS: "read-only file system",
-            errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or str(e))
+    what = {
+        errno.ENOSPC: "disk full (no space left on device)",
+        errno.EROFS: "read-only file system",
+        errno.EDQUOT: "disk quota exceeded",
+    }.get(e.errno, e.strerror or str(e))
     return f"{e.filename}: {what}" if e.filename else what
 
 

@@ -1,4 +1,5 @@
 """`python -m mmalign.cli ...` runs the command line."""
+
 import sys
 
 from mmalign.cli import main

@@ -3,6 +3,7 @@
 `mmalign eval --run RUN_DIR` evaluates on a prompt set (default: the toy world's held-out
 captions) and writes eval.json and a before/after grid PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,11 @@ from mmalign.config import ConfigError, flag  # light: yaml and the registries
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `eval` subcommand."""
-    p = sub.add_parser("eval", help="gold accuracy (toy world), reward and diversity of a model or run",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "eval",
+        help="gold accuracy (toy world), reward and diversity of a model or run",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--run", help="a run directory (uses its config.yaml, base model vs final/)")
     p.add_argument("--pretrained", help="or: a diffusers model directory / hub id")
     p.add_argument("--weights", help="trained weights (a run's final/ directory) to compare against the base")
@@ -47,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         weights = args.weights or str(Path(args.run) / "final")
     elif args.pretrained:
         entry = registry.lookup("generator", "sd")
-        gen_comp = Component("sd", parse_dataclass(entry.config, {"pretrained": args.pretrained, "finetune": "none"},
-                                                       "generator"))
+        gen_comp = Component(
+            "sd", parse_dataclass(entry.config, {"pretrained": args.pretrained, "finetune": "none"}, "generator")
+        )
         weights = args.weights
     else:
         raise ConfigError("give --run RUN_DIR or --pretrained MODEL")

@@ -16,6 +16,7 @@ rewards, prefix the reward's name: clip.model=toy:proxy_clip). `--guidance 7.5` 
 is the older spelling of `--guidance cfg --cfg-scale 7.5`; `--pretrained` / `--weights` are
 aliases of `--model` / `--lora`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,51 +31,90 @@ MODES = ("cfg", "dynamic-cfg", "reward", "best-of-n", "beam")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `sample` subcommand: model, prompt and output flags, then the guidance flags."""
-    p = sub.add_parser("sample", help="generate images from prompts (optionally with trained weights)",
-                       description="Generate images; --guidance cfg | dynamic-cfg | reward | best-of-n | beam "
-                                   "(rewards by --reward NAME[:WEIGHT]). Writes PNGs, grid.png, samples.jsonl; with "
-                                   "--label-pairs, a D3PO round for human labelling instead.")
+    p = sub.add_parser(
+        "sample",
+        help="generate images from prompts (optionally with trained weights)",
+        description="Generate images; --guidance cfg | dynamic-cfg | reward | best-of-n | beam "
+        "(rewards by --reward NAME[:WEIGHT]). Writes PNGs, grid.png, samples.jsonl; with "
+        "--label-pairs, a D3PO round for human labelling instead.",
+    )
     p.add_argument("--model", "--pretrained", dest="pretrained", help="hub id or local diffusers directory")
     p.add_argument("--config", help="take the generator from a run config instead")
     p.add_argument("--generator", default="sd", help="generator registry name (default: sd)")
-    p.add_argument("--lora", "--weights", dest="weights",
-                   help="trained weights: a run's final/ directory (LoRA or UNet) or its LoRA .safetensors")
+    p.add_argument(
+        "--lora",
+        "--weights",
+        dest="weights",
+        help="trained weights: a run's final/ directory (LoRA or UNet) or its LoRA .safetensors",
+    )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file, one prompt per line (or toy:heldout / toy:train)")
     p.add_argument("--n", type=flag(int, ge=1), default=1, help="images per prompt")
     p.add_argument("--steps", type=flag(int, ge=1), default=30)
-    p.add_argument("--guidance", default=None, metavar="{cfg,dynamic-cfg,reward,best-of-n,beam}",
-                   help="guidance method (default cfg); a number N is short for `cfg --cfg-scale N`")
+    p.add_argument(
+        "--guidance",
+        default=None,
+        metavar="{cfg,dynamic-cfg,reward,best-of-n,beam}",
+        help="guidance method (default cfg); a number N is short for `cfg --cfg-scale N`",
+    )
     p.add_argument("--eta", type=flag(float, ge=0), default=0.0)
     p.add_argument("--seed", type=flag(int, ge=0), default=0)
     p.add_argument("--batch-size", type=flag(int, ge=1), default=8)
     p.add_argument("--device")
     p.add_argument("--out", default="samples", help="output directory")
-    p.add_argument("--label-pairs", action="store_true",
-                   help="write a round for human labelling (D3PO) instead: 2 trajectories per prompt (x --n) from one "
-                        "initial noise; OUT/buffer.safetensors + buffer.json, OUT/images/<sample id>.png and an "
-                        "OUT/pairs.jsonl template (needs --eta > 0)")
+    p.add_argument(
+        "--label-pairs",
+        action="store_true",
+        help="write a round for human labelling (D3PO) instead: 2 trajectories per prompt (x --n) from one "
+        "initial noise; OUT/buffer.safetensors + buffer.json, OUT/images/<sample id>.png and an "
+        "OUT/pairs.jsonl template (needs --eta > 0)",
+    )
     add_guidance_args(p)
 
 
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
     """The guidance flags of `mmalign sample`."""
-    p.add_argument("--cfg-scale", type=flag(float, ge=0), default=None,
-                   help="CFG scale for cfg / reward / best-of-n / beam (default 5.0)")
-    p.add_argument("--reward", action="append", default=None, metavar="NAME[:WEIGHT]",
-                   help="a reward to guide with and/or score the outputs with (repeatable); WEIGHT: number or A..B")
-    p.add_argument("--reward-args", action="append", default=None, metavar="[NAME.]KEY=VALUE",
-                   help="reward configuration, e.g. model=toy:proxy_clip (repeatable)")
-    p.add_argument("--cfg-candidates", default="5,2,3.5,7.5",
-                   help="dynamic-cfg: candidate scales, comma-separated; the first wins ties (default 5,2,3.5,7.5)")
-    p.add_argument("--normalize", choices=("zscore", "none"), default="zscore",
-                   help="dynamic-cfg: standardise each evaluator over the candidates before weighting")
+    p.add_argument(
+        "--cfg-scale",
+        type=flag(float, ge=0),
+        default=None,
+        help="CFG scale for cfg / reward / best-of-n / beam (default 5.0)",
+    )
+    p.add_argument(
+        "--reward",
+        action="append",
+        default=None,
+        metavar="NAME[:WEIGHT]",
+        help="a reward to guide with and/or score the outputs with (repeatable); WEIGHT: number or A..B",
+    )
+    p.add_argument(
+        "--reward-args",
+        action="append",
+        default=None,
+        metavar="[NAME.]KEY=VALUE",
+        help="reward configuration, e.g. model=toy:proxy_clip (repeatable)",
+    )
+    p.add_argument(
+        "--cfg-candidates",
+        default="5,2,3.5,7.5",
+        help="dynamic-cfg: candidate scales, comma-separated; the first wins ties (default 5,2,3.5,7.5)",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=("zscore", "none"),
+        default="zscore",
+        help="dynamic-cfg: standardise each evaluator over the candidates before weighting",
+    )
     p.add_argument("--best-of", type=flag(int, ge=1), default=4, help="best-of-n: samples drawn per image (default 4)")
     p.add_argument("--beam-width", type=flag(int, ge=1), default=1, help="beam: particles kept per prompt (default 1)")
-    p.add_argument("--beam-candidates", type=flag(int, ge=1), default=4,
-                   help="beam: children per particle and step (default 4)")
-    p.add_argument("--no-grad-through-model", action="store_true",
-                   help="reward: hold the denoiser output fixed when differentiating (cheaper)")
+    p.add_argument(
+        "--beam-candidates", type=flag(int, ge=1), default=4, help="beam: children per particle and step (default 4)"
+    )
+    p.add_argument(
+        "--no-grad-through-model",
+        action="store_true",
+        help="reward: hold the denoiser output fixed when differentiating (cheaper)",
+    )
     p.add_argument("--max-grad-norm", type=flag(float, gt=0), help="reward: clip each sample's guidance gradient")
 
 
@@ -120,8 +160,10 @@ def parse_reward_specs(rewards: list[str] | None, reward_args: list[str] | None)
         elif not specs:
             raise ConfigError(f"--reward-args {key}: give --reward NAME first")
         else:
-            raise ConfigError(f"--reward-args {key}: several rewards given ({', '.join(names)}); "
-                              f"prefix the key with the reward's name, e.g. {names[0]}.{key}")
+            raise ConfigError(
+                f"--reward-args {key}: several rewards given ({', '.join(names)}); "
+                f"prefix the key with the reward's name, e.g. {names[0]}.{key}"
+            )
         for t in targets:
             t[key] = value
     for spec, _ in specs:
@@ -144,12 +186,14 @@ def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> 
         name = spec["name"]
         declared = getattr(registry.lookup("reward", name).build, "modality", None)
         if declared is not None and declared != modality:
-            raise ConfigError(f"--reward {name}: scores {declared} samples, but this generator makes {modality} "
-                              "samples")
+            raise ConfigError(
+                f"--reward {name}: scores {declared} samples, but this generator makes {modality} samples"
+            )
         reward = build_reward(spec, f"--reward {name}")
         if getattr(reward, "modality", modality) != modality:
-            raise ConfigError(f"--reward {name}: scores {reward.modality} samples, but this generator makes "
-                              f"{modality} samples")
+            raise ConfigError(
+                f"--reward {name}: scores {reward.modality} samples, but this generator makes {modality} samples"
+            )
         if hasattr(reward, "to"):
             reward.to(device)
         out.append(Evaluator(reward, weight, name=name))
@@ -168,9 +212,14 @@ def validate_sample_args(args: argparse.Namespace) -> tuple[str, float, list[tup
         raise ConfigError(f"--cfg-candidates: expected comma-separated numbers, got {args.cfg_candidates!r}") from None
     if mode == "dynamic-cfg" and not cands:
         raise ConfigError("--cfg-candidates: give at least one scale")
-    for name, v in (("--n", args.n), ("--steps", args.steps), ("--batch-size", args.batch_size),
-                    ("--best-of", args.best_of), ("--beam-width", args.beam_width),
-                    ("--beam-candidates", args.beam_candidates)):
+    for name, v in (
+        ("--n", args.n),
+        ("--steps", args.steps),
+        ("--batch-size", args.batch_size),
+        ("--best-of", args.best_of),
+        ("--beam-width", args.beam_width),
+        ("--beam-candidates", args.beam_candidates),
+    ):
         if v < 1:
             raise ConfigError(f"{name}: must be >= 1, got {v}")
     return mode, scale, specs, cands
@@ -189,8 +238,10 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
     if mode == "reward":
         for e in evaluators:
             if not getattr(e.fn, "differentiable", False):
-                raise ConfigError(f"--reward {e.name}: not differentiable; --guidance reward needs a differentiable "
-                                  "reward (e.g. clip)")
+                raise ConfigError(
+                    f"--reward {e.name}: not differentiable; --guidance reward needs a differentiable "
+                    "reward (e.g. clip)"
+                )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, all_images = [], []
@@ -208,9 +259,15 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
             for r, sched in zip(extra_rows, ro.extras["cfg_schedule"].tolist()):
                 r["cfg_schedule"] = sched
         elif mode == "reward":
-            ro = reward_guided_sample(gen, ps, evaluators, guidance_scale=scale,
-                                      through_model=not args.no_grad_through_model, max_grad_norm=args.max_grad_norm,
-                                      **kw)
+            ro = reward_guided_sample(
+                gen,
+                ps,
+                evaluators,
+                guidance_scale=scale,
+                through_model=not args.no_grad_through_model,
+                max_grad_norm=args.max_grad_norm,
+                **kw,
+            )
             for r, g in zip(extra_rows, ro.extras["guidance_norm"].tolist()):
                 r["guidance_norm"] = [round(v, 6) for v in g]
         elif mode == "best-of-n":
@@ -218,9 +275,15 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
             for r, s, c in zip(extra_rows, ro.extras["seeds"].tolist(), ro.extras["candidate_scores"].tolist()):
                 r.update(chosen_seed=s, candidate_scores=c)
         else:  # beam
-            ro = beam_search_sample(gen, ps, evaluators, beam_width=args.beam_width,
-                                    num_candidates=args.beam_candidates, guidance_scale=scale,
-                                    **{**kw, "eta": args.eta if args.eta > 0 else 1.0})
+            ro = beam_search_sample(
+                gen,
+                ps,
+                evaluators,
+                beam_width=args.beam_width,
+                num_candidates=args.beam_candidates,
+                guidance_scale=scale,
+                **{**kw, "eta": args.eta if args.eta > 0 else 1.0},
+            )
         images = ro.samples.images
         scores = {}
         with torch.no_grad():
@@ -240,8 +303,11 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
         for r in rows:
             f.write(json.dumps(r) + "\n")
     means = {name: sum(r["rewards"][name] for r in rows) / len(rows) for name in rows[0]["rewards"]} if rows else {}
-    print(f"wrote {len(rows)} images, grid.png and samples.jsonl to {out} (guidance {mode}"
-          + "".join(f", mean {k} {v:.4f}" for k, v in means.items()) + ")")
+    print(
+        f"wrote {len(rows)} images, grid.png and samples.jsonl to {out} (guidance {mode}"
+        + "".join(f", mean {k} {v:.4f}" for k, v in means.items())
+        + ")"
+    )
     return 0
 
 
@@ -299,8 +365,9 @@ def run(args: argparse.Namespace) -> int:
             registry.lookup("generator", name)
         except KeyError as e:
             raise ConfigError(f"--generator: {e.args[0]}") from None
-        gen_cfg = parse_dataclass(registry.lookup("generator", name).config,
-                                   {"pretrained": args.pretrained, "finetune": "none"}, "generator")
+        gen_cfg = parse_dataclass(
+            registry.lookup("generator", name).config, {"pretrained": args.pretrained, "finetune": "none"}, "generator"
+        )
     gen = registry.lookup("generator", name).build(gen_cfg)
     if args.weights:
         w = Path(args.weights)
@@ -309,11 +376,21 @@ def run(args: argparse.Namespace) -> int:
     gen.to(device)
     if args.label_pairs:
         reps = [p for p in prompts for _ in range(args.n)]
-        ro = write_for_labelling(gen, reps, [args.seed + i for i in range(len(reps))], args.out, args.steps,
-                                 label_scale, args.eta, args.batch_size)
-        print(f"wrote {len(reps)} pairs ({len(ro)} samples) to {args.out}: buffer.safetensors, images/, pairs.jsonl. "
-              f"Set choice (0|1) or tie: true on every line of pairs.jsonl, then train D3PO with "
-              f"method.buffer={args.out} method.labels={Path(args.out) / 'pairs.jsonl'} reward=null")
+        ro = write_for_labelling(
+            gen,
+            reps,
+            [args.seed + i for i in range(len(reps))],
+            args.out,
+            args.steps,
+            label_scale,
+            args.eta,
+            args.batch_size,
+        )
+        print(
+            f"wrote {len(reps)} pairs ({len(ro)} samples) to {args.out}: buffer.safetensors, images/, pairs.jsonl. "
+            f"Set choice (0|1) or tie: true on every line of pairs.jsonl, then train D3PO with "
+            f"method.buffer={args.out} method.labels={Path(args.out) / 'pairs.jsonl'} reward=null"
+        )
         return 0
     return run_sample(args, gen, prompts, device)
 
@@ -322,8 +399,10 @@ def _check_label_pairs(args: argparse.Namespace) -> float:
     """--label-pairs: plain CFG sampling with stochastic steps; returns the CFG scale."""
     mode, scale = parse_guidance(args.guidance, args.cfg_scale)
     if mode != "cfg" or args.reward:
-        raise ConfigError("--label-pairs: samples with plain CFG (--cfg-scale) and no --reward; "
-                          "the preferences come from the labeller")
+        raise ConfigError(
+            "--label-pairs: samples with plain CFG (--cfg-scale) and no --reward; "
+            "the preferences come from the labeller"
+        )
     if args.eta <= 0:
         raise ConfigError("--label-pairs: D3PO trains on the stochastic sampling steps; give --eta > 0 (e.g. 1.0)")
     return scale

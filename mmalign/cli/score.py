@@ -1,9 +1,10 @@
 """`mmalign score`: any registered reward over media files (mmalign.scoring).
 
-    mmalign score --reward NAME [--reward-args k=v ...] [--config reward.yaml]
-                  (--prompts prompts.txt | --prompt TEXT | --manifest m.jsonl) [--out scores.jsonl] PATHS...
-    mmalign score --list
+mmalign score --reward NAME [--reward-args k=v ...] [--config reward.yaml]
+              (--prompts prompts.txt | --prompt TEXT | --manifest m.jsonl) [--out scores.jsonl] PATHS...
+mmalign score --list
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,13 @@ from mmalign.config import flag  # light: yaml and the registries
 def add_reward_args(parser: argparse.ArgumentParser) -> None:
     """The flags naming a reward: --reward, --reward-args, --config, --device, --batch-size."""
     parser.add_argument("--reward", help="registered reward name (see --list)")
-    parser.add_argument("--reward-args", nargs="*", default=[], metavar="K=V",
-                        help="reward config fields, values parsed as YAML (validated like a run config)")
+    parser.add_argument(
+        "--reward-args",
+        nargs="*",
+        default=[],
+        metavar="K=V",
+        help="reward config fields, values parsed as YAML (validated like a run config)",
+    )
     parser.add_argument("--config", help="YAML with a reward section ({name: ..., ...} or a run config's reward:)")
     parser.add_argument("--device", help="put the reward on this device (if its config has a device field)")
     parser.add_argument("--batch-size", type=flag(int, ge=1), default=8, help="files per reward call")
@@ -26,16 +32,18 @@ def add_reward_args(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `score` subcommand."""
-    parser = sub.add_parser("score", help="score media files against prompts with any reward",
-                            description=__doc__.split("\n\n")[0])
+    parser = sub.add_parser(
+        "score", help="score media files against prompts with any reward", description=__doc__.split("\n\n")[0]
+    )
     add_reward_args(parser)
     parser.add_argument("--list", action="store_true", help="list every registered reward and exit")
     parser.add_argument("--prompts", help="text file, one prompt per line (one per file, or one for all)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable; one for all files)")
     parser.add_argument("--manifest", help="JSONL rows {path, prompt} (paths relative to the manifest)")
     parser.add_argument("--out", help="write one JSON line per file: path, prompt, score")
-    parser.add_argument("--num-frames", type=flag(int, ge=1), default=None,
-                        help="videos: keep this many evenly spaced frames")
+    parser.add_argument(
+        "--num-frames", type=flag(int, ge=1), default=None, help="videos: keep this many evenly spaced frames"
+    )
     parser.add_argument("paths", nargs="*", help="media files (images, videos or frame folders, audio)")
 
 

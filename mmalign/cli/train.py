@@ -1,4 +1,5 @@
 """`mmalign train CONFIG [key.path=value ...]`: fine-tune a generator from a YAML run config."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,17 +11,29 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `train` subcommand."""
-    p = sub.add_parser("train", help="fine-tune a generator from a YAML config",
-                       description="Train from CONFIG. Overrides: dotted.key=value (YAML values), e.g. "
-                                   "train.lr=1e-5 method.beta=2500. Under `accelerate launch` this runs DDP.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a generator from a YAML config",
+        description="Train from CONFIG. Overrides: dotted.key=value (YAML values), e.g. "
+        "train.lr=1e-5 method.beta=2500. Under `accelerate launch` this runs DDP.",
+    )
     p.add_argument("config", help="run config YAML (configs/toy/*.yaml, configs/<model>/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--output-dir", help="run directory (default: run.output_dir or runs/<run.name>)")
-    p.add_argument("--resume", nargs="?", const="latest",
-                   help="resume from the latest complete checkpoint of the run, or from a checkpoint path")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start anew in a directory that holds a run: the old run is moved to <dir>.replaced-<time>")
-    p.add_argument("--report", action="store_true", help="print base vs aligned evaluation (e.g. the toy world's gold accuracy)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="resume from the latest complete checkpoint of the run, or from a checkpoint path",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start anew in a directory that holds a run: the old run is moved to <dir>.replaced-<time>",
+    )
+    p.add_argument(
+        "--report", action="store_true", help="print base vs aligned evaluation (e.g. the toy world's gold accuracy)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +56,11 @@ def run(args: argparse.Namespace) -> int:
         return e.exit_code
     except KeyboardInterrupt:  # before training started (loading models, reading data)
         again = f"--resume {args.resume}" if args.resume else "--overwrite" if existing_run(run_dir) else ""
-        print(f"interrupted before the first training step; nothing new to resume. Start again with: "
-              f"{command(args, run_dir, again)}", file=sys.stderr)
+        print(
+            f"interrupted before the first training step; nothing new to resume. Start again with: "
+            f"{command(args, run_dir, again)}",
+            file=sys.stderr,
+        )
         return 130
     except RunDirError as e:  # locked, or a disk that is full / read-only
         print(f"error: {e}", file=sys.stderr)
@@ -53,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
         if len(evals) >= 2:
-            print(f"\nbase (step {evals[0]['step']}) vs aligned (step {evals[-1]['step']}) on "
-                  f"{evals[-1]['eval']['n_samples']} evaluation samples:")
+            print(
+                f"\nbase (step {evals[0]['step']}) vs aligned (step {evals[-1]['step']}) on "
+                f"{evals[-1]['eval']['n_samples']} evaluation samples:"
+            )
             print(format_comparison(evals[0]["eval"], evals[-1]["eval"]))
     print(f"run directory: {run_dir} (config.yaml, metrics.jsonl, samples/, checkpoints/, final/, summary.json)")
     return 0
@@ -71,7 +89,11 @@ def interrupted_message(e, args: argparse.Namespace, run_dir: Path) -> str:
     how = "abandoned step" if e.abandoned else "stopped after step"
     step = e.step + 1 if e.abandoned else e.step
     if e.checkpoint is None:
-        return (f"interrupted ({how} {step}) before the first checkpoint; nothing to resume. Start again with: "
-                f"{command(args, run_dir, '--overwrite')}")
-    return f"interrupted ({how} {step}); checkpoint {e.checkpoint}. Resume with: " \
-           f"{command(args, run_dir, '--resume latest')}"
+        return (
+            f"interrupted ({how} {step}) before the first checkpoint; nothing to resume. Start again with: "
+            f"{command(args, run_dir, '--overwrite')}"
+        )
+    return (
+        f"interrupted ({how} {step}); checkpoint {e.checkpoint}. Resume with: "
+        f"{command(args, run_dir, '--resume latest')}"
+    )

@@ -3,17 +3,18 @@
 For each prompt, `candidates` samples are drawn (per-sample seeds, so the set is the same
 whatever the number of processes); the reward's best and worst form a (chosen, rejected)
 pair of latents -- by default re-encoded from the decoded images (`data.reencode`), because
-the sampler's raw x_0 carries fine structure the denoiser does not predict. This is how the toy world's Diffusion-DPO run gets
-its data, and it works for any generator/reward pair (RLAIF-style self-generated data).
+the sampler's raw x_0 carries fine structure the denoiser does not predict. This is how the toy
+world's Diffusion-DPO run gets its data, and it works for any generator/reward pair (RLAIF-style self-generated data).
 Prompts are split over processes and the pairs gathered, so nobody samples twice; the
 pairs are saved in the run directory and reused on resume.
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -49,16 +50,34 @@ class LatentPairs(Dataset):
 
 
 @torch.no_grad()
-def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] = print, accelerator=None,
-                   cache: Path | None = None, batch_size: int = 64) -> LatentPairs:
+def generate_pairs(
+    generator,
+    reward,
+    d,
+    seed: int,
+    log: Callable[[str], None] = print,
+    accelerator=None,
+    cache: Path | None = None,
+    batch_size: int = 64,
+) -> LatentPairs:
     from safetensors.torch import load_file, save_file
 
     prompts = load_prompts(d.prompts)
     if d.max_samples and d.max_samples < len(prompts):
         prompts = sorted(random.Random(seed).sample(prompts, d.max_samples), key=prompts.index)
-    key = json.dumps({"prompts": prompts, "k": d.candidates, "steps": d.sample_steps, "cfg": d.sample_guidance,
-                      "eta": d.sample_eta, "seed": seed, "gap": d.min_gap, "model": generator.cfg.pretrained,
-                      "reencode": d.reencode})
+    key = json.dumps(
+        {
+            "prompts": prompts,
+            "k": d.candidates,
+            "steps": d.sample_steps,
+            "cfg": d.sample_guidance,
+            "eta": d.sample_eta,
+            "seed": seed,
+            "gap": d.min_gap,
+            "model": generator.cfg.pretrained,
+            "reencode": d.reencode,
+        }
+    )
     if cache is not None and cache.with_suffix(".json").is_file() and cache.with_suffix(".json").read_text() == key:
         t = load_file(str(cache))
         kept = json.loads(cache.with_suffix(".prompts.json").read_text())
@@ -73,13 +92,23 @@ def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] =
     from tqdm.auto import tqdm
 
     main = accelerator is None or accelerator.is_main_process
-    for start in tqdm(range(0, len(mine), per_batch), desc=f"sampling {k} candidates x {len(mine)} prompts",
-                      disable=not main, dynamic_ncols=True):
-        idx = mine[start:start + per_batch]
+    for start in tqdm(
+        range(0, len(mine), per_batch),
+        desc=f"sampling {k} candidates x {len(mine)} prompts",
+        disable=not main,
+        dynamic_ncols=True,
+    ):
+        idx = mine[start : start + per_batch]
         rep = [prompts[i] for i in idx for _ in range(k)]
         seeds = [seed * 1_000_003 + i * k + j for i in idx for j in range(k)]
-        ro = generator.rollout(rep, num_steps=d.sample_steps, guidance_scale=d.sample_guidance, eta=d.sample_eta,
-                               seeds=seeds, need_log_probs=False)
+        ro = generator.rollout(
+            rep,
+            num_steps=d.sample_steps,
+            guidance_scale=d.sample_guidance,
+            eta=d.sample_eta,
+            seeds=seeds,
+            need_log_probs=False,
+        )
         scores = reward(ro.samples, rep).float().view(len(idx), k).cpu()
         # a prompt's candidates share their posterior draw (see encode_images)
         group = [seed * 1_000_003 + i * k for i in idx for _ in range(k)]
@@ -109,9 +138,11 @@ def generate_pairs(generator, reward, d, seed: int, log: Callable[[str], None] =
     w = torch.stack([x[1] for x in local])
     l = torch.stack([x[2] for x in local])
     mean = lambda v: sum(v) / len(v)
-    log(f"data: {len(kept)} generated pairs from {len(prompts)} prompts x {k} samples; reward best "
+    log(
+        f"data: {len(kept)} generated pairs from {len(prompts)} prompts x {k} samples; reward best "
         f"{mean([x[4] for x in local]):.4f} vs worst {mean([x[5] for x in local]):.4f} "
-        f"(mean gap {mean([x[3] for x in local]):.4f})")
+        f"(mean gap {mean([x[3] for x in local]):.4f})"
+    )
     if cache is not None and (accelerator is None or accelerator.is_main_process):
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"w": w.contiguous(), "l": l.contiguous()}, str(cache))

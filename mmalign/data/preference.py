@@ -10,6 +10,7 @@ Sources
 Ties are dropped and counted. Every image is decoded before training starts: a missing or
 corrupt one stops the run with its path, or with `skip_bad` is skipped and counted.
 """
+
 from __future__ import annotations
 
 import csv
@@ -155,8 +156,10 @@ def read_pickapic(path: str | Path) -> PairSet:
 def check_batch_fits(n_pairs: int, batch_size: int, source: str) -> None:
     """DataError unless one global batch (`train.batch_size` x processes) fits in the data."""
     if batch_size > n_pairs:
-        raise DataError(f"{source}: {n_pairs} usable pairs, fewer than one batch of train.batch_size x processes "
-                        f"= {batch_size}; lower train.batch_size or add data")
+        raise DataError(
+            f"{source}: {n_pairs} usable pairs, fewer than one batch of train.batch_size x processes "
+            f"= {batch_size}; lower train.batch_size or add data"
+        )
 
 
 def validate_pairs(ps: PairSet, skip_bad: bool) -> PairSet:
@@ -233,7 +236,7 @@ class PreferenceDataset(Dataset):
     @torch.no_grad()
     def cache_latents(self, generator, cache_dir: str | Path, is_main: bool = True, batch_size: int = 16) -> Path:
         """Encode every pair once with the generator's VAE; reuse the file when it matches."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         latents = getattr(generator.cfg, "vae_latents", "mean")  # posterior draws or means: not interchangeable
         path = Path(cache_dir) / f"latents_{self.fingerprint(f'{generator.cfg.pretrained}|{latents}')}.safetensors"
@@ -260,6 +263,9 @@ def collate(items: list[dict]) -> dict:
     out: dict[str, Any] = {"prompts": [it["prompt"] for it in items]}
     for k in items[0]:
         if k != "prompt":
-            out[k] = torch.stack([it[k] for it in items]) if isinstance(items[0][k], torch.Tensor) else \
-                [it[k] for it in items]
+            out[k] = (
+                torch.stack([it[k] for it in items])
+                if isinstance(items[0][k], torch.Tensor)
+                else [it[k] for it in items]
+            )
     return out

@@ -5,6 +5,7 @@ its own from its global position. A process takes its slice of each global micro
 a 2-process run sees exactly the samples (and draws exactly the noise) of a 1-process run
 with twice the batch, and a resumed run picks up at the step it stopped at.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ from torch.utils.data import Dataset
 
 
 class GlobalBatchSampler:
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start_micro_step: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self, n: int, batch_size: int, world: int, rank: int, seed: int, start_micro_step: int = 0, shuffle: bool = True
+    ):
         if n <= 0:
             raise ValueError("empty dataset")
         self.n, self.bs, self.world, self.rank, self.seed = n, batch_size, world, rank, seed

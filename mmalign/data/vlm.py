@@ -18,14 +18,16 @@ of image tokens in `input_ids` always equals the number of image features the pr
 produced. The loss mask is 1 on response tokens only (the prompt, the image and padding
 are masked out). Chosen and rejected share the one encoded prompt and image.
 """
+
 from __future__ import annotations
 
 import difflib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -103,8 +105,7 @@ def normalize_row(raw: dict, where: str, base: Path | None = None) -> VLMRow | N
     if img is None:
         raise DataError(f"{where}: no image (expected a key 'image', 'images' or 'image_path')")
     imgs = img if isinstance(img, (list, tuple)) else [img]
-    imgs = [str(base / i) if isinstance(i, str) and base is not None and not Path(i).is_absolute() else i
-            for i in imgs]
+    imgs = [str(base / i) if isinstance(i, str) and base is not None and not Path(i).is_absolute() else i for i in imgs]
     prompt = raw.get("prompt", raw.get("question"))
     if prompt is None:
         raise DataError(f"{where}: missing key 'prompt' (or 'question')")
@@ -115,22 +116,38 @@ def normalize_row(raw: dict, where: str, base: Path | None = None) -> VLMRow | N
     weight = _number(raw["weight"], where, "weight") if raw.get("weight") is not None else 1.0
     if "completions" in raw and "chosen" not in raw:  # VLFeedback
         comps = [c for c in raw["completions"] if isinstance(c, dict) and c.get("response")]
-        scored = sorted(((s, c["response"]) for c in comps if not math.isnan(s := _vlfeedback_score(c))),
-                        key=lambda t: t[0])
+        scored = sorted(
+            ((s, c["response"]) for c in comps if not math.isnan(s := _vlfeedback_score(c))), key=lambda t: t[0]
+        )
         if len(scored) < 2 or scored[-1][0] == scored[0][0]:
             return None
-        return VLMRow(imgs, prompt, scored[-1][1], scored[0][1], margin=scored[-1][0] - scored[0][0],
-                      weight=weight, name=where)
+        return VLMRow(
+            imgs, prompt, scored[-1][1], scored[0][1], margin=scored[-1][0] - scored[0][0], weight=weight, name=where
+        )
     if "completion" in raw:
         if "label" not in raw:
             raise DataError(f"{where}: unpaired row has 'completion' but no 'label'")
-        return VLMRow(imgs, prompt, completion=_text(raw["completion"], where, "completion"),
-                      label=bool(raw["label"]), margin=margin, weight=weight, name=where)
+        return VLMRow(
+            imgs,
+            prompt,
+            completion=_text(raw["completion"], where, "completion"),
+            label=bool(raw["label"]),
+            margin=margin,
+            weight=weight,
+            name=where,
+        )
     for k in ("chosen", "rejected"):
         if raw.get(k) is None:
             raise DataError(f"{where}: missing key {k!r}")
-    return VLMRow(imgs, prompt, _text(raw["chosen"], where, "chosen"), _text(raw["rejected"], where, "rejected"),
-                  margin=margin, weight=weight, name=where)
+    return VLMRow(
+        imgs,
+        prompt,
+        _text(raw["chosen"], where, "chosen"),
+        _text(raw["rejected"], where, "rejected"),
+        margin=margin,
+        weight=weight,
+        name=where,
+    )
 
 
 def read_rows(path: str | Path, max_samples: int | None = None) -> VLMRowSet:
@@ -245,8 +262,13 @@ class EncodedPrompt:
 class VLMEncoder:
     """Chat template + processor for prompts; plain tokenisation for responses."""
 
-    def __init__(self, processor, max_length: int | None = None,
-                 on_too_long: Literal["error", "drop", "truncate_response"] = "error", system: str | None = None):
+    def __init__(
+        self,
+        processor,
+        max_length: int | None = None,
+        on_too_long: Literal["error", "drop", "truncate_response"] = "error",
+        system: str | None = None,
+    ):
         self.processor = processor
         self.tok = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
@@ -260,17 +282,19 @@ class VLMEncoder:
         return msgs + [{"role": "user", "content": content}]
 
     def prompt_text(self, n_images: int, prompt: str) -> str:
-        return self.processor.apply_chat_template(self._messages(n_images, prompt), add_generation_prompt=True,
-                                                  tokenize=False)
+        return self.processor.apply_chat_template(
+            self._messages(n_images, prompt), add_generation_prompt=True, tokenize=False
+        )
 
     def response_text(self, n_images: int, prompt: str, response: str) -> str:
         """The assistant turn as the chat template renders it (end-of-turn tokens included)."""
         head = self.prompt_text(n_images, prompt)
-        msgs = self._messages(n_images, prompt) + [{"role": "assistant",
-                                                     "content": [{"type": "text", "text": response}]}]
+        msgs = self._messages(n_images, prompt) + [
+            {"role": "assistant", "content": [{"type": "text", "text": response}]}
+        ]
         full = self.processor.apply_chat_template(msgs, tokenize=False)
         if full.startswith(head):
-            return full[len(head):]
+            return full[len(head) :]
         return response + (self.tok.eos_token or "")
 
     def encode_prompt(self, images: list[Image.Image], prompt: str) -> EncodedPrompt:
@@ -301,8 +325,10 @@ class VLMEncoder:
         ids = torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         bad = self.media_token_ids & set(ids.tolist())
         if bad:
-            raise DataError(f"{name or 'response'}: the response contains image/video placeholder tokens {sorted(bad)} "
-                            f"(e.g. a literal '<image>'); they would not match the image features")
+            raise DataError(
+                f"{name or 'response'}: the response contains image/video placeholder tokens {sorted(bad)} "
+                f"(e.g. a literal '<image>'); they would not match the image features"
+            )
         return ids
 
     def check_length(self, p: EncodedPrompt, responses: list[Tensor], name: str) -> list[Tensor]:
@@ -315,9 +341,11 @@ class VLMEncoder:
         if self.on_too_long == "truncate_response" and len(p.ids) < self.max_length:
             room = self.max_length - len(p.ids)
             return [r[:room] for r in responses]
-        raise TooLong(f"{name}: {len(p.ids)} prompt tokens (image tokens included) + {longest} response tokens "
-                      f"> max_length {self.max_length}; image tokens are never truncated: raise max_length, "
-                      f"shrink the images (processor max_pixels), or set on_too_long: drop")
+        raise TooLong(
+            f"{name}: {len(p.ids)} prompt tokens (image tokens included) + {longest} response tokens "
+            f"> max_length {self.max_length}; image tokens are never truncated: raise max_length, "
+            f"shrink the images (processor max_pixels), or set on_too_long: drop"
+        )
 
 
 def changed_mask(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -326,8 +354,8 @@ def changed_mask(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     sm = difflib.SequenceMatcher(a=a.tolist(), b=b.tolist(), autojunk=False)
     ca, cb = torch.ones(len(a), dtype=torch.bool), torch.ones(len(b), dtype=torch.bool)
     for i, j, n in sm.get_matching_blocks():
-        ca[i:i + n] = False
-        cb[j:j + n] = False
+        ca[i : i + n] = False
+        cb[j : j + n] = False
     return ca, cb
 
 
@@ -339,8 +367,15 @@ class VLMPreferenceDataset(Dataset):
     prompt) and the response token ids; `collate` keeps them as a list so a method can build
     whichever sequences it needs with `build_sequences`."""
 
-    def __init__(self, rowset: VLMRowSet, encoder: VLMEncoder, corrupt: Literal["crop", "noise"] | None = None,
-                 skip_bad: bool = False, corrupt_kw: dict | None = None, log=print):
+    def __init__(
+        self,
+        rowset: VLMRowSet,
+        encoder: VLMEncoder,
+        corrupt: Literal["crop", "noise"] | None = None,
+        skip_bad: bool = False,
+        corrupt_kw: dict | None = None,
+        log=print,
+    ):
         self.encoder = encoder
         self.corrupt = corrupt
         self.corrupt_kw = corrupt_kw or {}
@@ -351,8 +386,11 @@ class VLMPreferenceDataset(Dataset):
         for row in rowset.rows:
             try:
                 ims = load_row_images(row)
-                resp = [encoder.encode_response(len(ims), row.prompt, r, row.name)
-                        for r in (row.chosen, row.rejected, row.completion) if r is not None]
+                resp = [
+                    encoder.encode_response(len(ims), row.prompt, r, row.name)
+                    for r in (row.chosen, row.rejected, row.completion)
+                    if r is not None
+                ]
                 if encoder.max_length is not None:
                     encoder.check_length(encoder.encode_prompt(ims, row.prompt), resp, row.name)
             except MediaError:
@@ -367,8 +405,10 @@ class VLMPreferenceDataset(Dataset):
                 continue
             rows.append(row)
         if not rows:
-            raise DataError(f"{rowset.source}: no rows left after dropping {rowset.bad_skipped} bad and "
-                            f"{rowset.too_long_dropped} too-long rows")
+            raise DataError(
+                f"{rowset.source}: no rows left after dropping {rowset.bad_skipped} bad and "
+                f"{rowset.too_long_dropped} too-long rows"
+            )
         self.rows = rows
 
     def __len__(self) -> int:
@@ -379,14 +419,26 @@ class VLMPreferenceDataset(Dataset):
         enc = self.encoder
         ims = load_row_images(row)
         p = enc.encode_prompt(ims, row.prompt)
-        item: dict[str, Any] = {"prompt": row.prompt, "name": row.name, "index": i, "prompt_enc": p,
-                                "margin": torch.tensor(row.margin), "weight": torch.tensor(row.weight)}
+        item: dict[str, Any] = {
+            "prompt": row.prompt,
+            "name": row.name,
+            "index": i,
+            "prompt_enc": p,
+            "margin": torch.tensor(row.margin),
+            "weight": torch.tensor(row.weight),
+        }
         if row.completion is not None:
             (r,) = enc.check_length(p, [enc.encode_response(len(ims), row.prompt, row.completion, row.name)], row.name)
             item.update(response=r, label=torch.tensor(bool(row.label)))
         else:
-            w, l = enc.check_length(p, [enc.encode_response(len(ims), row.prompt, row.chosen, row.name),
-                                        enc.encode_response(len(ims), row.prompt, row.rejected, row.name)], row.name)
+            w, l = enc.check_length(
+                p,
+                [
+                    enc.encode_response(len(ims), row.prompt, row.chosen, row.name),
+                    enc.encode_response(len(ims), row.prompt, row.rejected, row.name),
+                ],
+                row.name,
+            )
             cw, cl = changed_mask(w, l)
             item.update(chosen=w, rejected=l, changed_w=cw, changed_l=cl)
         if self.corrupt:
@@ -422,9 +474,13 @@ def _cat_vision(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
-def build_sequences(prompts: Sequence[EncodedPrompt], responses: Sequence[Tensor], pad_id: int,
-                    padding_side: Literal["right", "left"] = "right",
-                    changed: Sequence[Tensor] | None = None) -> dict[str, Any]:
+def build_sequences(
+    prompts: Sequence[EncodedPrompt],
+    responses: Sequence[Tensor],
+    pad_id: int,
+    padding_side: Literal["right", "left"] = "right",
+    changed: Sequence[Tensor] | None = None,
+) -> dict[str, Any]:
     """Prompt_i + response_i for every i, padded into one batch.
 
     Returns input_ids / attention_mask / loss_mask (1 on response tokens) / changed (RLHF-V
@@ -442,13 +498,19 @@ def build_sequences(prompts: Sequence[EncodedPrompt], responses: Sequence[Tensor
     for i, (p, r) in enumerate(zip(prompts, responses)):
         s = L - lens[i] if padding_side == "left" else 0
         P = len(p.ids)
-        ids[i, s:s + P] = p.ids
-        ids[i, s + P:s + lens[i]] = r
-        att[i, s:s + lens[i]] = 1
-        lm[i, s + P:s + lens[i]] = 1
+        ids[i, s : s + P] = p.ids
+        ids[i, s + P : s + lens[i]] = r
+        att[i, s : s + lens[i]] = 1
+        lm[i, s + P : s + lens[i]] = 1
         if changed is not None:
-            ch[i, s + P:s + lens[i]] = changed[i]
+            ch[i, s + P : s + lens[i]] = changed[i]
         for k in keys:
-            extras[k][i, s:s + P] = p.token_extras[k]
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": lm, "changed": ch, "token_extras": extras,
-            "vision": _cat_vision([p.vision for p in prompts]) if prompts[0].vision else {}}
+            extras[k][i, s : s + P] = p.token_extras[k]
+    return {
+        "input_ids": ids,
+        "attention_mask": att,
+        "loss_mask": lm,
+        "changed": ch,
+        "token_extras": extras,
+        "vision": _cat_vision([p.vision for p in prompts]) if prompts[0].vision else {},
+    }

@@ -21,15 +21,17 @@ Items are JSONL rows with `image` | `images` | `image_path`, `prompt` | `questio
 optional reference answer (`reference` | `answer` | `chosen`); relative image paths are
 relative to the items file, as for preference rows.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -122,22 +124,28 @@ def judge_scorer(reward: Any, template: str = DEFAULT_JUDGE_TEMPLATE, batch_size
     judge with that template set to "{prompt}" so the composed text is the whole question
     (`mmalign pairs` does). Images are scored together when they share a size."""
     if getattr(reward, "modality", None) != "image":
-        raise ValueError(f"judge {getattr(reward, 'name', reward)!r}: modality {getattr(reward, 'modality', None)!r}; "
-                         f"the pair builder needs a judge that scores images (modality 'image')")
+        raise ValueError(
+            f"judge {getattr(reward, 'name', reward)!r}: modality {getattr(reward, 'modality', None)!r}; "
+            f"the pair builder needs a judge that scores images (modality 'image')"
+        )
     for key in ("prompt", "response"):
         if "{" + key + "}" not in template:
             raise ValueError(f"judge template: must contain {{{key}}}, got {template!r}")
     try:
         template.format(prompt="x", response="y", n=5)
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"judge template: bad template ({e}); "
-                         f"only {{prompt}}, {{response}} and {{n}} are filled") from None
+        raise ValueError(
+            f"judge template: bad template ({e}); only {{prompt}}, {{response}} and {{n}} are filled"
+        ) from None
     cfg = getattr(reward, "cfg", None)
     mode = getattr(cfg, "mode", None)
     own = getattr(cfg, f"{mode}_template", None) if mode else None
     if own is not None and own.strip() != "{prompt}":
-        warnings.warn(f"judge {reward.name!r}: its {mode}_template {own!r} wraps the composed question; "
-                      f"set {mode}_template: '{{prompt}}' to pass the pair builder's template as is", stacklevel=2)
+        warnings.warn(
+            f"judge {reward.name!r}: its {mode}_template {own!r} wraps the composed question; "
+            f"set {mode}_template: '{{prompt}}' to pass the pair builder's template as is",
+            stacklevel=2,
+        )
     n = len(getattr(reward, "rating_ids", [])) or 5
 
     def score(images: list[Image.Image], prompts: list[str], responses: list[str]) -> Tensor:
@@ -150,7 +158,7 @@ def judge_scorer(reward: Any, template: str = DEFAULT_JUDGE_TEMPLATE, batch_size
             by_size.setdefault(im.size, []).append(i)
         for idx in by_size.values():
             for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
+                chunk = idx[s : s + batch_size]
                 x = torch.stack([pil_to_tensor(images[i]) for i in chunk])
                 out[chunk] = reward(Samples(images=x), [texts[i] for i in chunk]).detach().float().cpu()
         return out
@@ -201,15 +209,33 @@ def _first_image(item: FeedbackItem) -> Image.Image:
 
 def _pair_row(item: FeedbackItem, out_dir: Path, chosen: str, rejected: str, margin: float, **info: Any) -> dict:
     images = [os.path.relpath(Path(x).resolve(), out_dir.resolve()) for x in item.images]
-    return {**item.extra, "images": images, "prompt": item.prompt, "chosen": chosen, "rejected": rejected,
-            "margin": margin, **info}
+    return {
+        **item.extra,
+        "images": images,
+        "prompt": item.prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "margin": margin,
+        **info,
+    }
 
 
-def build_feedback_pairs(generator: Any, items: Sequence[FeedbackItem] | str | Path, scorer: Scorer | None,
-                         num_samples: int = 4, out_dir: str | Path = "pairs", *,
-                         rejected: Literal["worst", "perturb"] = "worst", perturb: Perturb | None = None,
-                         include_reference: bool = False, batch_size: int = 8, max_new_tokens: int | None = None,
-                         seed: int = 0, tie_tol: float = 0.0, log: Callable[[str], Any] = print) -> FeedbackReport:
+def build_feedback_pairs(
+    generator: Any,
+    items: Sequence[FeedbackItem] | str | Path,
+    scorer: Scorer | None,
+    num_samples: int = 4,
+    out_dir: str | Path = "pairs",
+    *,
+    rejected: Literal["worst", "perturb"] = "worst",
+    perturb: Perturb | None = None,
+    include_reference: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    tie_tol: float = 0.0,
+    log: Callable[[str], Any] = print,
+) -> FeedbackReport:
     """Write `out_dir/pairs.jsonl` (see the module docstring) and return the counts.
 
     `items`: `FeedbackItem`s or the path of an items JSONL. `generator`: anything with
@@ -229,7 +255,7 @@ def build_feedback_pairs(generator: Any, items: Sequence[FeedbackItem] | str | P
     rows: list[dict] = []
     torch.manual_seed(seed)
     for start in range(0, len(items), cfg.batch_size):
-        chunk = list(items[start:start + cfg.batch_size])
+        chunk = list(items[start : start + cfg.batch_size])
         need_ref = rejected == "perturb" or include_reference
         if need_ref:
             report.no_reference += sum(it.reference is None for it in chunk)
@@ -240,11 +266,17 @@ def build_feedback_pairs(generator: Any, items: Sequence[FeedbackItem] | str | P
         if rejected == "perturb":
             rows += _perturbed(chunk, images, scorer, perturb, out, report, tie_tol)
             continue
-        roll = generator.rollout([it.prompt for it in chunk], images=[it.images for it in chunk],
-                                 num_samples=num_samples, max_new_tokens=max_new_tokens)
+        roll = generator.rollout(
+            [it.prompt for it in chunk],
+            images=[it.images for it in chunk],
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+        )
         texts = [t.strip() for t in roll.samples.text]
-        cands = [texts[i * num_samples:(i + 1) * num_samples] + ([it.reference] if include_reference else [])
-                 for i, it in enumerate(chunk)]
+        cands = [
+            texts[i * num_samples : (i + 1) * num_samples] + ([it.reference] if include_reference else [])
+            for i, it in enumerate(chunk)
+        ]
         flat_im = [im for im, c in zip(images, cands) for _ in c]
         flat_p = [it.prompt for it, c in zip(chunk, cands) for _ in c]
         flat_r = [r for c in cands for r in c]
@@ -253,7 +285,7 @@ def build_feedback_pairs(generator: Any, items: Sequence[FeedbackItem] | str | P
             raise ValueError(f"scorer: expected {len(flat_r)} finite scores, got {scores.tolist()}")
         k = 0
         for it, c in zip(chunk, cands):
-            s = scores[k:k + len(c)].tolist()
+            s = scores[k : k + len(c)].tolist()
             k += len(c)
             best = max(range(len(c)), key=lambda j: s[j])
             worst = min(range(len(c)), key=lambda j: s[j])
@@ -261,8 +293,19 @@ def build_feedback_pairs(generator: Any, items: Sequence[FeedbackItem] | str | P
             if margin <= tie_tol or c[best] == c[worst]:
                 report.ties_dropped += 1
                 continue
-            rows.append(_pair_row(it, out, c[best], c[worst], margin, chosen_score=s[best],
-                                  rejected_score=s[worst], scores=s, rejected_from="policy"))
+            rows.append(
+                _pair_row(
+                    it,
+                    out,
+                    c[best],
+                    c[worst],
+                    margin,
+                    chosen_score=s[best],
+                    rejected_score=s[worst],
+                    scores=s,
+                    rejected_from="policy",
+                )
+            )
     tmp = report.path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(report.path)
@@ -271,8 +314,15 @@ def build_feedback_pairs(generator: Any, items: Sequence[FeedbackItem] | str | P
     return report
 
 
-def _perturbed(chunk: list[FeedbackItem], images: list[Image.Image], scorer: Scorer | None, perturb: Perturb,
-               out: Path, report: FeedbackReport, tie_tol: float) -> list[dict]:
+def _perturbed(
+    chunk: list[FeedbackItem],
+    images: list[Image.Image],
+    scorer: Scorer | None,
+    perturb: Perturb,
+    out: Path,
+    report: FeedbackReport,
+    tie_tol: float,
+) -> list[dict]:
     """POVID: chosen = the reference answer, rejected = its perturbation."""
     bad = [perturb(im, it.prompt, it.reference) for im, it in zip(images, chunk)]
     for it, b in zip(chunk, bad):
@@ -281,8 +331,14 @@ def _perturbed(chunk: list[FeedbackItem], images: list[Image.Image], scorer: Sco
     margins = [0.0] * len(chunk)
     if scorer is not None:
         n = len(chunk)
-        s = scorer(images + images, [it.prompt for it in chunk] * 2,
-                   [it.reference for it in chunk] + bad).detach().float().cpu().reshape(-1).tolist()
+        s = (
+            scorer(images + images, [it.prompt for it in chunk] * 2, [it.reference for it in chunk] + bad)
+            .detach()
+            .float()
+            .cpu()
+            .reshape(-1)
+            .tolist()
+        )
         margins = [s[i] - s[n + i] for i in range(n)]
     rows = []
     for it, b, m in zip(chunk, bad, margins):

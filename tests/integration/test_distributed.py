@@ -1,5 +1,6 @@
 """A 2-process CPU run through `accelerate launch` (gloo) equals a 1-process run over the
 same global batch: gradients are synchronised and the data is split, not duplicated."""
+
 import os
 import subprocess
 import sys
@@ -20,14 +21,50 @@ def _run(cmd, env):
 def test_two_processes_equal_one(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     bin_dir = Path(sys.executable).parent
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 2, "batch_size": 1, "adam_eps": 1e-2, "lr": 1e-2})
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        train={"steps": 2, "batch_size": 1, "adam_eps": 1e-2, "lr": 1e-2},
+    )
     # a large Adam epsilon keeps updates linear in the gradient, so float noise in near-zero
     # gradients (all-reduce vs. batch sum order) cannot flip an update's sign
-    _run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-          "-m", "mmalign.cli", "train", str(p), "--output-dir", str(tmp_path / "two")], env)
-    _run([sys.executable, "-m", "mmalign.cli", "train", str(p), "train.batch_size=2",
-          "--output-dir", str(tmp_path / "one")], env)
+    _run(
+        [
+            str(bin_dir / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "mmalign.cli",
+            "train",
+            str(p),
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        env,
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "mmalign.cli",
+            "train",
+            str(p),
+            "train.batch_size=2",
+            "--output-dir",
+            str(tmp_path / "one"),
+        ],
+        env,
+    )
     one = load_file(str(ckpt.latest_checkpoint(tmp_path / "one" / "checkpoints") / "trainable.safetensors"))
     two = load_file(str(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints") / "trainable.safetensors"))
     base_moved = 0.0

@@ -4,13 +4,14 @@ scripts/check_wheel.sh builds and installs the real wheel (CI); these checks are
 every directory under mmalign/, rewards/ and pipelines/ that holds an __init__.py must be a
 package the configured discovery finds, under the import name its directory maps to.
 """
+
 import fnmatch
 import importlib.util
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT
 
+from tests.helpers import ROOT
 
 
 def _setup_module():
@@ -25,8 +26,8 @@ def _import_name(init: Path, package_dir: dict[str, str]) -> str:
     rel = init.parent.relative_to(ROOT).parts
     for name, src in package_dir.items():
         src_parts = Path(src).parts
-        if rel[:len(src_parts)] == src_parts:
-            return ".".join((name, *rel[len(src_parts):]))
+        if rel[: len(src_parts)] == src_parts:
+            return ".".join((name, *rel[len(src_parts) :]))
     raise AssertionError(f"{init} lies in no source directory of setup.PACKAGE_DIR")
 
 
@@ -53,7 +54,7 @@ def test_discovered_packages_map_back_to_their_directories():
     setup = _setup_module()
     for pkg in setup.discover_packages(str(ROOT)):
         prefix = max((n for n in setup.PACKAGE_DIR if pkg == n or pkg.startswith(n + ".")), key=len)
-        path = ROOT / setup.PACKAGE_DIR[prefix] / Path(*pkg[len(prefix):].split(".")[1:])
+        path = ROOT / setup.PACKAGE_DIR[prefix] / Path(*pkg[len(prefix) :].split(".")[1:])
         assert (path / "__init__.py").is_file(), f"{pkg} -> {path} has no __init__.py"
 
 
@@ -64,7 +65,9 @@ def test_no_python_directory_without_init():
         for py in (ROOT / src).rglob("*.py"):
             if "__pycache__" in py.parts:
                 continue
-            assert (py.parent / "__init__.py").is_file(), f"{py.parent.relative_to(ROOT)} has .py files but no __init__.py"
+            assert (py.parent / "__init__.py").is_file(), (
+                f"{py.parent.relative_to(ROOT)} has .py files but no __init__.py"
+            )
 
 
 def test_pyproject_does_not_override_discovery_and_ships_toy_assets():

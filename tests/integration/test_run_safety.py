@@ -1,5 +1,6 @@
 """Run directories: refused unless resumed or overwritten, locked, nothing written before validation;
 resume bookkeeping (config.yaml, metrics.jsonl); signals; disk errors; train.skip_nonfinite."""
+
 import errno
 import json
 import os
@@ -51,8 +52,13 @@ def _snapshot(run_dir):
 @pytest.fixture
 def cfg(tmp_path, tiny_sd, tiny_clip, pairs_manifest, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    return write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                        train={"steps": 2, "checkpoint_every": 1, "keep_last": 5})
+    return write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        train={"steps": 2, "checkpoint_every": 1, "keep_last": 5},
+    )
 
 
 def test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, cfg, capsys):
@@ -148,8 +154,9 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path, cfg, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cfg, capsys,
-                                                                                      monkeypatch):
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path, cfg, capsys, monkeypatch
+):
     run = tmp_path / "run"
     real = torch.save
 
@@ -179,8 +186,11 @@ def test_torch_stream_errors_on_a_full_or_read_only_disk_are_named(tmp_path, cfg
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
     rc, err = _train(capsys, cfg, "--output-dir", tmp_path / "run")
     assert rc == 2 and "disk full while writing" in _one_line_error(err)
-    for code, words in [(errno.EROFS, "read-only file system: cannot write"), (errno.EACCES, "permission denied:"),
-                        (errno.EDQUOT, "disk full while writing")]:
+    for code, words in [
+        (errno.EROFS, "read-only file system: cannot write"),
+        (errno.EACCES, "permission denied:"),
+        (errno.EDQUOT, "disk full while writing"),
+    ]:
         assert rundir.disk_problem(tmp_path, OSError(code, "x", "/some/file")) == f"{words} /some/file"
     assert rundir.disk_problem(tmp_path, OSError(errno.EIO, "x")) is None  # other errors are not renamed
 
@@ -223,8 +233,10 @@ def test_skip_nonfinite_skips_and_counts_a_bad_step(tmp_path, cfg):
 
 
 def test_skip_nonfinite_rolls_back_after_n_in_a_row(tmp_path, cfg, capsys):
-    tr = Trainer(load_config(cfg, ["train.steps=4", "train.skip_nonfinite=2", "train.checkpoint_every=2"]),
-                 run_dir=tmp_path / "run")
+    tr = Trainer(
+        load_config(cfg, ["train.steps=4", "train.skip_nonfinite=2", "train.checkpoint_every=2"]),
+        run_dir=tmp_path / "run",
+    )
     _poison(tr, {3, 4})
     tr.fit()
     out = capsys.readouterr().out
@@ -236,8 +248,10 @@ def test_skip_nonfinite_rolls_back_after_n_in_a_row(tmp_path, cfg, capsys):
 
 
 def test_skip_nonfinite_without_a_checkpoint_stops_with_the_error(tmp_path, cfg):
-    tr = Trainer(load_config(cfg, ["train.steps=4", "train.skip_nonfinite=2", "train.checkpoint_every=0"]),
-                 run_dir=tmp_path / "run")
+    tr = Trainer(
+        load_config(cfg, ["train.steps=4", "train.skip_nonfinite=2", "train.checkpoint_every=0"]),
+        run_dir=tmp_path / "run",
+    )
     _poison(tr, {1, 2})
     with pytest.raises(TrainingError, match="2 non-finite steps in a row up to step 2.*no checkpoint"):
         tr.fit()
@@ -251,8 +265,14 @@ def test_skip_nonfinite_is_range_checked(cfg):
 def _cli(args, cwd):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     code = "import sys; from mmalign.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "train", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "train", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _interrupt_when_training(proc, run, sig):
@@ -275,8 +295,9 @@ def test_a_signal_stops_cleanly_and_prints_the_resume_command(tmp_path, cfg, cap
     line = [x for x in err.splitlines() if "Resume with:" in x]
     assert len(line) == 1, err
     command = line[0].split("Resume with: ")[1]
-    assert command == shlex.join(["mmalign", "train", str(cfg), *overrides, "--output-dir", str(run),
-                                  "--resume", "latest"])
+    assert command == shlex.join(
+        ["mmalign", "train", str(cfg), *overrides, "--output-dir", str(run), "--resume", "latest"]
+    )
     done = ckpt.latest_checkpoint(run / "checkpoints")
     assert ckpt.verify(done) is None and not list((run / "checkpoints").glob(".tmp-*"))
     assert _steps(run) == list(range(1, int(done.name[5:]) + 1))  # every finished step, once, whole lines
@@ -301,6 +322,7 @@ def test_ctrl_c_before_training_is_one_line_and_suggests_the_same_resume(tmp_pat
     monkeypatch.setattr(Trainer, "_build_data", interrupted)
     rc, err = _train(capsys, cfg, "train.steps=3", "--output-dir", run, "--resume")
     assert rc == 130 and "Traceback" not in err
-    assert err.strip().endswith(shlex.join(["mmalign", "train", str(cfg), "train.steps=3", "--output-dir", str(run),
-                                            "--resume", "latest"]))
+    assert err.strip().endswith(
+        shlex.join(["mmalign", "train", str(cfg), "train.steps=3", "--output-dir", str(run), "--resume", "latest"])
+    )
     assert _snapshot(run) == before

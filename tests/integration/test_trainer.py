@@ -33,8 +33,11 @@ def test_training_flushes_float32_denormals_unless_told_not_to(tmp_path, tiny_sd
     denormal = lambda: torch.tensor([1e-39], dtype=torch.float32) * 1.0  # below float32's smallest normal
     try:
         torch.set_flush_denormal(False)
-        cfg = load_config(write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                                       train={"steps": 1, "flush_denormal": False}))
+        cfg = load_config(
+            write_config(
+                tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 1, "flush_denormal": False}
+            )
+        )
         Trainer(cfg, run_dir=tmp_path / "off").fit()
         assert denormal().item() > 0
         cfg = load_config(write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 1}))
@@ -46,8 +49,15 @@ def test_training_flushes_float32_denormals_unless_told_not_to(tmp_path, tiny_sd
 
 def test_resume_is_bitwise_exact(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
     """4 steps straight == 2 steps, stop, resume for 2 more (with accumulation, warmup and EMA)."""
-    train = {"steps": 4, "grad_accum": 2, "batch_size": 2, "warmup_steps": 2, "ema_decay": 0.9,
-             "checkpoint_every": 2, "keep_last": 5}
+    train = {
+        "steps": 4,
+        "grad_accum": 2,
+        "batch_size": 2,
+        "warmup_steps": 2,
+        "ema_decay": 0.9,
+        "checkpoint_every": 2,
+        "keep_last": 5,
+    }
     p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train=train)
     Trainer(load_config(p), run_dir=tmp_path / "full").fit()
     Trainer(load_config(p, ["train.steps=2"]), run_dir=tmp_path / "split").fit()
@@ -61,11 +71,11 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
         assert torch.equal(fa[n], fb[n]), n
 
 
-
 def test_evaluation_uses_the_ema_weights(tmp_path, tiny_sd, tiny_clip, pairs_manifest, monkeypatch):
     """With train.ema_decay, evals sample the EMA weights (what `final/` holds), then restore."""
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                     train={"steps": 3, "ema_decay": 0.5, "lr": 1e-2})
+    p = write_config(
+        tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 3, "ema_decay": 0.5, "lr": 1e-2}
+    )
     tr = Trainer(load_config(p), run_dir=tmp_path / "run")
     tr.fit()
     params = [q for q in tr.unwrapped.parameters() if q.requires_grad]
@@ -86,9 +96,9 @@ def test_evaluation_uses_the_ema_weights(tmp_path, tiny_sd, tiny_clip, pairs_man
     final = load_file(str(tmp_path / "run/final/pytorch_lora_weights.safetensors"))
     assert len(final) == len(shadow)
 
+
 def test_checkpoint_is_atomic(tmp_path, tiny_sd, tiny_clip, pairs_manifest, monkeypatch):
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                     train={"steps": 4, "checkpoint_every": 2})
+    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 4, "checkpoint_every": 2})
     tr = Trainer(load_config(p, ["train.steps=2"]), run_dir=tmp_path / "run")
     tr.fit()
     good = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
@@ -118,10 +128,8 @@ def test_checkpoint_is_atomic(tmp_path, tiny_sd, tiny_clip, pairs_manifest, monk
     assert not (tmp_path / "run" / "checkpoints" / ".tmp-step_0000004").exists()
 
 
-def test_nan_loss_is_a_clear_error_and_keeps_checkpoints(tmp_path, tiny_sd, tiny_clip, pairs_manifest,
-                                                         monkeypatch):
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 4,
-                                                                                      "checkpoint_every": 2})
+def test_nan_loss_is_a_clear_error_and_keeps_checkpoints(tmp_path, tiny_sd, tiny_clip, pairs_manifest, monkeypatch):
+    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 4, "checkpoint_every": 2})
     tr = Trainer(load_config(p), run_dir=tmp_path / "run")
     real = tr.method.loss
     calls = {"n": 0}
@@ -138,9 +146,15 @@ def test_nan_loss_is_a_clear_error_and_keeps_checkpoints(tmp_path, tiny_sd, tiny
 
 
 def test_resume_latest_skips_a_damaged_checkpoint_and_matches_an_uninterrupted_run(
-        tmp_path, tiny_sd, tiny_clip, pairs_manifest, capsys):
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                     train={"steps": 4, "checkpoint_every": 1, "keep_last": 3})
+    tmp_path, tiny_sd, tiny_clip, pairs_manifest, capsys
+):
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        train={"steps": 4, "checkpoint_every": 1, "keep_last": 3},
+    )
     Trainer(load_config(p), run_dir=tmp_path / "full").fit()
     Trainer(load_config(p, ["train.steps=3"]), run_dir=tmp_path / "split").fit()
     newest = ckpt.step_dir(tmp_path / "split" / "checkpoints", 3)
@@ -165,9 +179,15 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_sd, tiny_clip, pai
 
 
 def test_full_finetune_and_eval_grid(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                     generator={"finetune": "full"}, train={"steps": 1, "gradient_checkpointing": True},
-                     eval={"enabled": True, "prompts": ["a red square", "a blue circle"], "num_steps": 2})
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        generator={"finetune": "full"},
+        train={"steps": 1, "gradient_checkpointing": True},
+        eval={"enabled": True, "prompts": ["a red square", "a blue circle"], "num_steps": 2},
+    )
     summary = Trainer(load_config(p), run_dir=tmp_path / "run").fit()
     assert (tmp_path / "run" / "final" / "unet" / "config.json").is_file()
     assert (tmp_path / "run" / "samples" / "step_0000000.png").is_file()
@@ -176,9 +196,14 @@ def test_full_finetune_and_eval_grid(tmp_path, tiny_sd, tiny_clip, pairs_manifes
 
 
 def test_eval_at_start_false_skips_only_the_base_evaluation(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
-    p = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, train={"steps": 2},
-                     eval={"enabled": True, "at_start": False, "every": 1, "prompts": ["a red square"],
-                           "num_steps": 2})
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        train={"steps": 2},
+        eval={"enabled": True, "at_start": False, "every": 1, "prompts": ["a red square"], "num_steps": 2},
+    )
     Trainer(load_config(p), run_dir=tmp_path / "run").fit()
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval" in r] == [1, 2]

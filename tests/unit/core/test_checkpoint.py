@@ -1,4 +1,5 @@
 """Checkpoint manifests, verification, fallback to the newest intact checkpoint, atomic pruning."""
+
 import hashlib
 import json
 
@@ -26,13 +27,22 @@ def test_state_json_carries_sizes_and_hashes_of_every_other_file(tmp_path):
     assert ckpt.verify(cp) is None
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda cp: (cp / "trainable.safetensors").write_bytes(b"weights" * 50), "has 350 bytes, the manifest says 700"),
-    (lambda cp: (cp / "trainable.safetensors").write_bytes(b"weighTs" + b"weights" * 99), "does not match its SHA-256"),
-    (lambda cp: (cp / "buffer_0" / "buffer.safetensors").unlink(), "buffer_0/buffer.safetensors is missing"),
-    (lambda cp: (cp / "state.json").write_text("{not json"), "state.json unreadable"),
-    (lambda cp: (cp / "state.json").write_bytes(b"\xff\xfe"), "state.json unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (
+            lambda cp: (cp / "trainable.safetensors").write_bytes(b"weights" * 50),
+            "has 350 bytes, the manifest says 700",
+        ),
+        (
+            lambda cp: (cp / "trainable.safetensors").write_bytes(b"weighTs" + b"weights" * 99),
+            "does not match its SHA-256",
+        ),
+        (lambda cp: (cp / "buffer_0" / "buffer.safetensors").unlink(), "buffer_0/buffer.safetensors is missing"),
+        (lambda cp: (cp / "state.json").write_text("{not json"), "state.json unreadable"),
+        (lambda cp: (cp / "state.json").write_bytes(b"\xff\xfe"), "state.json unreadable"),
+    ],
+)
 def test_verify_names_the_damage(tmp_path, damage, why):
     cp = write(tmp_path, 2)
     damage(cp)
@@ -46,8 +56,10 @@ def test_latest_intact_falls_back_and_says_what_it_skipped(tmp_path):
     (ckpt.step_dir(tmp_path, 4) / "trainable.safetensors").write_bytes(b"x" * 700)
     good, skipped = ckpt.latest_intact(tmp_path)
     assert good == ckpt.step_dir(tmp_path, 2)
-    assert [(p.name, "bytes" in w or "SHA-256" in w) for p, w in skipped] == [("step_0000006", True),
-                                                                              ("step_0000004", True)]
+    assert [(p.name, "bytes" in w or "SHA-256" in w) for p, w in skipped] == [
+        ("step_0000006", True),
+        ("step_0000004", True),
+    ]
     for step in (2,):
         (ckpt.step_dir(tmp_path, step) / "state.json").unlink()
     assert ckpt.latest_intact(tmp_path)[0] is None

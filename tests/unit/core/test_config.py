@@ -38,19 +38,28 @@ def _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, match, overrides=(), *
 
 
 def test_unknown_key(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
-    _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"train\.learning_rate: unknown key",
-            train={"learning_rate": 1.0})
+    _expect(
+        tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"train\.learning_rate: unknown key", train={"learning_rate": 1.0}
+    )
     _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"method\.betta: unknown key", ["method.betta=3"])
-    _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"generator\.lora\.rnk: unknown key",
-            ["generator.lora.rnk=3"])
+    _expect(
+        tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"generator\.lora\.rnk: unknown key", ["generator.lora.rnk=3"]
+    )
 
 
 def test_wrong_type(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
-    _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"train\.lr: expected a number, got 'fast'",
-            ["train.lr=fast"])
+    _expect(
+        tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"train\.lr: expected a number, got 'fast'", ["train.lr=fast"]
+    )
     _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"train\.steps: expected an integer", ["train.steps=1.5"])
-    _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"train\.mixed_precision: expected one of",
-            ["train.mixed_precision=fp8"])
+    _expect(
+        tmp_path,
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        r"train\.mixed_precision: expected one of",
+        ["train.mixed_precision=fp8"],
+    )
     _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"method\.beta: must be > 0, got -1\.0", ["method.beta=-1"])
 
 
@@ -59,8 +68,14 @@ def test_missing_required_and_unknown_names(tmp_path, tiny_sd, tiny_clip, pairs_
     p.write_text("generator: {name: sd}\nmethod: {name: diffusion_dpo}\n")
     with pytest.raises(ConfigError, match=r"g\.yaml: generator\.pretrained: missing required key"):
         load_config(p)
-    _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"method\.name: unknown method 'dpo_typo'",
-            ["method.name=dpo_typo"])
+    _expect(
+        tmp_path,
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        r"method\.name: unknown method 'dpo_typo'",
+        ["method.name=dpo_typo"],
+    )
     p = tmp_path / "m.yaml"
     p.write_text("generator: {name: sd, pretrained: x}\n")
     with pytest.raises(ConfigError, match=r"method: missing required key"):
@@ -70,10 +85,22 @@ def test_missing_required_and_unknown_names(tmp_path, tiny_sd, tiny_clip, pairs_
 def test_missing_files(tmp_path, tiny_sd, tiny_clip, pairs_manifest):
     with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
-    _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"data\.path: .*missing\.jsonl not found",
-            data={"kind": "manifest", "path": str(tmp_path / "missing.jsonl")})
-    _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, r"reward\.model: .*open_clip_config\.json not found",
-            reward={"name": "clip", "model": f"local-dir:{tmp_path}"})
+    _expect(
+        tmp_path,
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        r"data\.path: .*missing\.jsonl not found",
+        data={"kind": "manifest", "path": str(tmp_path / "missing.jsonl")},
+    )
+    _expect(
+        tmp_path,
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        r"reward\.model: .*open_clip_config\.json not found",
+        reward={"name": "clip", "model": f"local-dir:{tmp_path}"},
+    )
 
 
 def test_malformed_yaml(tmp_path):
@@ -138,7 +165,7 @@ def _config_classes():
     registry.load_plugins()
     yield from (("run", RunSection), ("data", DataConfig), ("train", TrainConfig), ("eval", EvalConfig))
     for kind, table in registry.KINDS.items():
-        for name, entry in sorted(table.items()):
+        for _name, entry in sorted(table.items()):
             yield f"{kind}", entry.config
 
 
@@ -171,21 +198,24 @@ def test_every_numeric_config_field_is_range_checked(where, cls, path, f, tp):
         parse_dataclass(cls, data, where)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.lr=-1e-5", r"train\.lr: must be > 0, got -1e-05"),
-    ("train.steps=0", r"train\.steps: must be >= 1, got 0"),
-    ("train.grad_accum=0", r"train\.grad_accum: must be >= 1, got 0"),
-    ("train.ema_decay=2.0", r"train\.ema_decay: must be >= 0 and < 1, got 2\.0"),
-    ("train.keep_last=0", r"train\.keep_last: must be >= 1, got 0"),
-    ("train.checkpoint_every=-1", r"train\.checkpoint_every: must be >= 0, got -1"),
-    ("train.log_every=0", r"train\.log_every: must be >= 1, got 0"),
-    ("train.batch_size=0", r"train\.batch_size: must be >= 1, got 0"),
-    ("train.adam_betas=[0.9,1.5]", r"train\.adam_betas\[1\]: must be >= 0 and < 1, got 1\.5"),
-    ("train.lr=.nan", r"train\.lr: must be a finite number, got nan"),
-    ("data.resolution=0", r"data\.resolution: must be >= 8, got 0"),
-    ("generator.resolution=0", r"generator\.resolution: must be >= 8, got 0"),
-    ("eval.num_steps=0", r"eval\.num_steps: must be >= 1, got 0"),
-    ("generator.lora.rank=0", r"generator\.lora\.rank: must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=-1e-5", r"train\.lr: must be > 0, got -1e-05"),
+        ("train.steps=0", r"train\.steps: must be >= 1, got 0"),
+        ("train.grad_accum=0", r"train\.grad_accum: must be >= 1, got 0"),
+        ("train.ema_decay=2.0", r"train\.ema_decay: must be >= 0 and < 1, got 2\.0"),
+        ("train.keep_last=0", r"train\.keep_last: must be >= 1, got 0"),
+        ("train.checkpoint_every=-1", r"train\.checkpoint_every: must be >= 0, got -1"),
+        ("train.log_every=0", r"train\.log_every: must be >= 1, got 0"),
+        ("train.batch_size=0", r"train\.batch_size: must be >= 1, got 0"),
+        ("train.adam_betas=[0.9,1.5]", r"train\.adam_betas\[1\]: must be >= 0 and < 1, got 1\.5"),
+        ("train.lr=.nan", r"train\.lr: must be a finite number, got nan"),
+        ("data.resolution=0", r"data\.resolution: must be >= 8, got 0"),
+        ("generator.resolution=0", r"generator\.resolution: must be >= 8, got 0"),
+        ("eval.num_steps=0", r"eval\.num_steps: must be >= 1, got 0"),
+        ("generator.lora.rank=0", r"generator\.lora\.rank: must be >= 1, got 0"),
+    ],
+)
 def test_out_of_range_values_name_the_key(tmp_path, tiny_sd, tiny_clip, pairs_manifest, override, message):
     _expect(tmp_path, tiny_sd, tiny_clip, pairs_manifest, message, [override])

@@ -6,8 +6,11 @@ from mmalign.config import load_config
 from tests.helpers import ROOT
 
 
-
-@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "accelerate"), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "accelerate"),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_config_parses(path, tmp_path):
     import yaml
 

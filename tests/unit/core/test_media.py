@@ -1,4 +1,5 @@
 """Images are decoded as viewers show them, or refused with a MediaError naming the file."""
+
 import io
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Each shipped generator, method and reward plays exactly the roles of mmalign.protocols it should,
 and the trainer and guidance refuse a component that lacks a role with one clear line."""
+
 import pytest
 import torch
 
@@ -13,8 +14,14 @@ from mmalign.types import Samples
 from tests.helpers import write_config
 
 GENERATOR_ROLES = (P.Generator, P.DiffusionGenerator, P.GuidableGenerator, P.TokenGenerator)
-METHOD_ROLES = (P.OnlineMethod, P.SetupMethod, P.AfterStepMethod, P.StatefulMethod, P.OwnDataMethod,
-                P.RewardOptionalMethod)
+METHOD_ROLES = (
+    P.OnlineMethod,
+    P.SetupMethod,
+    P.AfterStepMethod,
+    P.StatefulMethod,
+    P.OwnDataMethod,
+    P.RewardOptionalMethod,
+)
 REWARD_ROLES = (P.Reward, P.PairwiseJudge, P.OrderedPairwiseJudge, P.DistributionReward, P.MovesToDevice)
 
 
@@ -108,7 +115,7 @@ def test_distribution_reward_contract():
         def score_batch(self, samples, prompts):
             m = samples.images.flatten(1).mean(1)
             score = (m.mean() - 0.5).abs()
-            loo = torch.stack([(torch.cat([m[:i], m[i + 1:]]).mean() - 0.5).abs() for i in range(len(m))])
+            loo = torch.stack([(torch.cat([m[:i], m[i + 1 :]]).mean() - 0.5).abs() for i in range(len(m))])
             return score, score - loo
 
     r = MeanDistance()
@@ -119,13 +126,19 @@ def test_distribution_reward_contract():
 
 # --------------------------------------------------------------------------- clear errors
 def test_trainer_refuses_a_generator_without_the_methods_role(tmp_path, tiny_llava, tiny_clip, pairs_manifest):
-    p = write_config(tmp_path / "c.yaml", tiny_llava, tiny_clip, pairs_manifest,
-                     generator={"name": "vlm", "pretrained": str(tiny_llava)})
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_llava,
+        tiny_clip,
+        pairs_manifest,
+        generator={"name": "vlm", "pretrained": str(tiny_llava)},
+    )
     with pytest.raises(TrainingError) as e:
         Trainer(load_config(p), run_dir=tmp_path / "run")
     msg = str(e.value)
-    assert msg.startswith("method 'diffusion_dpo' needs a diffusion generator; generator 'vlm' (VLMGenerator) "
-                          "is not one (it lacks ")
+    assert msg.startswith(
+        "method 'diffusion_dpo' needs a diffusion generator; generator 'vlm' (VLMGenerator) is not one (it lacks "
+    )
     assert "denoise_error" in msg and "\n" not in msg
 
 
@@ -135,8 +148,11 @@ def test_guidance_refuses_a_generator_that_is_not_guidable(vlm_gen):
     def latent_score(x0, prompts):
         return x0.flatten(1).mean(1)
 
-    with pytest.raises(ConfigError, match=r"^dynamic CFG needs a guidable generator; generator VLMGenerator is "
-                                          r"not one \(it lacks .*cfg_outputs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^dynamic CFG needs a guidable generator; generator VLMGenerator is "
+        r"not one \(it lacks .*cfg_outputs",
+    ):
         dynamic_cfg_sample(vlm_gen, ["a"], latent_score, candidates=[1.0, 2.0], num_steps=2)
     with pytest.raises(TypeError):  # a RoleError is also a TypeError
         dynamic_cfg_sample(vlm_gen, ["a"], latent_score, candidates=[1.0, 2.0], num_steps=2)
@@ -153,6 +169,8 @@ def test_require_names_the_missing_members():
 
     with pytest.raises(P.RoleError) as e:
         P.require(HalfGuidable(), P.GuidableGenerator, "beam search")
-    assert str(e.value) == ("beam search needs a guidable generator; HalfGuidable is not one (it lacks alpha_sigma, "
-                            "cfg_outputs, encode_prompt, initial_latents, predicted_x0, sampler_step, "
-                            "sampling_timesteps, step_noise)")
+    assert str(e.value) == (
+        "beam search needs a guidable generator; HalfGuidable is not one (it lacks alpha_sigma, "
+        "cfg_outputs, encode_prompt, initial_latents, predicted_x0, sampler_step, "
+        "sampling_timesteps, step_noise)"
+    )

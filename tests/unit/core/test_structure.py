@@ -1,5 +1,6 @@
 """The package's shape: the core never imports the toy world, module-level imports form no
 cycle, built-ins are found by walking the packages, and the toy registers as a plug-in."""
+
 from __future__ import annotations
 
 import ast
@@ -56,7 +57,7 @@ def test_module_level_imports_form_no_cycle():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, path + [nxt])
@@ -97,9 +98,11 @@ def test_the_core_never_mentions_the_toy_world_in_code():
 
 def test_importing_every_core_module_leaves_the_toy_world_unimported():
     names = sorted(n for n in module_files() if not n.startswith("mmalign.toy") and not n.endswith("__main__"))
-    code = ("import importlib, json, sys\n"
-            f"for n in {names!r}:\n    importlib.import_module(n)\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mmalign.toy'))))")
+    code = (
+        "import importlib, json, sys\n"
+        f"for n in {names!r}:\n    importlib.import_module(n)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mmalign.toy'))))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
@@ -137,5 +140,4 @@ def test_a_missing_optional_package_names_itself(capsys, monkeypatch):
     monkeypatch.setattr(cli.score, "run", run)
     assert cli.main(["score", "--list"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: mmalign score needs the package 'soundfile', which is not installed "
-                   "(pip install soundfile)")
+    assert err == ("error: mmalign score needs the package 'soundfile', which is not installed (pip install soundfile)")

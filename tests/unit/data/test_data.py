@@ -5,8 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.data.preference import (DataError, PreferenceDataset, read_manifest, read_pickapic,
-                                     validate_pairs)
+from mmalign.data.preference import DataError, PreferenceDataset, read_manifest, read_pickapic, validate_pairs
 from mmalign.data.sampling import GlobalBatchSampler
 
 
@@ -24,10 +23,13 @@ def _manifest(tmp_path, rows, name="m.jsonl"):
 def test_manifest_ties_and_relative_paths(tmp_path):
     (tmp_path / "a.png").write_bytes(_png("red"))
     (tmp_path / "b.png").write_bytes(_png("blue"))
-    m = _manifest(tmp_path, [
-        {"prompt": "p1", "chosen": "a.png", "rejected": "b.png"},
-        {"prompt": "p2", "chosen": "b.png", "rejected": "a.png", "tie": True},
-    ])
+    m = _manifest(
+        tmp_path,
+        [
+            {"prompt": "p1", "chosen": "a.png", "rejected": "b.png"},
+            {"prompt": "p2", "chosen": "b.png", "rejected": "a.png", "tie": True},
+        ],
+    )
     ps = validate_pairs(read_manifest(m), skip_bad=False)
     assert len(ps.pairs) == 1 and ps.ties_dropped == 1
     item = PreferenceDataset(ps, resolution=32)[0]
@@ -44,11 +46,14 @@ def test_csv_manifest(tmp_path):
 def test_corrupt_and_missing_images_are_named(tmp_path):
     (tmp_path / "a.png").write_bytes(_png("red"))
     (tmp_path / "bad.png").write_bytes(_png("red")[:40])  # truncated
-    m = _manifest(tmp_path, [
-        {"prompt": "p1", "chosen": "a.png", "rejected": "bad.png"},
-        {"prompt": "p2", "chosen": "a.png", "rejected": "gone.png"},
-        {"prompt": "p3", "chosen": "a.png", "rejected": "a.png"},
-    ])
+    m = _manifest(
+        tmp_path,
+        [
+            {"prompt": "p1", "chosen": "a.png", "rejected": "bad.png"},
+            {"prompt": "p2", "chosen": "a.png", "rejected": "gone.png"},
+            {"prompt": "p3", "chosen": "a.png", "rejected": "a.png"},
+        ],
+    )
     with pytest.raises(DataError, match=r"bad\.png: not a readable image.*skip_bad"):
         validate_pairs(read_manifest(m), skip_bad=False)
     ps = validate_pairs(read_manifest(m), skip_bad=True)
@@ -68,12 +73,14 @@ def test_pickapic_columns_from_local_parquet(tmp_path):
     import datasets
 
     red, blue = _png("red"), _png("blue")
-    ds = datasets.Dataset.from_dict({
-        "caption": ["c0", "c1", "c2"],
-        "jpg_0": [red, red, red],
-        "jpg_1": [blue, blue, blue],
-        "label_0": [1.0, 0.0, 0.5],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "caption": ["c0", "c1", "c2"],
+            "jpg_0": [red, red, red],
+            "jpg_1": [blue, blue, blue],
+            "label_0": [1.0, 0.0, 0.5],
+        }
+    )
     ds.to_parquet(str(tmp_path / "train.parquet"))
     ps = validate_pairs(read_pickapic(tmp_path), skip_bad=False)
     assert [p.prompt for p in ps.pairs] == ["c0", "c1"] and ps.ties_dropped == 1

@@ -1,6 +1,7 @@
 """AI-feedback pair builder (mmalign/data/vlm_feedback.py): the shipped toy VLM sampling K
 answers ranked by the toy world's exact checker or a tiny random VLM judge, POVID-style
 perturbed rejections, and the `mmalign pairs` command."""
+
 import json
 import random
 from types import SimpleNamespace
@@ -11,8 +12,14 @@ import torch
 from mmalign.cli import main
 from mmalign.data.preference import DataError
 from mmalign.data.vlm import read_rows
-from mmalign.data.vlm_feedback import (DEFAULT_JUDGE_TEMPLATE, build_feedback_pairs, compose_texts, judge_scorer,
-                                       read_items, rule_scorer)
+from mmalign.data.vlm_feedback import (
+    DEFAULT_JUDGE_TEMPLATE,
+    build_feedback_pairs,
+    compose_texts,
+    judge_scorer,
+    read_items,
+    rule_scorer,
+)
 from mmalign.media import MediaError
 from mmalign.toy.vlm_world import QA, QTYPES, check_answer, question_type, questions_for, split_scenes, wrong_answer
 
@@ -65,14 +72,15 @@ class StubGenerator:
 
     def rollout(self, prompts, images=None, num_samples=1, **_):
         assert len(images) == len(prompts)
-        batch, self.answers = self.answers[:len(prompts)], self.answers[len(prompts):]
+        batch, self.answers = self.answers[: len(prompts)], self.answers[len(prompts) :]
         return SimpleNamespace(samples=SimpleNamespace(text=[a for ans in batch for a in ans[:num_samples]]))
 
 
 def test_toy_policy_ranked_by_the_exact_checker(toy, generator, tmp_path):
     score = checker(toy)
-    report = build_feedback_pairs(generator, toy.path, score, num_samples=4, out_dir=tmp_path, seed=0,
-                                  log=lambda *_: None)
+    report = build_feedback_pairs(
+        generator, toy.path, score, num_samples=4, out_dir=tmp_path, seed=0, log=lambda *_: None
+    )
     assert report.items == 8 and report.pairs + report.ties_dropped == 8
     assert report.pairs >= 1  # the toy VLM is imperfect: some items get a right and a wrong sample
     rows = read_rows(report.path).rows  # the format the VLM methods read
@@ -96,8 +104,9 @@ def test_ties_are_dropped_and_counted(toy, tmp_path):
     items = read_items(toy.path)[:3]
     answers = [["a", "a", "a"], ["b", "c", "b"], ["x", "y", "z"]]
     score = rule_scorer(lambda im, prompt, r: {"b": 0.0, "c": 2.0, "x": 1.0, "y": 1.0, "z": 1.0}.get(r, 5.0))
-    report = build_feedback_pairs(StubGenerator(answers), items, score, num_samples=3, out_dir=tmp_path,
-                                  log=lambda *_: None)
+    report = build_feedback_pairs(
+        StubGenerator(answers), items, score, num_samples=3, out_dir=tmp_path, log=lambda *_: None
+    )
     assert (report.pairs, report.ties_dropped) == (1, 2)  # item 0: same text; item 2: equal scores
     (row,) = read_rows(report.path).rows
     assert (row.chosen, row.rejected, row.margin) == ("c", "b", 2.0)
@@ -143,8 +152,9 @@ def test_povid_perturbed_rejections_are_wrong(toy, tmp_path):
     def perturb(im, prompt, reference):
         return wrong_answer(QA(question_type(prompt), prompt, reference), toy.scene(im), rng)
 
-    report = build_feedback_pairs(None, toy.path, checker(toy), out_dir=tmp_path, rejected="perturb",
-                                  perturb=perturb, log=lambda *_: None)
+    report = build_feedback_pairs(
+        None, toy.path, checker(toy), out_dir=tmp_path, rejected="perturb", perturb=perturb, log=lambda *_: None
+    )
     rows = read_rows(report.path).rows
     assert report.pairs == len(rows) == 8 and report.ties_dropped == 0
     for row in rows:
@@ -172,8 +182,28 @@ def test_items_errors_name_the_problem(tmp_path, toy):
 def test_cli_writes_pairs_and_fails_clearly(toy, judge, tmp_path, capsys):
     judge_dir, _ = judge
     out = tmp_path / "out"
-    assert main(["pairs", "--model", "toy:vlm_toy", "--items", str(toy.path), "--judge", "vlm_judge",
-                 "--judge-args", f"model={judge_dir}", "--k", "2", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "pairs",
+                "--model",
+                "toy:vlm_toy",
+                "--items",
+                str(toy.path),
+                "--judge",
+                "vlm_judge",
+                "--judge-args",
+                f"model={judge_dir}",
+                "--k",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_rows(out / "pairs.jsonl").rows
     assert rows and all(r.chosen != r.rejected for r in rows)
     assert "pairs from 8 items" in capsys.readouterr().out
@@ -184,8 +214,20 @@ def test_cli_writes_pairs_and_fails_clearly(toy, judge, tmp_path, capsys):
         (["--judge", "nope"], "unknown reward 'nope'"),
     ]
     for extra, msg in cases:
-        argv = ["pairs", "--model", "toy:vlm_toy", "--items", str(toy.path), "--judge", "vlm_judge",
-                "--k", "2", "--out", str(out), *extra]
+        argv = [
+            "pairs",
+            "--model",
+            "toy:vlm_toy",
+            "--items",
+            str(toy.path),
+            "--judge",
+            "vlm_judge",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ]
         assert main(argv) == 2, extra
         assert msg in capsys.readouterr().err, extra
 
@@ -194,8 +236,15 @@ def test_reference_joins_the_candidates_and_judge_template_warning(toy, tmp_path
     items = read_items(toy.path)[:2]
     score = checker(toy)
     wrong = ["purple", "seven"]  # never a right answer to a toy question
-    report = build_feedback_pairs(StubGenerator([wrong, wrong]), items, score, num_samples=2, out_dir=tmp_path,
-                                  include_reference=True, log=lambda *_: None)
+    report = build_feedback_pairs(
+        StubGenerator([wrong, wrong]),
+        items,
+        score,
+        num_samples=2,
+        out_dir=tmp_path,
+        include_reference=True,
+        log=lambda *_: None,
+    )
     rows = read_rows(report.path).rows
     assert report.pairs == 2 and [r.chosen for r in rows] == [it.reference for it in items]
     cfg = SimpleNamespace(mode="yes_no", yes_no_template='Does "{prompt}"?')
