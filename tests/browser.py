@@ -56,3 +56,15 @@ def assert_not_blank(png: bytes, min_colors: int = 16) -> None:
     colors = im.getcolors(maxcolors=1 << 20) or []
     assert len(colors) >= min_colors, f"screenshot has only {len(colors)} colours"
     assert max(ImageStat.Stat(im).stddev) > 10, "screenshot has almost no contrast"
+
+
+def wait_for(driver, script: str, timeout: float = 5.0) -> None:
+    """Poll a JavaScript expression (`return ...`) until it is truthy (images load asynchronously)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if driver.execute_script(script):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"still false after {timeout} s: {script}")

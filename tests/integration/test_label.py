@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from mmalign.label.store import LabelError, LabelStore
-from tests.browser import assert_not_blank, chromium, console_errors
+from tests.browser import assert_not_blank, chromium, console_errors, wait_for
 from tests.helpers import ROOT, write_config
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -96,7 +96,8 @@ def test_label_by_keyboard_undo_kill_restart_then_train_d3po(round_dir, tmp_path
             browser.get(f"http://127.0.0.1:{port}/")
             _wait_text(browser, "progress", "0 / 3 labelled")
             assert browser.find_element("id", "prompt").text == PROMPTS[0]
-            assert browser.execute_script("return document.querySelector('#left img').naturalWidth") > 0
+            wait_for(browser, "return document.querySelector('#left img').complete && "
+                              "document.querySelector('#left img').naturalWidth > 0")  # the image has loaded
             assert_not_blank(browser.get_screenshot_as_png())
             _press(browser, Keys.ARROW_LEFT, "1 / 3 labelled")  # pair 0: left
             _press(browser, Keys.ARROW_RIGHT, "2 / 3 labelled")  # pair 1: right ...

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from mmalign.report import ReportError, build_report, curve_points, read_run
-from tests.browser import assert_not_blank, chromium, console_errors
+from tests.browser import assert_not_blank, chromium, console_errors, wait_for
 from tests.helpers import write_config
 
 
@@ -62,7 +62,7 @@ def test_report_renders_in_chromium_without_errors(runs, tmp_path):
         browser.execute_script("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'))", slider)
         assert browser.find_element("id", "step-0").text == "step 0"
         assert browser.find_element("id", "grid-0").get_attribute("src") != last
-        assert browser.execute_script("return document.getElementById('grid-0').naturalWidth") > 0
+        wait_for(browser, "return document.getElementById('grid-0').naturalWidth > 0")  # the grid is shown
         assert_not_blank(browser.get_screenshot_as_png())
         assert console_errors(browser) == []
     assert time.perf_counter() - t0 < 20
