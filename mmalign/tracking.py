@@ -76,7 +76,8 @@ def start(accelerator, config: dict[str, Any], run_name: str, run_dir: str | Pat
         import mlflow  # deferred: the optional tracker's package
 
         mlflow.set_tracking_uri(f"sqlite:///{(root / 'mlflow.db').resolve()}")  # MLflow's local store
-    init_kwargs = {"wandb": {"name": run_name, "dir": str(root), "mode": os.environ.get("WANDB_MODE", "offline")}}
+    init_kwargs = {"wandb": {"name": run_name, "dir": str(root), "mode": os.environ.get("WANDB_MODE", "offline")},
+                   "mlflow": {"logging_dir": (root / "mlflow-artifacts").resolve().as_uri()}}  # not ./mlruns
     accelerator.init_trackers(run_name, config=flat_config(config), init_kwargs=init_kwargs)
 
 

@@ -92,15 +92,18 @@ def test_trackio_and_mlflow_read_back(tmp_path):
         pytest.skip("neither trackio nor mlflow is installed (pip install 'mmalign[trackers]')")
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    (tmp_path / "cwd").mkdir()
     res = subprocess.run([sys.executable, "-c", READ_BACK, ",".join(names), str(tmp_path / "run")], env=env,
-                         capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.split("RESULT")[-1].splitlines()[0])
     want = {"loss": {"1": 0.5}, "lr": {"1": 1e-3}, "eval/reward": {"2": 0.3}}
     if "mlflow" in names:
         assert out["mlflow"] == want and out["mlflow_params"] == {"train.lr": "0.001"}
         assert out["mlflow_images"] == ["eval/samples/step_0000002.png"]
-        assert (tmp_path / "run" / "trackers" / "mlflow.db").is_file()  # local, in the run directory
+        assert (tmp_path / "run" / "trackers" / "mlflow.db").is_file()  # local, in the run directory ...
+        assert list((tmp_path / "run" / "trackers" / "mlflow-artifacts").glob("*/artifacts/eval/samples/*.png"))
+        assert not (tmp_path / "cwd" / "mlruns").exists()  # ... not in the working directory
     if "trackio" in names:
         assert {k: v for k, v in out["trackio"].items() if k != "eval/samples"} == want
         assert out["trackio"]["eval/samples"]["2"]["_type"] == "trackio.image"
