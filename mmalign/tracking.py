@@ -11,8 +11,8 @@ same steps), `log_image` with every evaluation grid, and `Accelerator.end_traini
 Offline by default: nothing leaves the machine unless the user asks. TensorBoard writes to
 RUN/trackers/<run name>/; W&B runs in offline mode in RUN/trackers/wandb/ (`wandb sync` uploads
 it later; WANDB_MODE=online logs live); MLflow to the SQLite store RUN/trackers/mlflow.db and
-RUN/trackers/mlflow-artifacts/ (unless MLFLOW_TRACKING_URI is set); trackio to its local database (its default directory, or
-TRACKIO_DIR), as it does without a Space.
+RUN/trackers/mlflow-artifacts/ (unless MLFLOW_TRACKING_URI is set); trackio to its local
+database (its default directory, or TRACKIO_DIR), as it does without a Space.
 """
 from __future__ import annotations
 
