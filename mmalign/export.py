@@ -12,6 +12,7 @@ Every export also writes OUT/README.md, a model card in the Hub's format (YAML m
 base model, method, reward, data, steps and final evaluation). The directory is written beside
 OUT and renamed into place, so a failed export leaves no half-written OUT.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,12 @@ FORMATS = ("diffusers", "kohya", "peft")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # kohya's `ss_base_model_version` per architecture (sd-scripts' metadata)
 KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}
-ARCH_NAMES = {"sd15": "Stable Diffusion 1.x", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1",
-              "sd3": "Stable Diffusion 3"}
+ARCH_NAMES = {
+    "sd15": "Stable Diffusion 1.x",
+    "sdxl": "Stable Diffusion XL",
+    "flux": "FLUX.1",
+    "sd3": "Stable Diffusion 3",
+}
 
 
 class ExportError(ValueError):
@@ -107,8 +112,10 @@ def load_lora(run: RunInfo) -> Lora:
     final = run.path / "final"
     if not (final / LORA_FILE).is_file():
         if final.is_dir():
-            raise ExportError(f"{final}: holds fully fine-tuned weights, not a LoRA; load that directory with "
-                              "diffusers directly (kohya and peft exports need generator.finetune: lora)")
+            raise ExportError(
+                f"{final}: holds fully fine-tuned weights, not a LoRA; load that directory with "
+                "diffusers directly (kohya and peft exports need generator.finetune: lora)"
+            )
         raise ExportError(f"{run.path}: no final/ weights (the run did not finish); nothing to export")
     sd = load_file(str(final / LORA_FILE))
     component = "unet" if any(k.startswith("unet.") for k in sd) else "transformer"
@@ -118,8 +125,9 @@ def load_lora(run: RunInfo) -> Lora:
     rank = int(lora_cfg.get("rank") or next(v.shape[0] for k, v in sd.items() if "lora_A" in k))
     alpha = float(lora_cfg.get("alpha") or rank)
     modules = sorted({k.split(".lora_")[0] for k in sd})  # the exact layers, if the config does not say
-    return Lora(sd, component, _architecture(run, component, sd), rank, alpha,
-                list(lora_cfg.get("target_modules") or modules))
+    return Lora(
+        sd, component, _architecture(run, component, sd), rank, alpha, list(lora_cfg.get("target_modules") or modules)
+    )
 
 
 def _architecture(run: RunInfo, component: str, sd: dict) -> str:
@@ -150,8 +158,10 @@ def to_kohya(lora: Lora) -> dict[str, Any]:
     if lora.arch == "flux":
         return flux_to_kohya(lora)
     if lora.arch == "sd3":
-        raise ExportError("kohya export: SD3 LoRAs have no kohya key layout that ComfyUI / AUTOMATIC1111 agree on; "
-                          "use --format diffusers (ComfyUI loads diffusers-format SD3 LoRAs)")
+        raise ExportError(
+            "kohya export: SD3 LoRAs have no kohya key layout that ComfyUI / AUTOMATIC1111 agree on; "
+            "use --format diffusers (ComfyUI loads diffusers-format SD3 LoRAs)"
+        )
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     out = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.state_dict.items()})
@@ -163,8 +173,10 @@ def to_kohya(lora: Lora) -> dict[str, Any]:
 _FLUX_FUSED = {
     "double_blocks_{i}_img_attn_qkv": ("transformer_blocks.{i}.attn.", ["to_q", "to_k", "to_v"]),
     "double_blocks_{i}_txt_attn_qkv": ("transformer_blocks.{i}.attn.", ["add_q_proj", "add_k_proj", "add_v_proj"]),
-    "single_blocks_{i}_linear1": ("single_transformer_blocks.{i}.",
-                                  ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]),
+    "single_blocks_{i}_linear1": (
+        "single_transformer_blocks.{i}.",
+        ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+    ),
 }
 _FLUX_SINGLE = {
     "double_blocks_{i}_img_attn_proj": "transformer_blocks.{i}.attn.to_out.0",
@@ -232,11 +244,16 @@ def write_diffusers(lora: Lora, out: Path) -> list[str]:
     meta = _adapter_metadata(lora)
     if lora.component == "unet":
         StableDiffusionLoraLoaderMixin.save_lora_weights(
-            out, unet_lora_layers=lora.state_dict, unet_lora_adapter_metadata=meta, safe_serialization=True)
+            out, unet_lora_layers=lora.state_dict, unet_lora_adapter_metadata=meta, safe_serialization=True
+        )
     else:
         mixin = FluxLoraLoaderMixin if lora.arch == "flux" else SD3LoraLoaderMixin
-        mixin.save_lora_weights(out, transformer_lora_layers=lora.state_dict,
-                                transformer_lora_adapter_metadata=meta, safe_serialization=True)
+        mixin.save_lora_weights(
+            out,
+            transformer_lora_layers=lora.state_dict,
+            transformer_lora_adapter_metadata=meta,
+            safe_serialization=True,
+        )
     return [LORA_FILE]
 
 
@@ -245,8 +262,13 @@ def write_kohya(lora: Lora, out: Path, name: str) -> list[str]:
     from safetensors.torch import save_file
 
     file = f"{_slug(name)}.safetensors"
-    meta = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
-            "ss_network_alpha": str(lora.alpha), "ss_base_model_version": KOHYA_BASE_VERSION[lora.arch]}
+    meta = {
+        "format": "pt",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora.rank),
+        "ss_network_alpha": str(lora.alpha),
+        "ss_base_model_version": KOHYA_BASE_VERSION[lora.arch],
+    }
     save_file(to_kohya(lora), str(out / file), metadata=meta)
     return [file]
 
@@ -256,10 +278,14 @@ def write_peft(lora: Lora, out: Path, base: str) -> list[str]:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules,
-               base_model_name_or_path=base).save_pretrained(str(out))
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in lora.state_dict.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules, base_model_name_or_path=base
+    ).save_pretrained(str(out))
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in lora.state_dict.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -278,34 +304,52 @@ def model_card(run: RunInfo, lora: Lora, fmt: str, files: list[str]) -> str:
     data = cfg.get("data", {})
     base = base_model(run)
     hub_base = base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
-    card_data = ModelCardData(base_model=hub_base, library_name="diffusers", license=None,
-                              tags=["lora", "text-to-image", "mmalign", method, lora.arch, f"{fmt}-format"])
+    card_data = ModelCardData(
+        base_model=hub_base,
+        library_name="diffusers",
+        license=None,
+        tags=["lora", "text-to-image", "mmalign", method, lora.arch, f"{fmt}-format"],
+    )
     data_desc = data.get("path") or data.get("prompts") or "?"
-    reward_desc = (f"`{reward.get('name')}`" + (f" ({reward.get('model')})" if reward.get("model") else "")
-                   if reward else "none (human labels or a fixed preference data set)")
-    lines = [f"# {run.name}", "",
-             f"A LoRA for {ARCH_NAMES[lora.arch]} trained with mmalign's `{method}` method.", "",
-             "| | |", "|---|---|",
-             f"| Base model | `{base}` |", f"| Method | `{method}` |", f"| Reward | {reward_desc} |",
-             f"| Data | {data.get('kind', '?')}: `{data_desc}` |",
-             f"| Steps | {run.steps if run.steps is not None else '?'} |",
-             f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.target_modules)} |",
-             f"| Format | {fmt}: {', '.join(files)} |", ""]
+    reward_desc = (
+        f"`{reward.get('name')}`" + (f" ({reward.get('model')})" if reward.get("model") else "")
+        if reward
+        else "none (human labels or a fixed preference data set)"
+    )
+    lines = [
+        f"# {run.name}",
+        "",
+        f"A LoRA for {ARCH_NAMES[lora.arch]} trained with mmalign's `{method}` method.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Base model | `{base}` |",
+        f"| Method | `{method}` |",
+        f"| Reward | {reward_desc} |",
+        f"| Data | {data.get('kind', '?')}: `{data_desc}` |",
+        f"| Steps | {run.steps if run.steps is not None else '?'} |",
+        f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.target_modules)} |",
+        f"| Format | {fmt}: {', '.join(files)} |",
+        "",
+    ]
     numbers = {k: v for k, v in run.final_eval.items() if isinstance(v, (int, float)) and k != "step"}
     if numbers:
-        lines += [f"## Final evaluation (step {run.final_eval.get('step', '?')})", "", "| metric | value |",
-                  "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in numbers.items()] + [""]
+        lines += (
+            [f"## Final evaluation (step {run.final_eval.get('step', '?')})", "", "| metric | value |", "|---|---|"]
+            + [f"| {k} | {v:.4g} |" for k, v in numbers.items()]
+            + [""]
+        )
     lines += ["## Use", "", USAGE[fmt].format(base=base, file=files[0]), ""]
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 USAGE = {
     "diffusers": "```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
-                 "\"{base}\")\npipe.load_lora_weights(\"path/to/this/folder\")\n```",
+    '"{base}")\npipe.load_lora_weights("path/to/this/folder")\n```',
     "kohya": "Copy `{file}` into ComfyUI's `models/loras/` (or AUTOMATIC1111 / Forge's `models/Lora/`). "
-             "diffusers reads it too: `pipe.load_lora_weights(\"path/to/this/folder\", weight_name=\"{file}\")`.",
+    'diffusers reads it too: `pipe.load_lora_weights("path/to/this/folder", weight_name="{file}")`.',
     "peft": "```python\nfrom peft import PeftModel\n\ndenoiser = PeftModel.from_pretrained(pipe.unet, "
-            "\"path/to/this/folder\")  # pipe.transformer for SD3 / FLUX\n```",
+    '"path/to/this/folder")  # pipe.transformer for SD3 / FLUX\n```',
 }
 
 

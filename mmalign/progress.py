@@ -8,6 +8,7 @@ not a terminal, `throttle_when_not_a_terminal` makes every bar redraw at most on
 arguments and a TQDM_MININTERVAL set by the user still win. The command line calls it first
 thing, before tqdm is imported (tqdm reads its TQDM_* defaults when it is imported).
 """
+
 from __future__ import annotations
 
 import os

@@ -14,6 +14,7 @@ The page (every image embedded, nothing fetched) shows, for one run or several o
 Input is what the trainer writes (see mmalign/trainer.py): config.yaml, metrics.jsonl,
 samples/step_*.png, summary.json, rollouts/. matplotlib is the `report` extra.
 """
+
 from __future__ import annotations
 
 import base64
@@ -64,8 +65,9 @@ def read_run(path: str | Path) -> Run:
     """Read config.yaml, metrics.jsonl, samples/ and summary.json of a run directory."""
     p = Path(path)
     if not (p / "config.yaml").is_file() or not (p / "metrics.jsonl").is_file():
-        raise ReportError(f"{p}: not a run directory (no config.yaml and metrics.jsonl); "
-                          "give the --output-dir of `mmalign train`")
+        raise ReportError(
+            f"{p}: not a run directory (no config.yaml and metrics.jsonl); give the --output-dir of `mmalign train`"
+        )
     config = yaml.safe_load((p / "config.yaml").read_text()) or {}
     run = Run(p, p.name, config)
     for line in (p / "metrics.jsonl").read_text().splitlines():
@@ -139,7 +141,7 @@ def plot_curves(runs: list[Run]) -> list[tuple[str, str]]:
         fig.savefig(buf, format="svg")
         plt.close(fig)
         svg = buf.getvalue()
-        out.append((title, svg[svg.index("<svg"):]))  # drop the XML prolog: the SVG sits inside HTML
+        out.append((title, svg[svg.index("<svg") :]))  # drop the XML prolog: the SVG sits inside HTML
     return out
 
 
@@ -214,7 +216,8 @@ def training_items(run: Run) -> tuple[str, list[dict[str, Any]]]:
     data = run.config.get("data") or {}
     if method.get("labels") and method.get("buffer"):
         return "Labelled pairs (D3PO, human labels; the preferred image is marked)", _labelled(
-            Path(method["buffer"]), Path(method["labels"]))
+            Path(method["buffer"]), Path(method["labels"])
+        )
     rounds = sorted((run.path / "rollouts").glob("round_*/rollout.jsonl"))
     if rounds:
         return f"Rollouts of {rounds[-1].parent.name} (the last saved round) with their rewards", _rollout(rounds[-1])
@@ -265,8 +268,11 @@ def _rollout(jsonl: Path) -> list[dict[str, Any]]:
 def _manifest(path: Path) -> list[dict[str, Any]]:
     items = []
     for row in _jsonl(path)[:MAX_PAIRS]:
-        images = [img for key in ("chosen", "rejected") if isinstance(row.get(key), str)
-                  and (img := _image(path.parent / row[key], key))]
+        images = [
+            img
+            for key in ("chosen", "rejected")
+            if isinstance(row.get(key), str) and (img := _image(path.parent / row[key], key))
+        ]
         items.append({"prompt": row.get("prompt", ""), "images": images})
     return items
 
@@ -311,20 +317,34 @@ def render(runs: list[Run]) -> str:
     per_run = []
     for i, run in enumerate(runs):
         what, items = training_items(run)
-        per_run.append({
-            "i": i, "name": run.name, "grids": [(s, data_uri(p)) for s, p in run.grids],
-            "before_after": before_after(run), "training_title": what, "training": items,
-            "config": yaml.safe_dump(run.config, sort_keys=False),
-            "summary": json.dumps(run.summary, indent=2) if run.summary else "",
-            "final_eval": {k: v for k, v in (run.evals[-1]["eval"] if run.evals else {}).items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            "steps": run.summary.get("steps", (run.train[-1]["step"] if run.train else 0)),
-            "method": (run.config.get("method") or {}).get("name", "?"),
-        })
+        per_run.append(
+            {
+                "i": i,
+                "name": run.name,
+                "grids": [(s, data_uri(p)) for s, p in run.grids],
+                "before_after": before_after(run),
+                "training_title": what,
+                "training": items,
+                "config": yaml.safe_dump(run.config, sort_keys=False),
+                "summary": json.dumps(run.summary, indent=2) if run.summary else "",
+                "final_eval": {
+                    k: v
+                    for k, v in (run.evals[-1]["eval"] if run.evals else {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                },
+                "steps": run.summary.get("steps", (run.train[-1]["step"] if run.train else 0)),
+                "method": (run.config.get("method") or {}).get("name", "?"),
+            }
+        )
     curves = [(t, Markup(svg)) for t, svg in plot_curves(runs)]
     return env.from_string(TEMPLATE).render(
-        title="mmalign report: " + ", ".join(r.name for r in runs), runs=per_run, curves=curves,
-        environment=environment(), script=Markup(SCRIPT), style=Markup(STYLE))
+        title="mmalign report: " + ", ".join(r.name for r in runs),
+        runs=per_run,
+        curves=curves,
+        environment=environment(),
+        script=Markup(SCRIPT),
+        style=Markup(STYLE),
+    )
 
 
 STYLE = """

@@ -14,6 +14,7 @@ it later; WANDB_MODE=online logs live); MLflow to the SQLite store RUN/trackers/
 RUN/trackers/mlflow-artifacts/ (unless MLFLOW_TRACKING_URI is set); trackio to its local
 database (its default directory, or TRACKIO_DIR), as it does without a Space.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,8 +32,10 @@ def check_report_to(names: list[str]) -> None:
         if name not in TRACKERS:
             raise ValueError(f"report_to: unknown tracker {name!r}; expected some of {', '.join(TRACKERS)}")
         if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ValueError(f"report_to: {name} needs the package {PACKAGES[name]!r}, which is not installed "
-                             f"(pip install {PACKAGES[name]}, or pip install 'mmalign[trackers]')")
+            raise ValueError(
+                f"report_to: {name} needs the package {PACKAGES[name]!r}, which is not installed "
+                f"(pip install {PACKAGES[name]}, or pip install 'mmalign[trackers]')"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"report_to: a tracker is named twice in {names}")
 
@@ -76,8 +79,10 @@ def start(accelerator, config: dict[str, Any], run_name: str, run_dir: str | Pat
         import mlflow  # deferred: the optional tracker's package
 
         mlflow.set_tracking_uri(f"sqlite:///{(root / 'mlflow.db').resolve()}")  # MLflow's local store
-    init_kwargs = {"wandb": {"name": run_name, "dir": str(root), "mode": os.environ.get("WANDB_MODE", "offline")},
-                   "mlflow": {"logging_dir": (root / "mlflow-artifacts").resolve().as_uri()}}  # not ./mlruns
+    init_kwargs = {
+        "wandb": {"name": run_name, "dir": str(root), "mode": os.environ.get("WANDB_MODE", "offline")},
+        "mlflow": {"logging_dir": (root / "mlflow-artifacts").resolve().as_uri()},
+    }  # not ./mlruns
     accelerator.init_trackers(run_name, config=flat_config(config), init_kwargs=init_kwargs)
 
 

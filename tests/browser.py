@@ -1,5 +1,6 @@
 """Headless Chromium for the page tests: the system browser (Debian's `chromium` and
 `chromium-driver` packages) driven by Selenium; tests skip with the reason when it is missing."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,15 @@ def chromium(width: int = 1200, height: int = 900) -> Iterator:
     browser, driver_path = find_chromium()
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--no-first-run", "--disable-extensions"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=opts)

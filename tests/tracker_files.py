@@ -1,5 +1,6 @@
 """Read back what the trackers wrote: TensorBoard event files (TensorBoard's own reader) and a
 W&B offline run's .wandb file (its record log, parsed with W&B's protobuf messages)."""
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,11 @@ def _wandb_records(path: Path) -> list[bytes]:
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             pos += left
             continue
-        record += data[pos + 7:pos + 7 + length]
+        record += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             records.append(record)
@@ -69,10 +70,17 @@ def wandb_offline_run(run_dir: Path) -> tuple[dict[str, dict[int, float]], dict,
         if kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in rec.config.update})
         elif kind == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in rec.history.item})
-    images = sorted({k.removesuffix("/_type") for r in rows for k, v in r.items()
-                     if k.endswith("/_type") and v == "images/separated"})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            )
+    images = sorted(
+        {
+            k.removesuffix("/_type")
+            for r in rows
+            for k, v in r.items()
+            if k.endswith("/_type") and v == "images/separated"
+        }
+    )
     history: dict[str, dict[int, float]] = {}
     for row in rows:
         for key, value in row.items():

@@ -1,4 +1,5 @@
 """`mmalign export RUN --format diffusers | kohya | peft [--out DIR]`: a run's LoRA for other tools."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,12 @@ FORMATS = ("diffusers", "kohya", "peft")  # mmalign.export.FORMATS, repeated to 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `export` subcommand."""
-    p = sub.add_parser("export", help="export a run's LoRA for diffusers, ComfyUI / AUTOMATIC1111 (kohya) or peft",
-                       description="Write RUN's trained LoRA (RUN/final/) in diffusers, kohya (ComfyUI, AUTOMATIC1111, "
-                                   "Forge; SD1.5, SDXL, FLUX) or peft format, with a model card README.md.")
+    p = sub.add_parser(
+        "export",
+        help="export a run's LoRA for diffusers, ComfyUI / AUTOMATIC1111 (kohya) or peft",
+        description="Write RUN's trained LoRA (RUN/final/) in diffusers, kohya (ComfyUI, AUTOMATIC1111, "
+        "Forge; SD1.5, SDXL, FLUX) or peft format, with a model card README.md.",
+    )
     p.add_argument("run", help="a run directory (the --output-dir of `mmalign train`)")
     p.add_argument("--format", required=True, help="diffusers | kohya | peft")
     p.add_argument("--out", help="output directory (default: RUN/export/FORMAT)")

@@ -1,4 +1,5 @@
 """`mmalign label DIR [--port N] [--open]`: label the pairs of `mmalign sample --label-pairs` in a browser."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,13 @@ from mmalign.config import flag  # light: yaml and the registries
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `label` subcommand."""
-    p = sub.add_parser("label", help="a local web page to label the pairs of `mmalign sample --label-pairs`",
-                       description="Serve DIR's pairs on http://127.0.0.1:PORT/: the two samples side by side; keys "
-                                   "left arrow / 1, right arrow / 2, down arrow / t (tie), s (skip), u (undo). Every "
-                                   "answer is written to DIR/pairs.jsonl at once (atomically).")
+    p = sub.add_parser(
+        "label",
+        help="a local web page to label the pairs of `mmalign sample --label-pairs`",
+        description="Serve DIR's pairs on http://127.0.0.1:PORT/: the two samples side by side; keys "
+        "left arrow / 1, right arrow / 2, down arrow / t (tie), s (skip), u (undo). Every "
+        "answer is written to DIR/pairs.jsonl at once (atomically).",
+    )
     p.add_argument("dir", metavar="DIR", help="a round written by `mmalign sample --label-pairs --out DIR`")
     p.add_argument("--port", type=flag(int, ge=0, le=65535), default=8765, help="port on 127.0.0.1 (default 8765)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")

@@ -1,4 +1,5 @@
 """`mmalign report RUN [RUN ...] [--out FILE]`: one self-contained HTML page of one run or several."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,13 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `report` subcommand."""
-    p = sub.add_parser("report", help="write an HTML report of runs: curves, sample grids, pairs, config",
-                       description="One self-contained HTML file: reward / gold / diversity / KL curves (runs "
-                                   "overlaid), evaluation grids with a step slider, before/after per prompt, the "
-                                   "training pairs or rollouts, each run's config.")
+    p = sub.add_parser(
+        "report",
+        help="write an HTML report of runs: curves, sample grids, pairs, config",
+        description="One self-contained HTML file: reward / gold / diversity / KL curves (runs "
+        "overlaid), evaluation grids with a step slider, before/after per prompt, the "
+        "training pairs or rollouts, each run's config.",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the --output-dir of `mmalign train`)")
     p.add_argument("--out", help="the HTML file (default: RUN/report.html for one run, report.html for several)")
 

@@ -1,12 +1,13 @@
 """The labelling web app (Starlette) and its server (uvicorn, on 127.0.0.1 only).
 
-    GET  /                 the page (mmalign.label.page)
-    GET  /api/pairs        every pair with its answer, and the progress
-    POST /api/label        {"index": i, "answer": "left" | "right" | "tie" | "clear", "expected": the answer
-                           the page saw} -> the same as /api/pairs; 409 (and the file's pairs) when the pair
-                           was answered meanwhile in another tab
-    GET  /media/<file>     a file named by a pair (nothing else of the disk)
+GET  /                 the page (mmalign.label.page)
+GET  /api/pairs        every pair with its answer, and the progress
+POST /api/label        {"index": i, "answer": "left" | "right" | "tie" | "clear", "expected": the answer
+                       the page saw} -> the same as /api/pairs; 409 (and the file's pairs) when the pair
+                       was answered meanwhile in another tab
+GET  /media/<file>     a file named by a pair (nothing else of the disk)
 """
+
 from __future__ import annotations
 
 import html
@@ -54,8 +55,12 @@ def create_app(directory: str | Path):
             return PlainTextResponse("not a file of this round", status_code=404)
         return FileResponse(path)
 
-    routes = [Route("/", page), Route("/api/pairs", pairs), Route("/api/label", label, methods=["POST"]),
-              Route("/media/{path:path}", media)]
+    routes = [
+        Route("/", page),
+        Route("/api/pairs", pairs),
+        Route("/api/label", label, methods=["POST"]),
+        Route("/media/{path:path}", media),
+    ]
     # a page on another site cannot reach the server through a DNS name pointing at 127.0.0.1
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=[HOST, "localhost"])]
     return Starlette(routes=routes, middleware=middleware)
@@ -78,8 +83,10 @@ def serve(directory: str | Path, port: int = 8765, open_browser: bool = False) -
     app = create_app(directory)
     check_port(port)
     url = f"http://{HOST}:{port}/"
-    print(f"labelling {Path(directory) / 'pairs.jsonl'} at {url} (Ctrl+C to stop; every answer is saved at once)",
-          flush=True)
+    print(
+        f"labelling {Path(directory) / 'pairs.jsonl'} at {url} (Ctrl+C to stop; every answer is saved at once)",
+        flush=True,
+    )
     if open_browser:
         import webbrowser
 

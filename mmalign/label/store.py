@@ -8,6 +8,7 @@ beside it, so two tabs, or two servers, queue), re-reads the file, changes its o
 replaces the file (temporary file, fsync, os.replace): a killed server loses nothing already
 answered, and concurrent answers to different pairs all survive.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,11 @@ from typing import Any
 
 PAIRS_FILE = "pairs.jsonl"
 ANSWERS = {"left": (0, False), "right": (1, False), "tie": (None, True), "clear": (None, False)}
-MEDIA_KINDS = {**dict.fromkeys((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"), "image"),
-               **dict.fromkeys((".mp4", ".webm", ".mov", ".mkv"), "video"),
-               **dict.fromkeys((".wav", ".flac", ".ogg", ".mp3"), "audio")}
+MEDIA_KINDS = {
+    **dict.fromkeys((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"), "image"),
+    **dict.fromkeys((".mp4", ".webm", ".mov", ".mkv"), "video"),
+    **dict.fromkeys((".wav", ".flac", ".ogg", ".mp3"), "audio"),
+}
 MEDIA_KEYS = ("images", "videos", "audio", "media")  # a row's two files, under the first key present
 
 
@@ -44,8 +47,10 @@ class LabelStore:
         if not self.dir.is_dir():
             raise LabelError(f"{self.dir}: not a directory; give the --out of `mmalign sample --label-pairs`")
         if not self.path.is_file():
-            raise LabelError(f"{self.dir}: no {PAIRS_FILE} to label; write a round with "
-                             f"`mmalign sample --label-pairs --out {self.dir}`")
+            raise LabelError(
+                f"{self.dir}: no {PAIRS_FILE} to label; write a round with "
+                f"`mmalign sample --label-pairs --out {self.dir}`"
+            )
         self._thread_lock = threading.Lock()
         self._file_lock = FileLock(str(self.dir / f".{PAIRS_FILE}.lock"))
         if not self.rows():
@@ -62,8 +67,10 @@ class LabelStore:
             except ValueError:
                 raise LabelError(f"{self.path}:{n}: not valid JSON") from None
             if not isinstance(row, dict) or len(self.media(row)) != 2:
-                raise LabelError(f"{self.path}:{n}: expected a pair: a JSON object with two files under "
-                                 f"one of {', '.join(MEDIA_KEYS)}")
+                raise LabelError(
+                    f"{self.path}:{n}: expected a pair: a JSON object with two files under "
+                    f"one of {', '.join(MEDIA_KEYS)}"
+                )
             rows.append(row)
         return rows
 
@@ -98,8 +105,9 @@ class LabelStore:
             if not 0 <= index < len(rows):
                 raise LabelError(f"pair {index}: out of range (the file has {len(rows)} pairs)")
             if expected is not None and self.state(rows[index]) != expected:
-                raise StaleAnswer(f"pair {index + 1} was answered meanwhile (another tab?): it is now "
-                                  f"{self.state(rows[index])}")
+                raise StaleAnswer(
+                    f"pair {index + 1} was answered meanwhile (another tab?): it is now {self.state(rows[index])}"
+                )
             rows[index]["choice"], rows[index]["tie"] = choice, tie
             self._write(rows)
             return rows[index]
@@ -128,8 +136,17 @@ class LabelStore:
         """The pairs for the page: index, prompt, the two files (url, kind), the answer."""
         pairs = []
         for i, row in enumerate(self.rows()):
-            media = [{"url": "media/" + f, "kind": MEDIA_KINDS.get(Path(f).suffix.lower(), "image")}
-                     for f in self.media(row)]
-            pairs.append({"index": i, "prompt": row.get("prompt", ""), "media": media,
-                          "choice": row.get("choice"), "tie": row.get("tie") is True, "state": self.state(row)})
+            media = [
+                {"url": "media/" + f, "kind": MEDIA_KINDS.get(Path(f).suffix.lower(), "image")} for f in self.media(row)
+            ]
+            pairs.append(
+                {
+                    "index": i,
+                    "prompt": row.get("prompt", ""),
+                    "media": media,
+                    "choice": row.get("choice"),
+                    "tie": row.get("tie") is True,
+                    "state": self.state(row),
+                }
+            )
         return {"pairs": pairs, "total": len(pairs), "done": sum(self.is_answered(p) for p in pairs)}

@@ -1,5 +1,6 @@
 """`mmalign label`: a real click-through in headless Chromium against the real server, a kill and a
 restart, concurrent answers, and D3PO trained on the labels."""
+
 import json
 import os
 import signal
@@ -38,8 +39,14 @@ def _free_port() -> int:
 
 def _start(directory, port) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmalign.cli", "label", str(directory), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmalign.cli", "label", str(directory), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -80,8 +87,7 @@ def _press(browser, key, progress):
     _wait_text(browser, "progress", progress)
 
 
-def test_label_by_keyboard_undo_kill_restart_then_train_d3po(round_dir, tmp_path, tiny_sd, tiny_clip,
-                                                            pairs_manifest):
+def test_label_by_keyboard_undo_kill_restart_then_train_d3po(round_dir, tmp_path, tiny_sd, tiny_clip, pairs_manifest):
     from selenium.webdriver.common.keys import Keys
 
     work = tmp_path / "round"
@@ -96,8 +102,11 @@ def test_label_by_keyboard_undo_kill_restart_then_train_d3po(round_dir, tmp_path
             browser.get(f"http://127.0.0.1:{port}/")
             _wait_text(browser, "progress", "0 / 3 labelled")
             assert browser.find_element("id", "prompt").text == PROMPTS[0]
-            wait_for(browser, "return document.querySelector('#left img').complete && "
-                              "document.querySelector('#left img').naturalWidth > 0")  # the image has loaded
+            wait_for(
+                browser,
+                "return document.querySelector('#left img').complete && "
+                "document.querySelector('#left img').naturalWidth > 0",
+            )  # the image has loaded
             assert_not_blank(browser.get_screenshot_as_png())
             _press(browser, Keys.ARROW_LEFT, "1 / 3 labelled")  # pair 0: left
             _press(browser, Keys.ARROW_RIGHT, "2 / 3 labelled")  # pair 1: right ...
@@ -142,9 +151,16 @@ def test_label_by_keyboard_undo_kill_restart_then_train_d3po(round_dir, tmp_path
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("unused\n")
-    cfg = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest, reward=None,
-                       method={"name": "d3po", "buffer": str(work), "labels": str(work / "pairs.jsonl")},
-                       data={"kind": "prompts", "prompts": str(prompts)}, train={"steps": 2, "batch_size": 2})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        reward=None,
+        method={"name": "d3po", "buffer": str(work), "labels": str(work / "pairs.jsonl")},
+        data={"kind": "prompts", "prompts": str(prompts)},
+        train={"steps": 2, "batch_size": 2},
+    )
     Trainer(load_config(cfg), run_dir=tmp_path / "run").fit()
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logs[0]["rollout/pairs"] == 2.0 and logs[0]["rollout/ties"] == 1.0
@@ -217,8 +233,10 @@ def test_bad_input_is_one_line(tmp_path, round_dir, capsys):
 
 
 def test_videos_and_audio_get_players(tmp_path):
-    rows = [{"prompt": "a drum", "sample_ids": [0, 1], "choice": None, "tie": False, "audio": ["a.wav", "b.flac"]},
-            {"prompt": "a cat", "sample_ids": [2, 3], "choice": None, "tie": False, "videos": ["c.mp4", "d.webm"]}]
+    rows = [
+        {"prompt": "a drum", "sample_ids": [0, 1], "choice": None, "tie": False, "audio": ["a.wav", "b.flac"]},
+        {"prompt": "a cat", "sample_ids": [2, 3], "choice": None, "tie": False, "videos": ["c.mp4", "d.webm"]},
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     kinds = [[m["kind"] for m in p["media"]] for p in LabelStore(tmp_path).summary()["pairs"]]
     assert kinds == [["audio", "audio"], ["video", "video"]]

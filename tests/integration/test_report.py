@@ -1,4 +1,5 @@
 """`mmalign report`: a self-contained HTML page of real runs, checked in headless Chromium."""
+
 import json
 import re
 import shutil
@@ -17,9 +18,19 @@ def runs(tiny_sd, tiny_clip, pairs_manifest, tmp_path_factory):
     from mmalign.cli import main
 
     d = tmp_path_factory.mktemp("report_runs")
-    cfg = write_config(d / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                       eval={"enabled": True, "every": 1, "prompts": ["a red square", "a blue circle"],
-                             "num_steps": 2, "images_per_prompt": 2})
+    cfg = write_config(
+        d / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        eval={
+            "enabled": True,
+            "every": 1,
+            "prompts": ["a red square", "a blue circle"],
+            "num_steps": 2,
+            "images_per_prompt": 2,
+        },
+    )
     assert main(["train", str(cfg), "--output-dir", str(d / "a" / "run")]) == 0
     other = d / "b" / "run"
     shutil.copytree(d / "a" / "run", other)

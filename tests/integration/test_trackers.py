@@ -1,4 +1,5 @@
 """train.report_to: a real run's TensorBoard events and W&B offline run hold metrics.jsonl's numbers."""
+
 import importlib.util
 import json
 
@@ -9,16 +10,22 @@ from tests.helpers import write_config
 from tests.tracker_files import tensorboard_images, tensorboard_scalars, wandb_offline_run
 
 
-def test_training_logs_metrics_grids_and_config_to_the_trackers(tmp_path, tiny_sd, tiny_clip, pairs_manifest,
-                                                               monkeypatch):
+def test_training_logs_metrics_grids_and_config_to_the_trackers(
+    tmp_path, tiny_sd, tiny_clip, pairs_manifest, monkeypatch
+):
     from mmalign.cli import main
 
     pytest.importorskip("tensorboard")
     names = ["tensorboard"] + (["wandb"] if importlib.util.find_spec("wandb") else [])
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline: the default
-    cfg = write_config(tmp_path / "c.yaml", tiny_sd, tiny_clip, pairs_manifest,
-                       train={"steps": 3, "batch_size": 2, "lr": 1e-3, "report_to": names},
-                       eval={"enabled": True, "every": 2, "prompts": ["a red square"], "num_steps": 2})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        train={"steps": 3, "batch_size": 2, "lr": 1e-3, "report_to": names},
+        eval={"enabled": True, "every": 2, "prompts": ["a red square"], "num_steps": 2},
+    )
     run = tmp_path / "run"
     assert main(["train", str(cfg), "--output-dir", str(run)]) == 0
     want: dict[str, dict[int, float]] = {}

@@ -1,5 +1,6 @@
 """LoRA export: diffusers / kohya / peft files give the trained model's outputs when loaded back by
 diffusers' and peft's own loaders; the model card; bad input named in one line."""
+
 import json
 
 import pytest
@@ -21,20 +22,34 @@ def _lora_run(tmp_path, generator, gen_name, pretrained, lora):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     run = tmp_path / "run"
     generator.save_trained(run / "final")
-    cfg = {"run": {"name": "toy d3po/1", "seed": 0},
-           "generator": {"name": gen_name, "pretrained": str(pretrained), "finetune": "lora", "lora": lora},
-           "method": {"name": "d3po"}, "reward": {"name": "clip", "model": "toy:proxy_clip"},
-           "data": {"kind": "prompts", "prompts": "toy:train"}, "train": {"steps": 7}}
+    cfg = {
+        "run": {"name": "toy d3po/1", "seed": 0},
+        "generator": {"name": gen_name, "pretrained": str(pretrained), "finetune": "lora", "lora": lora},
+        "method": {"name": "d3po"},
+        "reward": {"name": "clip", "model": "toy:proxy_clip"},
+        "data": {"kind": "prompts", "prompts": "toy:train"},
+        "train": {"steps": 7},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "summary.json").write_text(json.dumps({"steps": 7}))
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval": {"reward": 0.2}}) + "\n"
-                                       + json.dumps({"step": 7, "eval": {"reward": 0.31, "gold": 0.4}}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "eval": {"reward": 0.2}})
+        + "\n"
+        + json.dumps({"step": 7, "eval": {"reward": 0.31, "gold": 0.4}})
+        + "\n"
+    )
     return run
 
 
 def _latents(pipe, **kw):
-    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="latent",
-               guidance_scale=3.0, **kw)
+    out = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+        guidance_scale=3.0,
+        **kw,
+    )
     return out.images
 
 
@@ -127,7 +142,8 @@ def test_flux_kohya_export_loads_back_with_the_same_outputs(tmp_path):
 
     with safe_open(str(out / "toy-d3po-1.safetensors"), "pt") as f:
         assert sorted({k.split(".")[0] for k in f.keys()}) == [
-            f"lora_unet_double_blocks_0_{s}_attn_{p}" for s in ("img", "txt") for p in ("proj", "qkv")]
+            f"lora_unet_double_blocks_0_{s}_attn_{p}" for s in ("img", "txt") for p in ("proj", "qkv")
+        ]
     pipe = FluxPipeline.from_pretrained(base)
     pipe.load_lora_weights(out, weight_name="toy-d3po-1.safetensors")
     kw = dict(height=16, width=16, max_sequence_length=16)
@@ -141,8 +157,10 @@ def test_flux_single_blocks_round_trip_through_diffusers_kohya_loader():
 
     g = torch.Generator().manual_seed(0)
     r, alpha, d = 2, 3.0, 3072
-    names = [f"transformer_blocks.0.attn.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
-                                                         "add_k_proj", "add_v_proj", "to_add_out")]
+    names = [
+        f"transformer_blocks.0.attn.{n}"
+        for n in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    ]
     names += [f"single_transformer_blocks.0.attn.{n}" for n in ("to_q", "to_k", "to_v")]
     sd = {}
     for n in names:
@@ -164,8 +182,16 @@ def test_model_card_names_base_method_reward_data_steps_and_final_eval(sd_run):
     run, _, base = sd_run
     card = ModelCard.load(export_run(run, "diffusers") / "README.md")
     assert "lora" in card.data.tags and "d3po" in card.data.tags and card.data.library_name == "diffusers"
-    for text in (str(base), "`d3po`", "`clip` (toy:proxy_clip)", "prompts: `toy:train`", "| Steps | 7 |",
-                 "Final evaluation (step 7)", "| gold | 0.4 |", "load_lora_weights"):
+    for text in (
+        str(base),
+        "`d3po`",
+        "`clip` (toy:proxy_clip)",
+        "prompts: `toy:train`",
+        "| Steps | 7 |",
+        "Final evaluation (step 7)",
+        "| gold | 0.4 |",
+        "load_lora_weights",
+    ):
         assert text in card.text, text
 
 
@@ -189,8 +215,10 @@ def test_cli_exports_and_names_bad_input_in_one_line(sd_run, tmp_path, capsys):
     assert main(["export", str(sd_run[0]), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
     assert (tmp_path / "k" / "toy-d3po-1.safetensors").is_file() and (tmp_path / "k" / "README.md").is_file()
     capsys.readouterr()
-    for args, message in ((["export", str(tmp_path), "--format", "kohya"], "not a run directory"),
-                          (["export", str(sd_run[0]), "--format", "ckpt"], "unknown format")):
+    for args, message in (
+        (["export", str(tmp_path), "--format", "kohya"], "not a run directory"),
+        (["export", str(sd_run[0]), "--format", "ckpt"], "unknown format"),
+    ):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err

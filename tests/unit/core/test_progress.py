@@ -1,4 +1,5 @@
 """Progress bars redraw at most once a minute when stderr is a file, not a terminal."""
+
 import subprocess
 import sys
 
@@ -10,8 +11,14 @@ LOOP = "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(40), desc='
 def _redraws(code: str, tmp_path) -> int:
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
-        subprocess.run([sys.executable, "-c", code], cwd=ROOT, stderr=f, check=True, timeout=60,
-                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            stderr=f,
+            check=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        )
     return log.read_bytes().count(b"\r")
 
 

@@ -1,4 +1,5 @@
 """What the report shows of a run's training data, read from files alone (no model, no browser)."""
+
 import json
 
 import pytest
@@ -22,13 +23,20 @@ def _png(path, color):
 
 
 def test_rollouts_with_rewards_and_a_kl_curve(tmp_path):
-    run = _run(tmp_path, {"method": {"name": "grpo"}},
-               [{"step": 1, "loss": 0.1, "policy/kl": 0.01, "rollout/reward_mean": 0.2},
-                {"step": 2, "loss": 0.2, "policy/kl": 0.02, "rollout/reward_mean": 0.3}])
+    run = _run(
+        tmp_path,
+        {"method": {"name": "grpo"}},
+        [
+            {"step": 1, "loss": 0.1, "policy/kl": 0.01, "rollout/reward_mean": 0.2},
+            {"step": 2, "loss": 0.2, "policy/kl": 0.02, "rollout/reward_mean": 0.3},
+        ],
+    )
     for rnd in (0, 1):
         d = run / "rollouts" / f"round_{rnd:06d}"
-        rows = [{"sample_id": i, "prompt": "a red circle", "reward": 0.5 + i + rnd, "image": f"images/{i:05d}.png"}
-                for i in range(2)]
+        rows = [
+            {"sample_id": i, "prompt": "a red circle", "reward": 0.5 + i + rnd, "image": f"images/{i:05d}.png"}
+            for i in range(2)
+        ]
         (d / "images").mkdir(parents=True)
         (d / "rollout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         for i in range(2):
@@ -45,10 +53,15 @@ def test_labelled_d3po_pairs_mark_the_preferred_sample(tmp_path):
     for i in range(4):
         _png(buffer / "images" / f"{i:05d}.png", (40 * i, 0, 0))
     labels = buffer / "pairs.jsonl"
-    labels.write_text(json.dumps({"prompt": "a", "sample_ids": [0, 1], "choice": 1, "tie": False}) + "\n"
-                      + json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": None, "tie": True}) + "\n")
-    run = _run(tmp_path, {"method": {"name": "d3po", "buffer": str(buffer), "labels": str(labels)}},
-               [{"step": 1, "loss": 0.6}])
+    labels.write_text(
+        json.dumps({"prompt": "a", "sample_ids": [0, 1], "choice": 1, "tie": False})
+        + "\n"
+        + json.dumps({"prompt": "b", "sample_ids": [2, 3], "choice": None, "tie": True})
+        + "\n"
+    )
+    run = _run(
+        tmp_path, {"method": {"name": "d3po", "buffer": str(buffer), "labels": str(labels)}}, [{"step": 1, "loss": 0.6}]
+    )
     what, items = training_items(read_run(run))
     assert what.startswith("Labelled pairs")
     assert [[c for _, c in it["images"]] for it in items] == [["", "preferred"], ["tie", "tie"]]

@@ -1,20 +1,27 @@
 """Trackers through accelerate: what mmalign.tracking logs is what TensorBoard's reader and a
 W&B offline run directory give back."""
+
 import pytest
 from PIL import Image
 
 from mmalign import tracking
 from tests.tracker_files import tensorboard_images, tensorboard_scalars, wandb_offline_run
 
-RECORDS = [{"data/pairs": 6}, {"step": 0, "tag": "step_0", "eval": {"reward": 0.25, "n_samples": 4}},
-           {"step": 1, "loss": 0.69, "lr": 1e-3, "implicit_acc": 0.5},
-           {"step": 2, "loss": 0.61, "lr": 1e-3, "flag": True, "eval": {"reward": 0.3, "per_kind": {"circle": 0.5}}}]
+RECORDS = [
+    {"data/pairs": 6},
+    {"step": 0, "tag": "step_0", "eval": {"reward": 0.25, "n_samples": 4}},
+    {"step": 1, "loss": 0.69, "lr": 1e-3, "implicit_acc": 0.5},
+    {"step": 2, "loss": 0.61, "lr": 1e-3, "flag": True, "eval": {"reward": 0.3, "per_kind": {"circle": 0.5}}},
+]
 
 
 def test_scalars_and_flat_config():
     assert tracking.scalars(RECORDS[3]) == {"loss": 0.61, "lr": 1e-3, "eval/reward": 0.3, "eval/per_kind/circle": 0.5}
     assert tracking.flat_config({"train": {"lr": 1e-3, "betas": [0.9, 0.99]}, "reward": None}) == {
-        "train.lr": 1e-3, "train.betas": "[0.9, 0.99]", "reward": "None"}
+        "train.lr": 1e-3,
+        "train.betas": "[0.9, 0.99]",
+        "reward": "None",
+    }
 
 
 def test_report_to_is_checked():
@@ -39,9 +46,15 @@ def test_logged_scalars_images_and_config_read_back(tmp_path, monkeypatch, names
         tracking.log(acc, r, step=0)
     tracking.log_image(acc, "eval/samples", Image.new("RGB", (8, 8), (200, 10, 10)), 2)
     acc.end_training()
-    want = {"data/pairs": {0: 6.0}, "eval/reward": {0: 0.25, 2: 0.3}, "eval/n_samples": {0: 4.0},
-            "loss": {1: 0.69, 2: 0.61}, "lr": {1: 1e-3, 2: 1e-3}, "implicit_acc": {1: 0.5},
-            "eval/per_kind/circle": {2: 0.5}}
+    want = {
+        "data/pairs": {0: 6.0},
+        "eval/reward": {0: 0.25, 2: 0.3},
+        "eval/n_samples": {0: 4.0},
+        "loss": {1: 0.69, 2: 0.61},
+        "lr": {1: 1e-3, 2: 1e-3},
+        "implicit_acc": {1: 0.5},
+        "eval/per_kind/circle": {2: 0.5},
+    }
     tb = tensorboard_scalars(tmp_path / "trackers" / "toy-run")
     assert tb.keys() == want.keys()
     for tag, values in want.items():
@@ -93,8 +106,14 @@ def test_trackio_and_mlflow_read_back(tmp_path):
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     (tmp_path / "cwd").mkdir()
-    res = subprocess.run([sys.executable, "-c", READ_BACK, ",".join(names), str(tmp_path / "run")], env=env,
-                         cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", READ_BACK, ",".join(names), str(tmp_path / "run")],
+        env=env,
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.split("RESULT")[-1].splitlines()[0])
     want = {"loss": {"1": 0.5}, "lr": {"1": 1e-3}, "eval/reward": {"2": 0.3}}
