@@ -388,7 +388,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(
             f"wrote {len(reps)} pairs ({len(ro)} samples) to {args.out}: buffer.safetensors, images/, pairs.jsonl. "
-            f"Set choice (0|1) or tie: true on every line of pairs.jsonl, then train D3PO with "
+            f"Label them in the browser with `mmalign label {args.out}` (or set choice (0|1) or tie: true "
+            f"on every line of pairs.jsonl), then train D3PO with "
             f"method.buffer={args.out} method.labels={Path(args.out) / 'pairs.jsonl'} reward=null"
         )
         return 0

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from mmalign.config import ConfigError, read_utf8
 from mmalign.media import MediaError, open_image, pil_to_tensor
@@ -242,7 +243,7 @@ class PreferenceDataset(Dataset):
         path = Path(cache_dir) / f"latents_{self.fingerprint(f'{generator.cfg.pretrained}|{latents}')}.safetensors"
         if is_main and not path.is_file():
             ws, ls = [], []
-            for i in range(0, len(self), batch_size):
+            for i in tqdm(range(0, len(self), batch_size), desc="caching latents", unit="batch", dynamic_ncols=True):
                 items = [self[j] for j in range(i, min(i + batch_size, len(self)))]
                 seeds = range(i, i + len(items))  # a pair's two images share their posterior draw
                 ws.append(generator.encode_images(torch.stack([it["chosen"] for it in items]), seeds).cpu())
