@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 
 from mmalign.label.store import LabelError, LabelStore
-from tests.browser import assert_not_blank, chromium, console_errors, wait_for
 from tests.helpers import ROOT, write_config
+from tests.helpers.browser import assert_not_blank, chromium, console_errors, wait_for
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 

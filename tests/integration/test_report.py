@@ -8,8 +8,8 @@ import time
 import pytest
 
 from mmalign.report import ReportError, build_report, curve_points, read_run
-from tests.browser import assert_not_blank, chromium, console_errors, wait_for
 from tests.helpers import write_config
+from tests.helpers.browser import assert_not_blank, chromium, console_errors, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from mmalign import tracking
 from tests.helpers import write_config
-from tests.tracker_files import tensorboard_images, tensorboard_scalars, wandb_offline_run
+from tests.helpers.tracker_files import tensorboard_images, tensorboard_scalars, wandb_offline_run
 
 
 def test_training_logs_metrics_grids_and_config_to_the_trackers(

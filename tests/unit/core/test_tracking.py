@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from mmalign import tracking
-from tests.tracker_files import tensorboard_images, tensorboard_scalars, wandb_offline_run
+from tests.helpers.tracker_files import tensorboard_images, tensorboard_scalars, wandb_offline_run
 
 RECORDS = [
     {"data/pairs": 6},

@@ -1,8 +1,9 @@
-"""Helpers shared by the tests (fixtures live in conftest.py)."""
+"""Helpers shared by the tests, in one place (fixtures live in tests/conftest.py): `ROOT`, `write_config`;
+`browser` (headless Chromium through Selenium), `tracker_files` (reading back tracker logs)."""
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository root
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 def write_config(path, sd, clip, manifest, **sections):
