@@ -33,10 +33,29 @@ CI_GROUPS = {
 _GROUP_OF = {name: group for group, names in CI_GROUPS.items() for name in names}
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's own hook, so that ours has the last word on the node ids
 def pytest_collection_modifyitems(config, items):
+    loadgroup = getattr(config.option, "loadgroup", False)  # set on the xdist workers of --dist loadgroup
     for item in items:
         if item.get_closest_marker("slow") is None:
             continue
         if item.name not in _GROUP_OF:
             raise pytest.UsageError(f"slow test {item.nodeid} is in no CI group (tests/toy_regression/conftest.py)")
         item.add_marker(pytest.mark.xdist_group(_GROUP_OF[item.name]))
+        if loadgroup:
+            _pin_to_group(item, _GROUP_OF[item.name])
+
+
+def _pin_to_group(item, group: str) -> None:
+    """xdist's loadgroup scheduler groups tests by an `@group` suffix of their node ids, which its
+    worker hook writes to `item._nodeid`; pytest 9.2 keeps a node's id in `item._id` instead, so
+    that write no longer takes effect (and a mark added by a conftest comes after xdist's hook
+    anyway). Write the suffix where this pytest reads it."""
+    if item.nodeid.endswith(f"@{group}"):
+        return
+    try:
+        from _pytest.nodeid import coerce_node_id  # pytest >= 9.2
+    except ImportError:
+        item._nodeid = f"{item.nodeid}@{group}"
+    else:
+        item._id = coerce_node_id(f"{item.nodeid}@{group}")
