@@ -20,14 +20,19 @@ from mmalign import sources
 from mmalign.data.generated import load_prompts
 
 
-def gold_evaluator(gold: bool | str):
-    """The gold evaluator `fn(images, prompts) -> report` that `gold` names (True: the only one)."""
+def gold_evaluator(gold: bool | str, modality: str = "image"):
+    """The gold evaluator `fn(samples, prompts) -> report` that `gold` names (True: the only one
+    for `modality`; an evaluator states its modality in a `modality` attribute, "image" if none)."""
     if isinstance(gold, str):
         return sources.lookup("gold_evaluator", gold)
-    known = sources.names("gold_evaluator")
+    known = [
+        n
+        for n in sources.names("gold_evaluator")
+        if getattr(sources.lookup("gold_evaluator", n), "modality", "image") == modality
+    ]
     if len(known) != 1:
         raise sources.SourceError(
-            f"gold: {len(known)} gold evaluators are registered ({', '.join(known) or 'none'}); name one"
+            f"gold: {len(known)} {modality} gold evaluators are registered ({', '.join(known) or 'none'}); name one"
         )
     return sources.lookup("gold_evaluator", known[0])
 

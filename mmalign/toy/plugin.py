@@ -6,6 +6,10 @@ does not know. It registers:
     preference sources  toy:vlm_pairs, toy:vlm_pairs_perturbed     (vlm_pairs.py, built on first use)
     expert source       toy:render                                 (world.render: the correct scene)
     gold evaluator      toy                                        (evaluate.gold_report)
+    audio world         toy:audio_train, toy:audio_heldout,        (audio_world.py captions)
+                        toy:audio_all (prompt sets),
+                        toy:render_audio (expert source: (waveform, 16000)),
+                        toy_audio (gold evaluator, audio_gold.gold_evaluator_audio)
     asset root          toy  -> assets/ (toy:sd_toy, toy:sd3_toy, toy:proxy_clip, toy:vlm_toy)
     reward              toy_gold                                   (reward.py)
 """
@@ -18,10 +22,12 @@ from mmalign.sources import register_asset_root, register_source
 
 from . import (
     ASSETS,
+    audio_world,
     reward,  # noqa: F401  (importing it registers the toy_gold reward)
     vlm_pairs,
     world,
 )
+from .audio_gold import gold_evaluator_audio
 from .evaluate import gold_report
 
 
@@ -35,3 +41,8 @@ def register() -> None:
     register_source("expert_source", "toy:render", world.render)
     register_source("gold_evaluator", "toy", gold_report)
     register_asset_root("toy", ASSETS)
+    register_source("prompt_set", "toy:audio_train", audio_world.audio_train_captions)
+    register_source("prompt_set", "toy:audio_heldout", audio_world.audio_heldout_captions)
+    register_source("prompt_set", "toy:audio_all", audio_world.all_audio_captions)
+    register_source("expert_source", "toy:render_audio", audio_world.render_audio)
+    register_source("gold_evaluator", "toy_audio", gold_evaluator_audio)
