@@ -545,3 +545,79 @@ def make_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------- tiny Wan video pipeline
+# (appended for the Wan adapter, pipelines/wan.py; the builders above are unchanged)
+
+
+def make_word_tokenizer(vocab_size: int = 64):
+    """A word-level `PreTrainedTokenizerFast` (lower-cased words, ids hashed into `vocab_size`
+    slots; pad 0, eos 1, unk 2) that appends </s> like T5's. Builds offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    words = (
+        "a an the of and with on in one two three red green blue yellow white black circle circles square squares "
+        "triangle ball moving moves left right up down fast slow small big bouncing video scene background dot"
+    ).split()
+    for w in words:
+        if len(vocab) < vocab_size:
+            vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_tiny_wan(out_dir: str | Path, seed: int = 0, flow_shift: float = 3.0) -> Path:
+    """A random-weight `WanPipeline` (32x32 pixels; 4 latent channels; the VAE's 4x temporal and
+    8x spatial compression, so 5 frames -> 2 x 4 x 4 latents): `WanTransformer3DModel` (2 layers,
+    2 heads of dim 8, patch (1, 2, 2)), `AutoencoderKLWan` (base dim 8) with per-channel
+    latents_mean / latents_std, a 1-layer `UMT5EncoderModel` (width 32) with a word-level
+    tokenizer, and `FlowMatchEulerDiscreteScheduler(shift=flow_shift)`."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tok = make_word_tokenizer(64)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, pad_token_id=0, eos_token_id=1
+        )
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 1.0],
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    pipe = WanPipeline(
+        tokenizer=tok,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=flow_shift),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,4 +1,4 @@
-"""Rule rewards: JPEG (in)compressibility.
+"""Rule rewards: JPEG (in)compressibility; video motion.
 
 JPEG compressibility / incompressibility (Black et al. 2023, "Training Diffusion Models with
 Reinforcement Learning", DDPO): each image is quantised to uint8, saved as JPEG at quality
@@ -8,6 +8,10 @@ Reinforcement Learning", DDPO): each image is quantised to uint8, saved as JPEG 
     jpeg_compressibility(x)   = -size_kB(JPEG_95(x))
 
 Both ignore the prompt and are not differentiable.
+
+video_motion (a rule reward on videos, for tests and smoke runs of video generators): the mean
+absolute change between consecutive frames, mean_{f,c,h,w} |x_{f+1} - x_f| of each B,F,3,H,W
+clip in [0, 1] (0 for a still video); `sign: -1` rewards stillness. Differentiable, prompt unused.
 """
 
 from __future__ import annotations
@@ -70,3 +74,31 @@ def build_jpeg_compressibility(cfg: JpegConfig) -> JpegReward:
 def build_jpeg_incompressibility(cfg: JpegConfig) -> JpegReward:
     """DDPO JPEG incompressibility: size in kB of the JPEG at quality 95; prompt unused."""
     return JpegReward(cfg, 1.0, "jpeg_incompressibility")
+
+
+@dataclass
+class VideoMotionConfig:
+    sign: float = num(1.0)  # +1 rewards motion, -1 stillness
+
+
+class VideoMotion:
+    name = "video_motion"
+    modality = "video"
+    differentiable = True
+
+    def __init__(self, sign: float = 1.0):
+        self.sign = sign
+
+    def __call__(self, samples: Samples, prompts: Sequence[str] | None = None) -> Tensor:
+        video = samples.require("video", f"reward {self.name!r}")
+        check_batch(self.name, len(video), prompts, need_prompts=False)
+        if video.ndim != 5 or video.shape[1] < 2:
+            raise ValueError(f"reward {self.name!r}: videos must be B,F,3,H,W with F >= 2, got {tuple(video.shape)}")
+        return self.sign * (video[:, 1:].float() - video[:, :-1].float()).abs().flatten(1).mean(1)
+
+
+@register_reward("video_motion", VideoMotionConfig)
+@reward_info("video", True, "nothing")
+def build_video_motion(cfg: VideoMotionConfig) -> VideoMotion:
+    """Mean absolute change between consecutive frames (a rule reward on videos); prompt unused."""
+    return VideoMotion(cfg.sign)

@@ -1,0 +1,282 @@
+"""Generator adapter for Wan 2.1 text-to-video (Wan team, "Wan: Open and Advanced Large-Scale
+Video Generative Models", 2025) through diffusers' `WanPipeline`.
+
+Wan is a rectified-flow transformer, so everything that defines the training objective and the
+samplers is the flow adapter's (`pipelines/flow.py`, FlowMatchingGenerator, which this class
+subclasses): x_sigma = (1 - sigma) x0 + sigma noise, velocity target v = noise - x0;
+`denoise_error` is the per-sample mean over *all* latent dimensions (channels, latent frames,
+height, width) of ||v - v_theta||^2 with the flow adapter's timestep density and loss
+weightings; `rollout` is Flow-GRPO's SDE sampler (or DanceGRPO's, `sde_type: dance_grpo`) with
+per-dimension-mean Gaussian log-probs; `step_log_prob`, `predict_x0`, the guidance hooks and
+LoRA save/load are the flow adapter's. What differs for Wan is only:
+
+- loading: `WanPipeline` (`WanTransformer3DModel`, `AutoencoderKLWan`, UMT5 text encoder).
+  Wan 2.2's two-expert pipelines (`transformer_2` with a `boundary_ratio`) and the TI2V
+  per-token timesteps (`expand_timesteps`) are refused at load with one line;
+- latents are 5-D: (C, F_lat, h, w) per sample, F_lat = (num_frames - 1) // 4 + 1 and
+  h, w = height / 8, width / 8 (the VAE's `scale_factor_temporal` / `scale_factor_spatial`);
+  `num_frames` must be 4k + 1 (checked when the config loads);
+- the VAE's latent normalisation: z_model = (z - latents_mean) / latents_std per channel
+  (WanPipeline decodes with z = z_model * latents_std + latents_mean);
+- `encode_prompt` is the pipeline's (UMT5 states, zero-padded to `max_sequence_length`);
+- `model_output` calls the transformer with `timestep` (scheduler units) and
+  `encoder_hidden_states`;
+- the timestep grid: the pipeline's FlowMatchEulerDiscreteScheduler with its `shift`. Released
+  Wan checkpoints ship UniPCMultistepScheduler with `flow_shift`; the SDE needs single Euler-type
+  steps, so their grid is FlowMatchEulerDiscreteScheduler's with shift = flow_shift
+  (docs/parity.md);
+- `encode_images` takes videos (B, F, 3, H, W in [0, 1]) and `decode` returns
+  `Samples(video=B, F, 3, H, W in [0, 1])`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmalign.config import ConfigError, check_hub_model, num
+from mmalign.pipelines.common import DTYPES, VAE_SALT, LoraSettings, TrainedModule
+from mmalign.pipelines.flow import LOSS_WEIGHTINGS, SDE_TYPES, FlowMatchingGenerator, check_choice
+from mmalign.registry import register_generator
+from mmalign.types import Samples, per_sample_randn
+
+# Self- (attn1) and cross-attention (attn2) projections of Wan's transformer blocks, as
+# Flow-GRPO's and DiffSynth's Wan LoRA recipes target them; add "ffn.net.0.proj", "ffn.net.2"
+# for the feed-forward layers.
+WAN_LORA_TARGETS = [f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")]
+
+
+def _wan_lora() -> LoraSettings:
+    return LoraSettings(rank=32, alpha=32.0, target_modules=list(WAN_LORA_TARGETS))
+
+
+@dataclass
+class WanGeneratorConfig:
+    pretrained: str  # hub id or local directory in WanPipeline layout (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
+    revision: str | None = None
+    variant: str | None = None
+    finetune: Literal["lora", "full", "none"] = "lora"
+    lora: LoraSettings = field(default_factory=_wan_lora)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen transformer / text encoder weights
+    num_frames: int = num(81, ge=1)  # 4k + 1 (the VAE compresses 4 frames into one latent frame after the first)
+    resolution: int | None = num(None, ge=16)  # square videos; sets height and width
+    height: int | None = num(None, ge=16)  # pixels; default WanPipeline's 480
+    width: int | None = num(None, ge=16)  # pixels; default WanPipeline's 832
+    fps: int = num(16, ge=1)  # frame rate of written sample videos (Wan 2.1 generates 16 fps)
+    negative_prompt: str = ""
+    # UMT5 tokens, zero-padded as WanPipeline pads them; None: the pipeline's default (512)
+    max_sequence_length: int | None = num(None, ge=1)
+    vae_latents: Literal["sample", "mean"] = "sample"  # latents of videos to train on (see encode_images)
+    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"  # training-time sigma density
+    logit_mean: float = num(0.0)
+    logit_std: float = num(1.0, gt=0)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap", "eps"] = "none"  # as the flow generator's
+    sde_type: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"  # as the flow generator's
+
+    def validate(self) -> None:
+        from mmalign.paths import resolve
+
+        p = self.pretrained = resolve(self.pretrained)
+        looks_local = p.startswith(("/", ".", "~")) or p.count("/") > 1
+        if looks_local and not Path(p).expanduser().is_dir():
+            raise ValueError(f"pretrained: directory {p} not found")
+        if Path(p).is_dir() and not (Path(p) / "model_index.json").is_file():
+            raise ValueError(f"pretrained: {p} has no model_index.json (not a diffusers pipeline directory)")
+        check_num_frames(self.num_frames)
+        if self.resolution is not None and (self.height is not None or self.width is not None):
+            raise ValueError("resolution: give either resolution (square) or height/width, not both")
+        self.validate_choices()
+
+    def validate_choices(self) -> None:
+        check_choice("sde_type", self.sde_type, SDE_TYPES)
+        check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+
+
+def check_num_frames(n: int, temporal: int = 4, key: str = "num_frames") -> None:
+    """ValueError unless n = temporal * k + 1 (Wan's causal VAE keeps the first frame and
+    compresses each following `temporal` frames into one latent frame)."""
+    if n < 1 or (n - 1) % temporal:
+        lo = (n - 1) // temporal * temporal + 1
+        raise ValueError(
+            f"{key}: {n} is not {temporal}k+1 (Wan's VAE encodes the first frame and then groups of "
+            f"{temporal}); use {max(lo, 1)} or {lo + temporal}"
+        )
+
+
+class WanGenerator(FlowMatchingGenerator):
+    """Wan 2.1 text-to-video through diffusers; the transformer is what trains."""
+
+    modality = "video"
+
+    def __init__(self, cfg: WanGeneratorConfig, pipe: Any = None):
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+        self.cfg = cfg
+        cfg.validate_choices()
+        check_num_frames(cfg.num_frames, key="generator.num_frames")
+        if pipe is None:
+            from diffusers import DiffusionPipeline
+
+            from mmalign.paths import resolve
+
+            cfg.pretrained = resolve(cfg.pretrained)
+            local = Path(cfg.pretrained).expanduser()
+            src = str(local) if local.is_dir() else cfg.pretrained
+            index = DiffusionPipeline.load_config(src, revision=cfg.revision)
+            cls = index.get("_class_name", "")
+            if cls != "WanPipeline":
+                raise ValueError(
+                    f"generator.pretrained: {src} is a {cls}; the wan generator loads the WanPipeline "
+                    "(text-to-video) layout"
+                )
+            check_wan_variant(index, src)
+            kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, dtype=DTYPES[cfg.dtype])
+            if index.get("transformer_2", [None])[0] is None:
+                kw["transformer_2"] = None
+            pipe = WanPipeline.from_pretrained(src, **kw)
+        else:
+            check_wan_variant({**pipe.config, "transformer_2": [pipe.transformer_2]}, "pipe")
+        self.pipe = pipe
+        self.is_flux = False
+        self.distilled_guidance = False
+        self.zero_tokens = 0
+        self.pipe.set_progress_bar_config(disable=True)
+        self.transformer: nn.Module = pipe.transformer
+        # the VAE decodes in float32 (as Wan's own code runs it); it is small next to the transformer
+        self.vae = (
+            (pipe.vae if pipe.vae.dtype == torch.float32 else pipe.vae.to(torch.float32)).requires_grad_(False).eval()
+        )
+        pipe.text_encoder.requires_grad_(False).eval()
+        sc = pipe.scheduler.config
+        if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sc)
+        else:  # UniPC / DPM-Solver with flow sigmas (the released checkpoints): the same shift on Euler steps
+            shift = sc.get("flow_shift", None) or sc.get("shift", 1.0)
+            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sc.num_train_timesteps, shift=shift)
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.vae_scale = pipe.vae_scale_factor_spatial
+        self.vae_scale_temporal = pipe.vae_scale_factor_temporal
+        check_num_frames(cfg.num_frames, self.vae_scale_temporal, "generator.num_frames")
+        tcfg = self.transformer.config
+        self.latent_channels = tcfg.in_channels
+        side = cfg.resolution
+        self.height = cfg.height or side or 480
+        self.width = cfg.width or side or 832
+        self.resolution = self.height if self.height == self.width else (self.height, self.width)
+        ph, pw = tcfg.patch_size[1], tcfg.patch_size[2]
+        for key, px, p in (("height", self.height, ph), ("width", self.width, pw)):
+            if px % (self.vae_scale * p):
+                raise ConfigError(
+                    f"generator.{'resolution' if side else key}: {px} is not a multiple of {self.vae_scale * p} "
+                    "(the VAE's downsampling x the transformer's patch size)"
+                )
+        self.num_frames = cfg.num_frames
+        self.fps = cfg.fps
+        self.compute_dtype = DTYPES[cfg.dtype]
+        self.max_sequence_length = cfg.max_sequence_length
+        if self.max_sequence_length is None:
+            self.max_sequence_length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+        z = self.vae.config.z_dim
+        self.latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self._trained = TrainedModule(self.transformer, cfg.finetune, cfg.lora, DTYPES[cfg.dtype])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, F_lat, h, w) of one video's latent."""
+        f = (self.num_frames - 1) // self.vae_scale_temporal + 1
+        return (self.latent_channels, f, self.height // self.vae_scale, self.width // self.vae_scale)
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], negative: bool = False) -> dict[str, Tensor]:
+        """UMT5 states of `prompts` (or of the negative prompt), zero-padded to max_sequence_length
+        as WanPipeline.encode_prompt pads them."""
+        texts = [self.cfg.negative_prompt] * len(prompts) if negative else list(prompts)
+        emb, _ = self.pipe.encode_prompt(
+            texts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
+        return {"encoder_hidden_states": emb}
+
+    # ------------------------------------------------------------------ model calls
+    def model_output(
+        self, latents: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float | None = None
+    ) -> Tensor:
+        """Velocity v_theta(x, t, c) in float32 for latents B,C,F,h,w; t in scheduler units."""
+        model = self._trained.current()
+        dtype = next(model.parameters()).dtype if self._trained.use_ref else self.compute_dtype
+        B = latents.shape[0]
+        t = t.to(latents.device, torch.float32)
+        if t.ndim == 0:
+            t = t.expand(B)
+        return model(
+            hidden_states=latents.to(dtype),
+            timestep=t,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            return_dict=False,
+        )[0].float()
+
+    def _mu(self) -> float:
+        raise ValueError("wan: a scheduler with use_dynamic_shifting is not supported (Wan uses a fixed shift)")
+
+    # ------------------------------------------------------------------ VAE
+    def _to_model_latents(self, z: Tensor) -> Tensor:
+        return (z.float() - self.latents_mean.to(z.device)) / self.latents_std.to(z.device)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, seeds: Sequence[int] | None = None) -> Tensor:
+        """Videos B,F,3,H,W in [0,1] -> normalised latents B,C,F_lat,h,w: a posterior draw
+        (`vae_latents: sample`, each from its seed in `seeds`, as the flow adapter draws image
+        latents) or the posterior mean."""
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"wan: videos to encode must be B,F,3,H,W in [0,1], got shape {tuple(images.shape)}")
+        x = images.to(self.device, self.vae.dtype).permute(0, 2, 1, 3, 4) * 2 - 1
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean
+        if self.cfg.vae_latents == "sample":
+            if seeds is None:
+                eps = torch.randn_like(z)
+            else:
+                eps = per_sample_randn([int(s) * 1_000_003 + VAE_SALT for s in seeds], z.shape[1:], z.device, z.dtype)
+            z = z + dist.std * eps
+        return self._to_model_latents(z)
+
+    encode_videos = encode_images
+
+    def decode(self, latents: Tensor) -> Samples:
+        """Normalised latents B,C,F_lat,h,w -> Samples(video=B,F,3,H,W in [0,1]) as WanPipeline decodes them."""
+        dev = latents.device
+        z = latents.float() * self.latents_std.to(dev) + self.latents_mean.to(dev)
+        x = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return Samples(video=((x + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous())
+
+
+def check_wan_variant(index: dict, src: str) -> None:
+    """One line for the Wan pipelines this adapter does not run."""
+    two = index.get("transformer_2", [None])
+    if (two and two[0] is not None) or index.get("boundary_ratio") is not None:
+        raise ConfigError(
+            f"generator.pretrained: {src} is a Wan 2.2 two-expert pipeline (transformer_2 with boundary_ratio); "
+            "the wan generator trains one transformer (Wan 2.1 T2V, or a Wan 2.2 single-transformer T2V)"
+        )
+    if index.get("expand_timesteps"):
+        raise ConfigError(
+            f"generator.pretrained: {src} uses per-token timesteps (Wan 2.2 TI2V, expand_timesteps); "
+            "the wan generator does not support it"
+        )
+
+
+@register_generator("wan", WanGeneratorConfig)
+def build_wan(cfg: WanGeneratorConfig) -> WanGenerator:
+    """Wan 2.1 text-to-video (WanPipeline) with Flow-GRPO's or DanceGRPO's SDE and the flow-matching objectives."""
+    check_hub_model("generator.pretrained", cfg.pretrained)
+    return WanGenerator(cfg)
