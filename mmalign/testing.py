@@ -621,3 +621,82 @@ def make_tiny_wan(out_dir: str | Path, seed: int = 0, flow_shift: float = 3.0) -
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# --------------------------------------------------------------------------- tiny audio pipelines
+# (AudioLDM and Stable Audio Open, pipelines/audioldm.py and pipelines/stable_audio.py)
+
+
+def make_tiny_audioldm(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight `AudioLDMPipeline`: UNet over 4-channel mel latents conditioned on a
+    16-d CLAP text embedding through `class_labels`, a 1-channel mel VAE (factor 2), a
+    `ClapTextModelWithProjection` with a word-level tokenizer, and a `SpeechT5HifiGan`
+    vocoder (16 mel bins, 16 samples per frame at 16 kHz). Default length: 32 mel frames
+    (0.032 s, latents 4 x 16 x 8)."""
+    from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from mmalign.rewards.fixtures import word_tokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = tiny_unet(
+        sample_size=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(16, 32),
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=16,
+        class_embeddings_concat=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    text_encoder = ClapTextModelWithProjection(
+        ClapTextConfig(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=80,
+            projection_dim=16,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
+    tokenizer = word_tokenizer({})
+    tokenizer.model_max_length = 16
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=16,
+            sampling_rate=16000,
+            upsample_initial_channel=16,
+            upsample_rates=[4, 4],
+            upsample_kernel_sizes=[8, 8],
+            resblock_kernel_sizes=[3],
+            resblock_dilation_sizes=[[1, 3]],
+            normalize_before=False,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = AudioLDMPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, vocoder=vocoder
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -96,9 +96,7 @@ class Rollout:
         """Concatenate rollouts made with the same sampler settings."""
         first = parts[0]
         return Rollout(
-            samples=Samples(images=torch.cat([p.samples.images for p in parts]))
-            if first.samples.images is not None
-            else Samples(),
+            samples=_cat_samples([p.samples for p in parts]),
             latents=torch.cat([p.latents for p in parts]),
             timesteps=first.timesteps,
             log_probs=None if first.log_probs is None else torch.cat([p.log_probs for p in parts]),
@@ -147,6 +145,19 @@ def _index_samples(s: Samples, idx: Tensor) -> Samples:
         audio=pick(s.audio),
         sample_rate=s.sample_rate,
         text=None if s.text is None else [s.text[i] for i in idx.tolist()],
+    )
+
+
+def _cat_samples(parts: Sequence[Samples]) -> Samples:
+    """Concatenate media batches of one modality (empty when the first holds none)."""
+    first = parts[0]
+    cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+    return Samples(
+        images=cat("images"),
+        video=cat("video"),
+        audio=cat("audio"),
+        sample_rate=first.sample_rate,
+        text=None if first.text is None else [t for p in parts for t in p.text],
     )
 
 

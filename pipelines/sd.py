@@ -525,10 +525,8 @@ def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
 
 
 def _index_cond(cond: dict[str, Any], index: Tensor | slice) -> dict[str, Any]:
-    out: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"][index]}
-    if "added_cond_kwargs" in cond:
-        out["added_cond_kwargs"] = {k: v[index] for k, v in cond["added_cond_kwargs"].items()}
-    return out
+    """The conditioning of samples `index` (every tensor of the dict, nested dicts included)."""
+    return {k: _index_cond(v, index) if isinstance(v, dict) else v[index] for k, v in cond.items()}
 
 
 @register_generator("sd", SDGeneratorConfig)

@@ -1,4 +1,4 @@
-"""Rule rewards: JPEG (in)compressibility; video motion.
+"""Rule rewards: JPEG (in)compressibility; audio loudness; video motion.
 
 JPEG compressibility / incompressibility (Black et al. 2023, "Training Diffusion Models with
 Reinforcement Learning", DDPO): each image is quantised to uint8, saved as JPEG at quality
@@ -8,6 +8,10 @@ Reinforcement Learning", DDPO): each image is quantised to uint8, saved as JPEG 
     jpeg_compressibility(x)   = -size_kB(JPEG_95(x))
 
 Both ignore the prompt and are not differentiable.
+
+audio_loudness (a rule reward on waveforms, for tests and smoke runs of audio generators): the
+RMS level of each clip in dBFS, 20 log10(sqrt(mean_{c,t} x^2) + 1e-8) over channels and
+samples; differentiable, prompt unused.
 
 video_motion (a rule reward on videos, for tests and smoke runs of video generators): the mean
 absolute change between consecutive frames, mean_{f,c,h,w} |x_{f+1} - x_f| of each B,F,3,H,W
@@ -74,6 +78,30 @@ def build_jpeg_compressibility(cfg: JpegConfig) -> JpegReward:
 def build_jpeg_incompressibility(cfg: JpegConfig) -> JpegReward:
     """DDPO JPEG incompressibility: size in kB of the JPEG at quality 95; prompt unused."""
     return JpegReward(cfg, 1.0, "jpeg_incompressibility")
+
+
+@dataclass
+class AudioLoudnessConfig:
+    pass
+
+
+class AudioLoudness:
+    name = "audio_loudness"
+    modality = "audio"
+    differentiable = True
+
+    def __call__(self, samples: Samples, prompts: Sequence[str] | None = None) -> Tensor:
+        audio = samples.require("audio", f"reward {self.name!r}")
+        check_batch(self.name, len(audio), prompts, need_prompts=False)
+        rms = audio.float().pow(2).flatten(1).mean(1).sqrt()
+        return 20 * torch.log10(rms + 1e-8)
+
+
+@register_reward("audio_loudness", AudioLoudnessConfig)
+@reward_info("audio", True, "nothing")
+def build_audio_loudness(cfg: AudioLoudnessConfig) -> AudioLoudness:
+    """RMS level of each waveform in dBFS (a rule reward on audio samples); prompt unused."""
+    return AudioLoudness()
 
 
 @dataclass
