@@ -700,3 +700,43 @@ def make_tiny_audioldm(out_dir: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_tiny_animatediff(out_dir: str | Path, seed: int = 0, num_frames_max: int = 32) -> Path:
+    """A random-weight `AnimateDiffPipeline` folder: the tiny SD 1.x parts of `make_tiny_sd` (32x32
+    frames, 8x8x4 latents) and a tiny `MotionAdapter` matching its UNet (block channels (16, 32), one
+    motion layer per block, 2 motion heads, a motion mid block, positional table of `num_frames_max`
+    frames), so the saved `unet` is a `UNetMotionModel`. The scheduler is DDIM with AnimateDiff's
+    linear beta schedule (its inference and training configs)."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tok_dir = write_clip_tokenizer(out / "_tok")
+    adapter = MotionAdapter(
+        block_out_channels=(16, 32),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=num_frames_max,
+        use_motion_mid_block=True,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = AnimateDiffPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(),
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        unet=tiny_unet(),
+        motion_adapter=adapter,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

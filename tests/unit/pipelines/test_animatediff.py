@@ -1,0 +1,267 @@
+"""The AnimateDiff adapter (pipelines/animatediff.py) on a tiny random AnimateDiffPipeline:
+4 frames of 32x32 pixels, latents B,4,4,8,8."""
+
+import math
+import re
+
+import pytest
+import torch
+import yaml
+
+from mmalign.config import load_config
+from mmalign.pipelines.animatediff import (
+    AnimateDiffGenerator,
+    AnimateDiffGeneratorConfig,
+    MotionLoraSettings,
+)
+from mmalign.testing import make_tiny_animatediff
+from mmalign.trainer import Trainer
+from tests.helpers import write_config
+
+F = 4
+PROMPTS = ["a red circle moving right", "two blue squares"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ad(tmp_path_factory):
+    return make_tiny_animatediff(tmp_path_factory.mktemp("models") / "animatediff")
+
+
+def _gen(path, **kw):
+    kw.setdefault("lora", MotionLoraSettings(rank=4, alpha=4))
+    return AnimateDiffGenerator(AnimateDiffGeneratorConfig(pretrained=str(path), num_frames=F, **kw))
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_ad):
+    torch.manual_seed(0)
+    g = _gen(tiny_ad)
+    with torch.no_grad():  # non-trivial LoRA: the policy differs from the reference
+        for p in g.trainable().parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return g
+
+
+def test_rollout_log_probs_are_the_float64_ddim_gaussian(gen):
+    """Stored log-probs equal log N(x_{t-1}; mu, sigma^2) averaged over the C*F*h*w latent dimensions,
+    mu from diffusers' DDIM step (noise zeroed), sigma^2 its eta=1 variance, in float64."""
+    from diffusers import DDIMScheduler
+
+    ro = gen.rollout(PROMPTS, num_steps=3, guidance_scale=3.0, eta=1.0, seeds=[3, 4])
+    assert ro.latents.shape == (2, 4, 4, F, 8, 8) and ro.log_probs.shape == (2, 3)
+    assert ro.samples.video.shape == (2, F, 3, 32, 32) and ro.samples.images is None
+    assert ro.log_probs.dtype == torch.float64
+    sched = DDIMScheduler.from_config(gen.scheduler.config)
+    assert sched.config.beta_schedule == "linear"  # AnimateDiff's schedule
+    sched.set_timesteps(3)
+    cond, uncond = ro.extras["cond"], ro.extras["uncond"]
+    for k, t in enumerate(sched.timesteps):
+        x, x_next = ro.latents[:, k], ro.latents[:, k + 1].double()
+        with torch.no_grad():  # the UNetMotionModel called as AnimateDiffPipeline.__call__ calls it
+            emb = torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]]).repeat_interleave(F, 0)
+            u, c = gen.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
+        eps = (u + 3.0 * (c - u)).double()
+        prev_t = int(t) - 1000 // 3
+        var = sched._get_variance(int(t), prev_t).double()
+        mean = sched.step(eps, t, x.double(), eta=1.0, variance_noise=torch.zeros_like(eps)).prev_sample
+        per_dim = -((x_next - mean) ** 2) / (2 * var) - 0.5 * torch.log(var) - 0.5 * math.log(2 * math.pi)
+        torch.testing.assert_close(ro.log_probs[:, k], per_dim.flatten(1).mean(1), rtol=1e-6, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(gen.step_log_prob(ro, k), ro.log_probs[:, k], rtol=1e-6, atol=1e-5)
+            with gen.reference():
+                assert not torch.allclose(gen.step_log_prob(ro, k), ro.log_probs[:, k])
+
+
+def test_deterministic_ddim_equals_animatediff_pipeline_call(gen):
+    """eta=0 rollout == AnimateDiffPipeline.__call__ on the same x_T, prompts and guidance (LoRA active)."""
+    x_T = torch.randn(2, 4, F, 8, 8, generator=torch.Generator().manual_seed(7))
+    ro = gen.rollout(PROMPTS, num_steps=4, guidance_scale=4.0, eta=0.0, latents=x_T, need_log_probs=False)
+    with torch.no_grad():
+        ref = gen.pipe(
+            PROMPTS, num_frames=F, height=32, width=32, num_inference_steps=4, guidance_scale=4.0,
+            latents=x_T.clone(), output_type="pt",
+        ).frames  # fmt: skip
+    torch.testing.assert_close(ro.samples.video, ref.float(), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        lat = gen.pipe(
+            PROMPTS, num_frames=F, height=32, width=32, num_inference_steps=4, guidance_scale=4.0,
+            latents=x_T.clone(), output_type="latent",
+        ).frames  # fmt: skip
+    torch.testing.assert_close(ro.latents[:, -1], lat, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_targets_only_the_motion_modules_by_default(gen, tiny_ad):
+    from diffusers import UNetMotionModel
+
+    trained = [n for n, p in gen.trainable().named_parameters() if p.requires_grad]
+    pattern = r".*\.motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+    want = {n for n, _ in UNetMotionModel.from_pretrained(tiny_ad / "unet").named_modules() if re.fullmatch(pattern, n)}
+    assert len(want) == 8 * 7  # 7 motion modules (down 2, mid 1, up 4), 2 attentions x 4 projections
+    assert all(".lora_A." in n or ".lora_B." in n for n in trained)
+    assert {n.split(".lora_")[0] for n in trained} == want and len(trained) == 2 * len(want)
+    # plain names keep peft's suffix meaning (spatial attention too); a glob matching nothing is refused
+    g = _gen(tiny_ad, lora=MotionLoraSettings(rank=2, alpha=2, target_modules=["to_q"]))
+    names = [n for n, p in g.trainable().named_parameters() if p.requires_grad]
+    assert any("motion_modules" in n for n in names) and any(".attentions." in n for n in names)
+    with pytest.raises(ValueError, match="matches no Linear"):
+        _gen(tiny_ad, lora=MotionLoraSettings(target_modules=["motion_modules.*.nothing_here"]))
+
+
+def test_full_finetune_trains_the_motion_modules_only(tiny_ad, tmp_path):
+    g = _gen(tiny_ad, finetune="full")
+    named = dict(g.trainable().named_parameters())
+    trained = {n for n, p in named.items() if p.requires_grad}
+    assert trained == {n for n in named if "motion_modules" in n}
+    with torch.no_grad():
+        for n in trained:
+            named[n].add_(0.01)
+    x0, cond = torch.randn(1, 4, F, 8, 8), g.encode_prompt(["a"])
+    t, noise = torch.tensor([500]), torch.randn(1, 4, F, 8, 8)
+    with torch.no_grad():
+        pol = g.denoise_error(x0, cond, t, noise)
+        with g.reference():
+            ref = g.denoise_error(x0, cond, t, noise)
+    assert not torch.allclose(pol, ref)
+    # saved as a MotionAdapter folder; a fresh generator loads it back
+    out = g.save_trained(tmp_path / "full")
+    from diffusers import MotionAdapter
+
+    MotionAdapter.from_pretrained(out / "motion_adapter")
+    g2 = _gen(tiny_ad, finetune="full")
+    g2.load_trained(out)
+    for n in trained:
+        torch.testing.assert_close(dict(g2.trainable().named_parameters())[n], named[n])
+
+
+def test_lora_saved_in_the_format_animatediff_pipeline_loads(gen, tiny_ad, tmp_path):
+    """save_trained -> AnimateDiffPipeline.load_lora_weights reproduces the adapter's own samples."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    out = gen.save_trained(tmp_path / "lora")
+    pipe = AnimateDiffPipeline.from_pretrained(tiny_ad)
+    pipe.load_lora_weights(out)
+    pipe.scheduler = DDIMScheduler.from_config(gen.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn(1, 4, F, 8, 8, generator=torch.Generator().manual_seed(1))
+    ro = gen.rollout(PROMPTS[:1], num_steps=3, guidance_scale=2.0, eta=0.0, latents=x_T, need_log_probs=False)
+    with torch.no_grad():
+        got = pipe(
+            PROMPTS[:1], num_frames=F, height=32, width=32, num_inference_steps=3, guidance_scale=2.0,
+            latents=x_T.clone(), output_type="latent",
+        ).frames  # fmt: skip
+        with gen.reference():  # without the LoRA the samples differ: the LoRA is what was loaded
+            base = gen.rollout(PROMPTS[:1], num_steps=3, guidance_scale=2.0, eta=0.0, latents=x_T, need_log_probs=False)
+    torch.testing.assert_close(got, ro.latents[:, -1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(base.latents[:, -1], ro.latents[:, -1], atol=1e-4)
+    # and the adapter's own loader
+    g2 = _gen(tiny_ad)
+    g2.load_trained(out)
+    a, b = gen.trainable_state_dict(), g2.trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_ad):
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        g = _gen(tiny_ad)
+        with torch.no_grad():
+            for p in g.trainable().parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        if checkpointing:
+            g.enable_gradient_checkpointing()
+        g.unet.train()
+        gen_ = torch.Generator().manual_seed(3)
+        x0, noise = torch.randn(2, 4, F, 8, 8, generator=gen_), torch.randn(2, 4, F, 8, 8, generator=gen_)
+        g.denoise_error(x0, g.encode_prompt(PROMPTS), torch.tensor([100, 700]), noise).sum().backward()
+        assert g.unet.is_gradient_checkpointing == checkpointing
+        return {n: p.grad.clone() for n, p in g.trainable().named_parameters() if p.requires_grad}
+
+    a, b = grads(False), grads(True)
+    assert a.keys() == b.keys() and all(v.abs().sum() > 0 for v in a.values())
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7)
+
+
+def test_denoise_error_is_the_float64_epsilon_mse(gen):
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(2, 4, F, 8, 8, generator=g), torch.randn(2, 4, F, 8, 8, generator=g)
+    t = torch.tensor([50, 800])
+    cond = gen.encode_prompt(PROMPTS)
+    with torch.no_grad():
+        got = gen.denoise_error(x0, cond, t, noise)
+        a = gen.train_scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1, 1)
+        x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+        emb = cond["encoder_hidden_states"].repeat_interleave(F, 0)
+        pred = gen.unet(x_t.float(), t, encoder_hidden_states=emb).sample.double()
+    torch.testing.assert_close(got.double(), (pred - noise.double()).pow(2).flatten(1).mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_video_vae_round_trip_is_per_frame(gen):
+    video = torch.rand(2, F, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    z = gen.encode_images(video, [4, 9])
+    assert z.shape == (2, 4, F, 8, 8)
+    # frame f of the sample with seed s is the image adapter's encoding with seed s*F + f
+    frame = super(AnimateDiffGenerator, gen).encode_images(video[1, 2:3], [9 * F + 2])
+    torch.testing.assert_close(z[1, :, 2], frame[0])
+    torch.testing.assert_close(gen.encode_images(video[1:], [9]), z[1:])  # batch-independent
+    out = gen.decode(z)
+    assert out.video.shape == (2, F, 3, 32, 32) and out.images is None
+    torch.testing.assert_close(out.video[0, 1], super(AnimateDiffGenerator, gen).decode(z[0:1, :, 1]).images[0])
+
+
+def test_loads_an_sd_base_with_a_motion_adapter(tiny_ad, tiny_sd, tmp_path):
+    from diffusers import MotionAdapter
+
+    MotionAdapter.from_pretrained(tiny_ad / "motion_adapter").save_pretrained(tmp_path / "adapter")
+    g = AnimateDiffGenerator(
+        AnimateDiffGeneratorConfig(pretrained=str(tiny_sd), motion_adapter=str(tmp_path / "adapter"), num_frames=2)
+    )
+    assert type(g.unet).__name__ == "UNetMotionModel" and g.latent_shape == (4, 2, 8, 8)
+    assert g.rollout(["a"], num_steps=2).samples.video.shape == (1, 2, 3, 32, 32)
+    with pytest.raises(ValueError, match="not an AnimateDiffPipeline"):
+        AnimateDiffGenerator(AnimateDiffGeneratorConfig(pretrained=str(tiny_sd)))
+    with pytest.raises(ValueError, match="motion_max_seq_length"):
+        AnimateDiffGenerator(AnimateDiffGeneratorConfig(pretrained=str(tiny_ad), num_frames=64))
+
+
+VIDEO_REWARD = {"name": "video_from_image", "image_reward": {"name": "jpeg_compressibility"}, "frames": "all"}
+ROLLOUT = {"prompts_per_round": 2, "num_steps": 3, "steps_per_round": 1}
+METHODS = {
+    "diffusion_dpo": {"name": "diffusion_dpo", "beta": 500},
+    "grpo": {"name": "grpo", "kl_coef": 0.1, "rollout": {**ROLLOUT, "samples_per_prompt": 3}},
+    "d3po": {
+        "name": "d3po",
+        "reference": "base",
+        "rollout": {**ROLLOUT, "samples_per_prompt": 2, "same_initial_noise": True},
+    },
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_one_training_step_changes_the_motion_lora(method, tiny_ad, tiny_sd, tiny_clip, pairs_manifest, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\na blue square spinning\n")
+    data = {"kind": "prompts", "prompts": str(prompts)}
+    if method == "diffusion_dpo":  # pairs generated by the policy and ranked by the video reward
+        data = {**data, "kind": "generated", "candidates": 2, "sample_steps": 2, "sample_guidance": 2.0}
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        generator={"name": "animatediff", "pretrained": str(tiny_ad), "num_frames": 2, "lora": {"rank": 4, "alpha": 4}},
+        method=METHODS[method],
+        data=data,
+        train={"steps": 1, "batch_size": 2, "lr": 1e-2},
+    )
+    raw = yaml.safe_load(p.read_text())
+    p.write_text(yaml.safe_dump({**raw, "reward": VIDEO_REWARD}))  # (write_config merges into its CLIP reward)
+    tr = Trainer(load_config(p), run_dir=tmp_path / "run")
+    before = {n: v.detach().clone() for n, v in tr.generator.trainable().named_parameters() if v.requires_grad}
+    assert before and all("motion_modules" in n for n in before)
+    tr.fit()
+    after = dict(tr.generator.trainable().named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
