@@ -4,11 +4,15 @@
     mmalign score --reward NAME [--reward-args k=v ...] [--config reward.yaml]
                   (--prompts prompts.txt | --prompt TEXT | --manifest m.jsonl) [--out scores.jsonl] PATHS...
     mmalign score --list
+    mmalign score --reward fad|vendi ... PATHS     (a distribution reward: one value for the whole set,
+                                                  and each file's contribution to it)
     mmalign eval-judge --reward NAME [--reward-args k=v ...] --pairs pairs.jsonl [--pairwise] [--out judged.jsonl]
 
-Media: images (png/jpg/...), videos (a directory of frames, or .mp4 etc. when torchcodec or
-PyAV is installed) and audio (PCM .wav always; .flac etc. through soundfile / torchaudio).
-A file that is missing or unreadable stops the run with an error naming it.
+Media (mmalign.media): images (png/jpg/...), videos (.mp4/.webm/.mov/.mkv through PyAV, an
+animated .gif for a video reward, or a directory of frames) and audio (.wav/.flac/.ogg/.mp3
+through soundfile; mono or stereo, --downmix for more channels). A file that is missing,
+unreadable, of another modality than the reward's, or (audio) at a rate the reward cannot
+resample from stops the run with one line naming it.
 
 Reward arguments (`--reward-args k=v`, values parsed as YAML, and/or a YAML file holding a
 reward section `{name: ..., k: v}` or a run config with a `reward:` section) are validated by
@@ -29,7 +33,8 @@ import yaml
 from mmalign import registry
 from mmalign.config import ConfigError, one_line_yaml_error, parse_dataclass, read_utf8
 from mmalign.data.preference import json_type, jsonl_rows
-from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind
+from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind, resample_problem
+from mmalign.protocols import DistributionReward
 from mmalign.rewards.common import build_reward
 from mmalign.types import Samples
 
@@ -124,6 +129,7 @@ def list_rewards() -> list[dict[str, str]]:
         rows.append(
             {
                 "name": name,
+                "kind": "batch" if getattr(e.build, "batch_level", False) else "sample",
                 "modality": str(getattr(e.build, "modality", known[0])),
                 "differentiable": {True: "yes", False: "no"}.get(diff, str(diff))
                 if isinstance(diff, bool)
@@ -212,19 +218,35 @@ def media_items(
     return list(zip(paths, prompts))
 
 
-def load_media(path: str, modality: str, num_frames: int | None = None):
-    """One file -> (tensor, sample_rate or None) for the reward's modality, errors naming the file."""
+def load_media(
+    path: str, modality: str, num_frames: int | None = None, downmix: bool = False, reward: Any = None
+) -> tuple[Any, int | None]:
+    """One file -> (tensor, sample_rate or None) for the reward's modality, errors naming the file.
+
+    Images: any Pillow format. Videos: MP4/WebM/MOV/MKV (PyAV), GIF (as a video when the reward
+    scores video), or a folder of frames; `num_frames` keeps that many evenly spaced frames.
+    Audio: WAV/FLAC/OGG/MP3 (soundfile), mono or stereo (`downmix` mixes more channels to mono);
+    a rate that `reward` (its `sampling_rate`) cannot be resampled from is refused.
+    """
     p = Path(path)
     if not p.exists():
         raise MediaError(f"{p}: file not found")
-    kind = media_kind(p)
+    kind = media_kind(p, prefer=modality)
     if modality in ("image", "video", "audio") and kind != modality:
-        raise MediaError(f"{p}: is {kind}, but the reward scores {modality}")
+        raise MediaError(f"{p}: is {kind}, but the reward scores {modality}; give {modality} files")
     if kind == "image":
         return load_image(p), None
     if kind == "video":
         return load_video(p, num_frames), None
-    return load_audio(p)
+    wave, sr = load_audio(p, downmix=downmix)
+    target = getattr(reward, "sampling_rate", None)
+    if target and getattr(reward, "resamples", True):
+        why = resample_problem(sr, int(target))
+        if why:
+            raise MediaError(f"{p}: {why}")
+    elif target and sr != int(target):
+        raise MediaError(f"{p}: {sr} Hz, but the reward takes {int(target)} Hz audio only; resample it first")
+    return wave, sr
 
 
 def _samples(tensors: list, modality: str, sample_rate: int | None):
@@ -237,7 +259,11 @@ def _samples(tensors: list, modality: str, sample_rate: int | None):
 
 
 def score_items(
-    reward: Any, items: Sequence[tuple[str, str]], batch_size: int = 8, num_frames: int | None = None
+    reward: Any,
+    items: Sequence[tuple[str, str]],
+    batch_size: int = 8,
+    num_frames: int | None = None,
+    downmix: bool = False,
 ) -> list[float]:
     """Score (path, prompt) items, batching files of equal shape (and sample rate) together."""
     modality = reward.modality if reward.modality in ("image", "video", "audio") else None
@@ -253,8 +279,8 @@ def score_items(
             scores[i] = float(s)
 
     for i, (path, prompt) in enumerate(items):
-        tensor, sr = load_media(path, modality or media_kind(path), num_frames)
         kind = modality or media_kind(path)
+        tensor, sr = load_media(path, kind, num_frames, downmix, reward)
         key = (kind, sr, tuple(tensor.shape))
         pending[key].append((i, tensor, prompt))
         if len(pending[key]) >= batch_size:
@@ -262,6 +288,50 @@ def score_items(
     for key in list(pending):
         flush(key)
     return scores
+
+
+def is_batch_level(reward: Any) -> bool:
+    """Whether `reward` is a distribution reward (scored over the whole set, `score_batch`)."""
+    return isinstance(reward, DistributionReward)
+
+
+def score_distribution(
+    reward: Any, items: Sequence[tuple[str, str]], batch_size: int = 8, num_frames: int | None = None
+) -> tuple[float, list[float]]:
+    """A distribution reward over all (path, prompt) items as one set: (the set's value, each
+    item's contribution, summing to it). A reward with `embed` / `score_embeddings` embeds files
+    of equal shape `batch_size` at a time (files may differ in size and sample rate); otherwise
+    every file must have one shape and `score_batch` sees them all at once."""
+    modality = reward.modality if reward.modality in ("image", "video", "audio") else None
+    prompts = [p for _, p in items]
+    loaded = []
+    for path, _ in items:
+        kind = modality or media_kind(path)
+        tensor, sr = load_media(path, kind, num_frames)
+        loaded.append((kind, tensor, sr))
+    with torch.no_grad():
+        if hasattr(reward, "embed") and hasattr(reward, "score_embeddings"):
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for i, (kind, tensor, sr) in enumerate(loaded):
+                groups[(kind, sr, tuple(tensor.shape))].append(i)
+            rows: list[Any] = [None] * len(loaded)
+            for (kind, sr, _), idx in groups.items():
+                for j in range(0, len(idx), batch_size):
+                    part = idx[j : j + batch_size]
+                    emb = reward.embed(_samples([loaded[i][1] for i in part], kind, sr))
+                    for i, e in zip(part, emb):
+                        rows[i] = e
+            value, contrib = reward.score_embeddings(torch.stack(rows), prompts)
+        else:
+            shapes = {(k, sr, tuple(t.shape)) for k, t, sr in loaded}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"reward {getattr(reward, 'name', '?')!r} scores the files as one batch, "
+                    f"and they differ in shape or sample rate ({len(shapes)} kinds)"
+                )
+            kind, _, sr = loaded[0]
+            value, contrib = reward.score_batch(_samples([t for _, t, _ in loaded], kind, sr), prompts)
+    return float(value), [float(c) for c in contrib.detach().cpu().tolist()]
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
@@ -366,7 +436,8 @@ def _judge_pair_both_orders(reward: Any, p: dict) -> dict:
     """One pair shown as (chosen, rejected) and as (rejected, chosen); the judge's `prefer_first`
     (one order, its swap_average not applied) where it has one, else `prefer`."""
     ask = getattr(reward, "prefer_first", None) or reward.prefer
-    (tc, src), (tr, srr) = load_media(p["chosen"], reward.modality), load_media(p["rejected"], reward.modality)
+    (tc, src) = load_media(p["chosen"], reward.modality, reward=reward)
+    (tr, srr) = load_media(p["rejected"], reward.modality, reward=reward)
     c, r = _samples([tc], reward.modality, src), _samples([tr], reward.modality, srr)
     with torch.no_grad():
         p_cf, p_rf = float(ask(c, r, [p["prompt"]])[0]), float(ask(r, c, [p["prompt"]])[0])

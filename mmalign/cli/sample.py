@@ -1,13 +1,25 @@
-"""`mmalign sample`: images from prompts, with plain or reward-aware guidance (mmalign.guidance).
+"""`mmalign sample`: images, videos or audio from prompts, with plain or reward-aware guidance (mmalign.guidance).
 
     mmalign sample --model PATH_OR_ID [--lora CKPT] --prompts FILE --out DIR
                    [--guidance {cfg,dynamic-cfg,reward,best-of-n,beam} | --guidance SCALE]
                    [--reward NAME[:WEIGHT] ...] [--reward-args [NAME.]KEY=VALUE ...]
+                   [--num-frames N] [--fps FPS] [--duration SECONDS] [--audio-format {wav,flac}]
 
-Writes DIR/NNNN_KK.png, DIR/grid.png and DIR/samples.jsonl with one row per image: prompt,
-seed, path, guidance, cfg_scale, rewards {name: score} of the final image, and for
-dynamic-cfg the chosen CFG schedule (one scale per step), for best-of-n the candidates'
-scores, for reward guidance the per-step guidance norms.
+Writes DIR/samples.jsonl with one row per sample: prompt, seed, path, guidance, cfg_scale,
+rewards {name: score} of the final sample, and for dynamic-cfg the chosen CFG schedule (one
+scale per step), for best-of-n the candidates' scores, for reward guidance the per-step
+guidance norms. The media, by the generator's modality:
+
+- image: DIR/NNNN_KK.png (prompt NNNN, sample KK) and DIR/grid.png;
+- video: DIR/NNNN_KK.mp4 (H.264, `mmalign.media.save_video`) and DIR/NNNN_KK.gif, and per prompt
+  DIR/NNNN_grid.png (a row of frames per sample); rows add num_frames, fps and gif;
+- audio: DIR/NNNN_KK.wav (16-bit PCM) or .flac (--audio-format flac) at the model's sample
+  rate; rows add sample_rate and duration_s.
+
+--num-frames / --duration set the generator config's frame count (`num_frames`) / length in
+seconds (`duration`, `audio_length_in_s`, `audio_end_in_s` or `seconds_total`, whichever it
+has); a generator without that setting refuses the flag. --fps is the written rate (default:
+the generator's `fps`, else 8) and sets the config's `fps` where it has one.
 
 --reward NAME[:WEIGHT]: a registered reward (`mmalign score --list`); WEIGHT is a number or
 START..END (linear from the first step to the last; dynamic-cfg and reward guidance use
@@ -33,9 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `sample` subcommand: model, prompt and output flags, then the guidance flags."""
     p = sub.add_parser(
         "sample",
-        help="generate images from prompts (optionally with trained weights)",
-        description="Generate images; --guidance cfg | dynamic-cfg | reward | best-of-n | beam "
-        "(rewards by --reward NAME[:WEIGHT]). Writes PNGs, grid.png, samples.jsonl; with "
+        help="generate images, videos or audio from prompts (optionally with trained weights)",
+        description="Generate images, videos or audio; --guidance cfg | dynamic-cfg | reward | best-of-n | beam "
+        "(rewards by --reward NAME[:WEIGHT]). Writes PNGs + grid.png, MP4 + GIF + frame grids, or WAV/FLAC, "
+        "and samples.jsonl; with "
         "--label-pairs, a D3PO round for human labelling instead.",
     )
     p.add_argument("--model", "--pretrained", dest="pretrained", help="hub id or local diffusers directory")
@@ -69,7 +82,77 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "initial noise; OUT/buffer.safetensors + buffer.json, OUT/images/<sample id>.png and an "
         "OUT/pairs.jsonl template (needs --eta > 0)",
     )
+    add_media_args(p)
     add_guidance_args(p)
+
+
+# generator config fields that hold a sample's length in seconds, in the order they are looked for
+DURATION_FIELDS = ("duration", "audio_length_in_s", "audio_end_in_s", "seconds_total")
+
+
+def add_media_args(p: argparse.ArgumentParser) -> None:
+    """The video and audio flags of `mmalign sample`."""
+    p.add_argument(
+        "--num-frames",
+        type=flag(int, ge=1),
+        default=None,
+        help="video generators: frames per video (default: the generator's num_frames)",
+    )
+    p.add_argument(
+        "--fps",
+        type=flag(float, gt=0),
+        default=None,
+        help="video generators: frame rate of the written MP4/GIF (default: the generator's fps, else 8)",
+    )
+    p.add_argument(
+        "--duration",
+        type=flag(float, gt=0),
+        default=None,
+        help="audio generators: seconds per sample, where the generator's config has a length setting",
+    )
+    p.add_argument(
+        "--audio-format",
+        choices=("wav", "flac"),
+        default="wav",
+        help="audio generators: write 16-bit WAV (default) or FLAC",
+    )
+
+
+def media_overrides(args: argparse.Namespace, config_cls: type, name: str) -> dict[str, Any]:
+    """The generator config fields --num-frames / --fps / --duration set; ConfigError naming the flag
+    when the generator has no such setting."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    over: dict[str, Any] = {}
+    if getattr(args, "num_frames", None) is not None:
+        if "num_frames" not in fields:
+            raise ConfigError(f"--num-frames: generator {name!r} has no num_frames setting (not a video generator)")
+        over["num_frames"] = args.num_frames
+    if getattr(args, "duration", None) is not None:
+        key = next((k for k in DURATION_FIELDS if k in fields), None)
+        if key is None:
+            raise ConfigError(
+                f"--duration: generator {name!r} has no length setting ({', '.join(DURATION_FIELDS)}); "
+                "its samples have a fixed length"
+            )
+        over[key] = args.duration
+    if getattr(args, "fps", None) is not None and "fps" in fields:
+        f = next(f for f in dataclasses.fields(config_cls) if f.name == "fps")
+        over["fps"] = int(round(args.fps)) if f.type in (int, "int") else args.fps
+    return over
+
+
+def with_overrides(cfg: Any, over: dict[str, Any], where: str = "generator") -> Any:
+    """A validated copy of the generator config `cfg` with the fields `over` (ConfigError naming the key)."""
+    import dataclasses
+
+    from mmalign.config import parse_dataclass
+
+    if not over:
+        return cfg
+    data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return parse_dataclass(type(cfg), {**data, **over}, where)
 
 
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +259,10 @@ def parse_reward_specs(rewards: list[str] | None, reward_args: list[str] | None)
 
 
 def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> list:
-    """Build each reward; refuse one whose modality is not the generator's, naming both."""
+    """Build each reward; refuse one whose modality is not the generator's, naming both. For a video
+    or audio generator the rewards only score the outputs (objects with `fn` and `name`)."""
+    from types import SimpleNamespace
+
     from mmalign import registry
     from mmalign.guidance.common import Evaluator, as_evaluators
     from mmalign.rewards.common import build_reward
@@ -196,8 +282,12 @@ def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> 
             )
         if hasattr(reward, "to"):
             reward.to(device)
+        if modality != "image":  # video / audio: the outputs are scored, not guided
+            taken = [e.name for e in out]
+            out.append(SimpleNamespace(fn=reward, name=name if name not in taken else f"{name}_{len(taken)}"))
+            continue
         out.append(Evaluator(reward, weight, name=name))
-    return as_evaluators(out)  # unique names
+    return out if modality != "image" else as_evaluators(out)  # unique names
 
 
 def validate_sample_args(args: argparse.Namespace) -> tuple[str, float, list[tuple[dict, Any]], list[float]]:
@@ -230,10 +320,14 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
     import torch
 
     from mmalign.guidance import beam_search_sample, best_of_n_sample, dynamic_cfg_sample, reward_guided_sample
-    from mmalign.media import image_grid, tensor_to_pil
 
     mode, scale, specs, cands = validate_sample_args(args)
     modality = getattr(gen, "modality", "image")
+    if modality != "image" and mode != "cfg":
+        raise ConfigError(
+            f"--guidance {mode}: the guided samplers work on image generators; this generator makes {modality} "
+            "(use --guidance cfg; --reward then scores the outputs)"
+        )
     evaluators = build_rewards(specs, modality, device)
     if mode == "reward":
         for e in evaluators:
@@ -244,7 +338,8 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
                 )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, all_images = [], []
+    writer = MediaWriter(args, gen, out)
+    rows = []
     total = len(prompts) * args.n
     for i in range(0, total, args.batch_size):
         chunk = [(j // args.n, j % args.n) for j in range(i, min(i + args.batch_size, total))]
@@ -284,31 +379,95 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
                 guidance_scale=scale,
                 **{**kw, "eta": args.eta if args.eta > 0 else 1.0},
             )
-        images = ro.samples.images
         scores = {}
         with torch.no_grad():
             for e in evaluators:
                 scores[e.name] = e.fn(ro.samples, ps).float().cpu().tolist()
-        for j, ((p, k), img, s) in enumerate(zip(chunk, images, seeds)):
-            path = out / f"{p:04d}_{k:02d}.png"
-            tensor_to_pil(img).save(path)
-            row = {"path": str(path), "prompt": prompts[p], "seed": s, "guidance": mode}
+        for j, ((p, k), s) in enumerate(zip(chunk, seeds)):
+            row = {**writer.write(ro.samples, j, p, k), "prompt": prompts[p], "seed": s, "guidance": mode}
             row["cfg_scale"] = None if mode == "dynamic-cfg" else scale
             row["rewards"] = {name: v[j] for name, v in scores.items()}
             row.update(extra_rows[j])
             rows.append(row)
-        all_images.append(images.float().cpu())
-    image_grid(torch.cat(all_images), nrow=args.n if args.n > 1 else 8).save(out / "grid.png")
+    written = writer.finish()
     with open(out / "samples.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     means = {name: sum(r["rewards"][name] for r in rows) / len(rows) for name in rows[0]["rewards"]} if rows else {}
     print(
-        f"wrote {len(rows)} images, grid.png and samples.jsonl to {out} (guidance {mode}"
+        f"wrote {written} and samples.jsonl to {out} (guidance {mode}"
         + "".join(f", mean {k} {v:.4f}" for k, v in means.items())
         + ")"
     )
     return 0
+
+
+class MediaWriter:
+    """Writes each sample of a rollout as the generator's modality asks (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, gen: Any, out: Path):
+        self.args, self.out = args, out
+        self.modality = getattr(gen, "modality", "image")
+        self.fps = args.fps or getattr(gen, "fps", None) or getattr(getattr(gen, "cfg", None), "fps", None) or 8.0
+        self.images: list = []
+        self.videos: dict[int, list] = {}  # prompt index -> its videos, for the per-prompt grid
+        self.count = 0
+
+    def write(self, samples: Any, j: int, p: int, k: int) -> dict[str, Any]:
+        """Sample j of `samples` (prompt p, its k-th sample) -> its files; the JSONL row's media fields."""
+        from mmalign.media import save_audio, save_gif, save_video, tensor_to_pil
+
+        stem = self.out / f"{p:04d}_{k:02d}"
+        self.count += 1
+        kind = samples.modality
+        if kind == "image":
+            img = samples.images[j].float().cpu()
+            tensor_to_pil(img).save(stem.with_suffix(".png"))
+            self.images.append(img)
+            return {"path": str(stem.with_suffix(".png"))}
+        if kind == "video":
+            video = samples.video[j].float().cpu()
+            save_video(stem.with_suffix(".mp4"), video, self.fps)
+            save_gif(stem.with_suffix(".gif"), video, self.fps)
+            self.videos.setdefault(p, []).append(video)
+            return {
+                "path": str(stem.with_suffix(".mp4")),
+                "gif": str(stem.with_suffix(".gif")),
+                "num_frames": int(video.shape[0]),
+                "fps": self.fps,
+            }
+        if kind == "audio":
+            if samples.sample_rate is None:
+                raise ValueError("the generator's audio samples have no sample_rate")
+            path = stem.with_suffix("." + self.args.audio_format)
+            audio = samples.audio[j].float().cpu()
+            save_audio(path, audio, int(samples.sample_rate))
+            return {
+                "path": str(path),
+                "sample_rate": int(samples.sample_rate),
+                "duration_s": audio.shape[-1] / int(samples.sample_rate),
+            }
+        raise ValueError(f"mmalign sample writes image, video or audio samples, not {kind}")
+
+    def finish(self) -> str:
+        """Write the grids; a description of what was written."""
+        import torch
+
+        from mmalign.media import image_grid, video_grid
+
+        if self.images:
+            image_grid(torch.stack(self.images), nrow=self.args.n if self.args.n > 1 else 8).save(self.out / "grid.png")
+            return f"{self.count} images, grid.png"
+        if self.videos:
+            shapes = {tuple(v.shape) for vs in self.videos.values() for v in vs}
+            for p, vs in self.videos.items():
+                if len(shapes) == 1:
+                    video_grid(torch.stack(vs)).save(self.out / f"{p:04d}_grid.png")
+                else:  # videos of different sizes: one grid per video
+                    for k, v in enumerate(vs):
+                        video_grid(v).save(self.out / f"{p:04d}_{k:02d}_grid.png")
+            return f"{self.count} videos (MP4 + GIF, {self.fps:g} fps), {len(self.videos)} frame grids"
+        return f"{self.count} {self.args.audio_format.upper()} files"
 
 
 def check_output_dir(flag: str, path: str | None) -> None:
@@ -355,8 +514,10 @@ def run(args: argparse.Namespace) -> int:
     label_scale = _check_label_pairs(args) if args.label_pairs else None
     if args.config:
         cfg = load_config(args.config)
-        gen_cfg = cfg.generator.args
         name = cfg.generator.name
+        gen_cfg = with_overrides(
+            cfg.generator.args, media_overrides(args, type(cfg.generator.args), name), f"{args.config}: generator"
+        )
     else:
         if not args.pretrained:
             raise ConfigError("give --model MODEL (or --pretrained MODEL) or --config RUN_CONFIG")
@@ -365,8 +526,11 @@ def run(args: argparse.Namespace) -> int:
             registry.lookup("generator", name)
         except KeyError as e:
             raise ConfigError(f"--generator: {e.args[0]}") from None
+        config_cls = registry.lookup("generator", name).config
         gen_cfg = parse_dataclass(
-            registry.lookup("generator", name).config, {"pretrained": args.pretrained, "finetune": "none"}, "generator"
+            config_cls,
+            {"pretrained": args.pretrained, "finetune": "none", **media_overrides(args, config_cls, name)},
+            "generator",
         )
     gen = registry.lookup("generator", name).build(gen_cfg)
     if args.weights:

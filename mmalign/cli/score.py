@@ -3,6 +3,10 @@
 mmalign score --reward NAME [--reward-args k=v ...] [--config reward.yaml]
               (--prompts prompts.txt | --prompt TEXT | --manifest m.jsonl) [--out scores.jsonl] PATHS...
 mmalign score --list
+
+Media files of the reward's modality: images; videos (.mp4/.webm/.mov/.mkv, an animated .gif,
+or a folder of frames; --num-frames N keeps N evenly spaced frames); audio (.wav/.flac/.ogg/.mp3,
+mono or stereo; --downmix mixes more channels to mono).
 """
 
 from __future__ import annotations
@@ -40,11 +44,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompts", help="text file, one prompt per line (one per file, or one for all)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable; one for all files)")
     parser.add_argument("--manifest", help="JSONL rows {path, prompt} (paths relative to the manifest)")
-    parser.add_argument("--out", help="write one JSON line per file: path, prompt, score")
+    parser.add_argument(
+        "--out", help="write one JSON line per file: path, prompt, score (distribution rewards: contribution)"
+    )
     parser.add_argument(
         "--num-frames", type=flag(int, ge=1), default=None, help="videos: keep this many evenly spaced frames"
     )
-    parser.add_argument("paths", nargs="*", help="media files (images, videos or frame folders, audio)")
+    parser.add_argument(
+        "--downmix",
+        action="store_true",
+        help="audio: mix files with more than 2 channels to mono (the mean over channels) instead of refusing them",
+    )
+    parser.add_argument(
+        "paths", nargs="*", help="media files: images, videos (.mp4/.webm/.gif or frame folders), audio (.wav/.flac)"
+    )
 
 
 def split_reward_args(args: argparse.Namespace) -> None:
@@ -71,14 +84,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.list:
         rows = scoring.list_rewards()
-        print(scoring.format_table(rows, ["name", "modality", "differentiable", "loads", "description"]))
+        print(scoring.format_table(rows, ["name", "kind", "modality", "differentiable", "loads", "description"]))
         return 0
     try:
         split_reward_args(args)
         items = scoring.media_items(args.paths, args.prompt, args.prompts, args.manifest)
         reward, spec = scoring.build_scoring_reward(args.reward, args.reward_args, args.config, args.device)
         scoring.check_prompts(reward, spec["name"], items)
-        scores = scoring.score_items(reward, items, args.batch_size, args.num_frames)
+        if scoring.is_batch_level(reward):
+            return _run_distribution(args, reward, spec, items)
+        scores = scoring.score_items(reward, items, args.batch_size, args.num_frames, args.downmix)
     except (ConfigError, MediaError, OSError, ValueError, TypeError) as e:
         return fail(str(e))
     rows = [{"path": p, "prompt": pr, "score": s} for (p, pr), s in zip(items, scores)]
@@ -91,4 +106,26 @@ def run(args: argparse.Namespace) -> int:
     print(scoring.format_table([summary], ["reward", "n", "mean", "std", "min", "max"]))
     if args.out:
         print(f"wrote {len(rows)} scores to {args.out}")
+    return 0
+
+
+def _run_distribution(args: argparse.Namespace, reward, spec: dict, items) -> int:
+    """A distribution reward: one value for the set, each file's contribution to --out."""
+    from mmalign import scoring
+
+    value, contrib = scoring.score_distribution(reward, items, args.batch_size, args.num_frames)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            for (p, pr), c in zip(items, contrib):
+                f.write(json.dumps({"path": p, "prompt": pr, "contribution": c}) + "\n")
+    summary = {
+        "reward": spec["name"],
+        "n": len(items),
+        "value": value,
+        "higher_is_better": "yes" if getattr(reward, "higher_is_better", True) else "no",
+    }
+    print(scoring.format_table([summary], ["reward", "n", "value", "higher_is_better"]))
+    if args.out:
+        print(f"wrote {len(items)} contributions (they sum to the value) to {args.out}")
     return 0
