@@ -112,7 +112,8 @@ def generate_pairs(
         scores = reward(ro.samples, rep).float().view(len(idx), k).cpu()
         # a prompt's candidates share their posterior draw (see encode_images)
         group = [seed * 1_000_003 + i * k for i in idx for _ in range(k)]
-        x0 = generator.encode_images(ro.samples.images, group) if d.reencode else ro.latents[:, -1]
+        media = ro.samples.require(generator.modality, "re-encoding samples") if d.reencode else None
+        x0 = generator.encode_images(media, group) if d.reencode else ro.latents[:, -1]
         x0 = x0.view(len(idx), k, *ro.latents.shape[2:]).cpu()
         for row, i in enumerate(idx):
             b, w = int(scores[row].argmax()), int(scores[row].argmin())

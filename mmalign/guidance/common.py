@@ -82,9 +82,10 @@ class Evaluator:
             self.space = "image" if isinstance(self.fn, Reward) else "latent"
         if self.space not in ("image", "latent"):
             raise ValueError(f"evaluator {self.name!r}: space must be 'image' or 'latent', got {self.space!r}")
-        if self.space == "image" and isinstance(self.fn, Reward) and self.fn.modality != "image":
+        if self.space == "image" and isinstance(self.fn, Reward) and self.fn.modality not in ("image", "video"):
             raise TypeError(
-                f"evaluator {self.label}: reward scores {self.fn.modality} samples, but these samplers make images"
+                f"evaluator {self.label}: reward scores {self.fn.modality} samples, but these samplers make "
+                "images or videos"
             )
         if not self.name:
             self.name = getattr(self.fn, "name", None) or getattr(self.fn, "__name__", "evaluator")
@@ -118,25 +119,36 @@ def as_evaluators(items: Any) -> list[Evaluator]:
     return out
 
 
+def decode_all(decode: Callable, x: Tensor, batch_size: int = 64) -> Samples:
+    """`decode` over latents [N, ...] in chunks of `batch_size`, concatenated into one `Samples`
+    (images, or videos for a video generator)."""
+    parts = [decode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    field = {"image": "images", "video": "video"}.get(parts[0].modality)
+    if field is None:
+        raise TypeError(f"guided sampling decodes images or videos, got {parts[0].modality} samples")
+    return Samples(**{field: torch.cat([getattr(p, field) for p in parts])})
+
+
 def score_candidates(
     evaluators: Sequence[Evaluator],
     x0: Tensor,
     prompts: Sequence[str],
     decode: Callable,
     batch_size: int = 64,
-    images: Tensor | None = None,
+    samples: Samples | None = None,
 ) -> dict[str, Tensor]:
     """Raw score of each evaluator on each latent x̂_0 [N,...] (prompts: N strings) -> {name: [N]}.
 
-    Image-space evaluators see `decode(x0)` (decoded once, in chunks of `batch_size`, and
-    shared), or `images` when the caller already has them."""
+    Media-space evaluators (`space="image"`: rewards) see `decode(x0)` (decoded once, in chunks
+    of `batch_size`, and shared: images, or videos for a video generator), or `samples` when the
+    caller already has them; a reward of another modality fails in one line (`Samples.require`)."""
     out: dict[str, Tensor] = {}
-    need_images = any(e.space == "image" for e in evaluators)
-    if need_images and images is None:
-        images = torch.cat([decode(x0[i : i + batch_size]).images for i in range(0, len(x0), batch_size)])
+    need_media = any(e.space == "image" for e in evaluators)
+    if need_media and samples is None:
+        samples = decode_all(decode, x0, batch_size)
     for e in evaluators:
         if e.space == "image":
-            s = e.fn(Samples(images=images), list(prompts))
+            s = e.fn(samples, list(prompts))
         else:
             s = e.fn(x0, list(prompts))
         s = torch.as_tensor(s).reshape(-1).float().to(x0.device)

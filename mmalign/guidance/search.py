@@ -21,9 +21,17 @@ import torch
 from torch import Tensor
 
 from mmalign.protocols import DiffusionGenerator, require
-from mmalign.types import Rollout, Samples, per_sample_randn
+from mmalign.types import Rollout, _index_samples, per_sample_randn
 
-from .common import as_evaluators, cfg_combine, check_guidable, combine_scores, default_seeds, score_candidates
+from .common import (
+    as_evaluators,
+    cfg_combine,
+    check_guidable,
+    combine_scores,
+    decode_all,
+    default_seeds,
+    score_candidates,
+)
 
 
 @torch.no_grad()
@@ -66,7 +74,7 @@ def best_of_n_sample(
         for i in range(0, len(rep), batch_size)
     ]
     ro = Rollout.cat(parts)
-    raw = score_candidates(evals, ro.latents[:, -1], rep, generator.decode, batch_size, images=ro.samples.images)
+    raw = score_candidates(evals, ro.latents[:, -1], rep, generator.decode, batch_size, samples=ro.samples)
     scores = combine_scores(evals, raw, n, 1.0, normalize)  # B, n
     chosen = scores.argmax(1).cpu()
     flat = torch.arange(len(prompts)) * n + chosen
@@ -166,8 +174,8 @@ def beam_search_sample(
             images = None
         else:
             child_pred, x0 = None, xc
-            images = torch.cat([generator.decode(xc[i : i + batch_size]).images for i in range(0, len(xc), batch_size)])
-        raw = score_candidates(evals, x0, child_prompts, generator.decode, batch_size, images=images)
+            images = decode_all(generator.decode, xc, batch_size)  # images, or videos
+        raw = score_candidates(evals, x0, child_prompts, generator.decode, batch_size, samples=images)
         scores = combine_scores(evals, raw, W * K, k / max(len(steps) - 1, 1), normalize)  # B, W*K
         keep = scores.topk(W, dim=1).indices.cpu()  # sorted: best first
         sel = (torch.arange(B).unsqueeze(1) * (W * K) + keep).flatten()
@@ -178,10 +186,10 @@ def beam_search_sample(
         pseeds = [child_seeds[i] for i in sel.tolist()]
         final_scores = scores.gather(1, keep.to(scores.device))[:, 0]
         if images is not None:
-            last_images = images[sel.to(images.device)]
+            last_images = _index_samples(images, sel)
     best = torch.arange(B) * W  # the first kept particle of each prompt is its best
     return Rollout(
-        samples=Samples(images=last_images[best.to(last_images.device)]),
+        samples=_index_samples(last_images, best),
         latents=traj[best.to(traj.device)],
         timesteps=torch.tensor([t for t, _ in steps]),
         log_probs=None,

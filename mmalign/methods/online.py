@@ -110,7 +110,8 @@ def collect(
             # contiguous: the VAE returns channels-last latents, and convolutions round differently
             # on them than on the contiguous copy a resumed run loads from the checkpoint
             # one posterior draw per prompt: a group's samples share it (see encode_images)
-            ro.extras["x0"] = generator.encode_images(ro.samples.images, group_seeds[sl]).contiguous()
+            media = ro.samples.require(generator.modality, "re-encoding samples")  # images, or videos B,F,3,H,W
+            ro.extras["x0"] = generator.encode_images(media, group_seeds[sl]).contiguous()
         parts.append(ro)
     ro = Rollout.cat(parts)
     ro.extras["group"] = torch.arange(len(prompts), device=ro.latents.device).repeat_interleave(G)

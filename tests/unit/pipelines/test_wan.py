@@ -222,3 +222,9 @@ def test_video_motion_rule_reward_is_the_mean_frame_difference():
     assert VideoMotion()(Samples(video=still)).abs().max() == 0
     with pytest.raises(TypeError, match="scores video samples, but got image samples"):
         VideoMotion()(Samples(images=torch.rand(2, 3, 4, 4)))
+
+
+def test_wan_plays_the_diffusion_and_guidable_generator_roles(gen):
+    from mmalign.protocols import DiffusionGenerator, GuidableGenerator
+
+    assert isinstance(gen, DiffusionGenerator) and isinstance(gen, GuidableGenerator)
