@@ -98,7 +98,8 @@ def evaluate_generator(
     gold: bool | str = False,
     batch_size: int = 64,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Deterministic DDIM (eta=0) samples of every prompt x seed; returns (metrics, images).
+    """Deterministic DDIM (eta=0) samples of every prompt x seed; returns (metrics, images), the images
+    B,3,H,W (a video generator's videos B,F,3,H,W: no per-pixel diversity then).
 
     `gold`: False, True (the one registered gold evaluator) or a gold evaluator's name.
 
@@ -120,7 +121,8 @@ def evaluate_generator(
             seeds=seeds[i : i + batch_size],
             need_log_probs=False,
         )
-        images.append(ro.samples.images.float().cpu())
+        media = ro.samples.images if ro.samples.images is not None else ro.samples.video  # B,3,H,W / B,F,3,H,W
+        images.append(media.float().cpu())
         if reward is not None:
             rewards.append(reward(ro.samples, rep[i : i + batch_size]).float().cpu())
     images = torch.cat(images)
@@ -132,7 +134,7 @@ def evaluate_generator(
         out["gold_compositional"] = rep_["compositional"]
         out["gold_per_kind"] = rep_["per_kind"]
         out["gold_per_constraint"] = rep_["per_constraint"]
-    if seeds_per_prompt > 1:
+    if seeds_per_prompt > 1 and images.ndim == 4:  # (per-pixel diversity of images only)
         groups = [list(images[i * seeds_per_prompt : (i + 1) * seeds_per_prompt]) for i in range(len(prompts))]
         out["diversity"] = diversity(groups)
     return out, images

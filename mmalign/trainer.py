@@ -46,7 +46,7 @@ from mmalign.data import preference as P
 from mmalign.data.generated import generate_pairs, load_prompts
 from mmalign.data.sampling import GlobalBatchSampler, Seeded
 from mmalign.evaluation import evaluate_config
-from mmalign.media import image_grid
+from mmalign.media import image_grid, video_grid
 from mmalign.methods.online import dump_rollout, load_buffer, save_buffer
 from mmalign.protocols import (
     AfterStepMethod,
@@ -437,7 +437,10 @@ class Trainer:
             path = self.run_dir / "samples" / f"{tag}.png"
             with rundir.writing(path):
                 path.parent.mkdir(exist_ok=True)
-                grid = image_grid(images[:64], nrow=min(8 * e.images_per_prompt, 16))
+                if images.ndim == 5:  # videos: one row of evenly spaced frames per video
+                    grid = video_grid(images[:16])
+                else:
+                    grid = image_grid(images[:64], nrow=min(8 * e.images_per_prompt, 16))
                 grid.save(path)
             tracking.log_image(self.acc, "eval/samples", grid, self.step)
             self._log({"step": self.step, "tag": tag, "eval": out})

@@ -1,12 +1,14 @@
 """The AnimateDiff adapter (pipelines/animatediff.py) on a tiny random AnimateDiffPipeline:
 4 frames of 32x32 pixels, latents B,4,4,8,8."""
 
+import json
 import math
 import re
 
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from mmalign.config import load_config
 from mmalign.pipelines.animatediff import (
@@ -255,6 +257,7 @@ def test_one_training_step_changes_the_motion_lora(method, tiny_ad, tiny_sd, tin
         method=METHODS[method],
         data=data,
         train={"steps": 1, "batch_size": 2, "lr": 1e-2},
+        eval={"enabled": method == "grpo", "prompts": ["a red circle"], "num_steps": 2, "guidance_scale": 2.0},
     )
     raw = yaml.safe_load(p.read_text())
     p.write_text(yaml.safe_dump({**raw, "reward": VIDEO_REWARD}))  # (write_config merges into its CLIP reward)
@@ -265,3 +268,9 @@ def test_one_training_step_changes_the_motion_lora(method, tiny_ad, tiny_sd, tin
     after = dict(tr.generator.trainable().named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    if method == "grpo":  # evaluation samples videos: a reward and a frame-row grid per evaluation
+        logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        evals = [line["eval"] for line in logs if "eval" in line]
+        assert len(evals) == 2 and all(math.isfinite(e["reward"]) for e in evals)
+        grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
+        assert len(grids) == 2 and all(Image.open(g).size[0] > Image.open(g).size[1] for g in grids)
