@@ -420,16 +420,16 @@ class OrderedPairwiseJudge(PairwiseJudge, Protocol):
 @runtime_checkable
 class DistributionReward(Protocol):
     """A reward of a whole batch (FID-like: a distance between the batch's distribution and a
-    reference one), not of single samples. No shipped reward is one yet; this is the contract one
-    must meet."""
+    reference one), not of single samples. Shipped: `fad` and `vendi` (rewards/fad.py,
+    rewards/vendi.py; `mmalign score` scores a folder as one set with them)."""
 
     name: str
     modality: Modality
     higher_is_better: bool
 
     def score_batch(self, samples: Samples, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(score, contributions): the batch's scalar score (0-dim float tensor) and per-item
-        contributions [B] (e.g. the change in the score when item i is left out), so a method can
+        """(score, contributions): the batch's scalar score (0-dim float tensor, higher is better
+        when `higher_is_better`) and per-item contributions [B] that sum to it, so a method can
         credit single samples."""
         ...
 
