@@ -259,8 +259,9 @@ def parse_reward_specs(rewards: list[str] | None, reward_args: list[str] | None)
 
 
 def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> list:
-    """Build each reward; refuse one whose modality is not the generator's, naming both. For a video
-    or audio generator the rewards only score the outputs (objects with `fn` and `name`)."""
+    """Build each reward; refuse one whose modality is not the generator's, naming both. For an audio
+    generator the rewards only score the outputs (objects with `fn` and `name`); image and video
+    rewards are guidance evaluators (the guided samplers decode x̂_0 to the generator's media)."""
     from types import SimpleNamespace
 
     from mmalign import registry
@@ -282,12 +283,12 @@ def build_rewards(specs: list[tuple[dict, Any]], modality: str, device: str) -> 
             )
         if hasattr(reward, "to"):
             reward.to(device)
-        if modality != "image":  # video / audio: the outputs are scored, not guided
+        if modality not in ("image", "video"):  # audio: the outputs are scored, not guided
             taken = [e.name for e in out]
             out.append(SimpleNamespace(fn=reward, name=name if name not in taken else f"{name}_{len(taken)}"))
             continue
         out.append(Evaluator(reward, weight, name=name))
-    return out if modality != "image" else as_evaluators(out)  # unique names
+    return out if modality not in ("image", "video") else as_evaluators(out)  # unique names
 
 
 def validate_sample_args(args: argparse.Namespace) -> tuple[str, float, list[tuple[dict, Any]], list[float]]:
@@ -323,10 +324,10 @@ def run_sample(args: argparse.Namespace, gen: Any, prompts: list[str], device: s
 
     mode, scale, specs, cands = validate_sample_args(args)
     modality = getattr(gen, "modality", "image")
-    if modality != "image" and mode != "cfg":
+    if modality not in ("image", "video") and mode != "cfg":
         raise ConfigError(
-            f"--guidance {mode}: the guided samplers work on image generators; this generator makes {modality} "
-            "(use --guidance cfg; --reward then scores the outputs)"
+            f"--guidance {mode}: the guided samplers work on image and video generators; this generator makes "
+            f"{modality} (use --guidance cfg; --reward then scores the outputs)"
         )
     evaluators = build_rewards(specs, modality, device)
     if mode == "reward":

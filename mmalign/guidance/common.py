@@ -67,8 +67,8 @@ def parse_weight(text: str, where: str = "weight") -> Weight:
 class Evaluator:
     """A scorer of candidates with a (timestep-dependent) weight.
 
-    `fn` is a Reward (scored on decoded images of the candidates' x̂_0, `space="image"`), or a
-    callable (x̂_0 latents [N,C,h,w], prompts) -> [N] scored in latent space
+    `fn` is a Reward (scored on the candidates' x̂_0 decoded to images, or videos for a video
+    generator, `space="image"`), or a callable (x̂_0 latents [N,...], prompts) -> [N] scored in latent space
     (`space="latent"`, the paper's cheap latent evaluators). Higher is better.
     """
 
