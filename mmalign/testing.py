@@ -740,3 +740,80 @@ def make_tiny_animatediff(out_dir: str | Path, seed: int = 0, num_frames_max: in
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_tiny_stable_audio(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight `StableAudioPipeline`: `StableAudioDiTModel` (2 layers, 64 latent frames
+    of 4 channels), `AutoencoderOobleck` (stereo, hop 4, 64 Hz "sampling rate": 4 s of audio in
+    256 samples), a `T5EncoderModel` (width 16, 1 layer) with a word-level tokenizer,
+    `StableAudioProjectionModel` (seconds 0..16) and `CosineDPMSolverMultistepScheduler`."""
+    from diffusers import (
+        AutoencoderOobleck,
+        CosineDPMSolverMultistepScheduler,
+        StableAudioDiTModel,
+        StableAudioPipeline,
+        StableAudioProjectionModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    from mmalign.rewards.fixtures import word_tokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    transformer = StableAudioDiTModel(
+        sample_size=64,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        num_key_value_attention_heads=1,
+        out_channels=4,
+        cross_attention_dim=8,
+        time_proj_dim=8,
+        global_states_input_dim=16,
+        cross_attention_input_dim=8,
+    )
+    vae = AutoencoderOobleck(
+        encoder_hidden_size=6,
+        downsampling_ratios=[1, 4],
+        decoder_channels=6,
+        decoder_input_channels=4,
+        audio_channels=2,
+        channel_multiples=[1, 2],
+        sampling_rate=64,
+    )
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=256,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=1,
+            eos_token_id=3,
+            decoder_start_token_id=1,
+        )
+    )
+    tokenizer = word_tokenizer({})
+    tokenizer.model_max_length = 8
+    projection = StableAudioProjectionModel(text_encoder_dim=16, conditioning_dim=8, min_value=0, max_value=16)
+    scheduler = CosineDPMSolverMultistepScheduler(
+        sigma_min=0.3,
+        sigma_max=500,
+        sigma_data=1.0,
+        sigma_schedule="exponential",
+        solver_order=2,
+        prediction_type="v_prediction",
+    )
+    pipe = StableAudioPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        projection_model=projection,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

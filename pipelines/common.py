@@ -52,15 +52,21 @@ class TrainedModule:
             from peft import LoraConfig
 
             module.requires_grad_(False)
-            module.add_adapter(
-                LoraConfig(
-                    r=lora.rank,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    target_modules=lora.target_modules,
-                    init_lora_weights="gaussian" if lora.init == "gaussian" else True,
-                )
+            config = LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                init_lora_weights="gaussian" if lora.init == "gaussian" else True,
             )
+            if hasattr(module, "add_adapter"):
+                module.add_adapter(config)
+            else:  # a diffusers model without PeftAdapterMixin (e.g. StableAudioDiTModel): peft directly
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(config, module)
+                for name, p in module.named_parameters():
+                    p.requires_grad_("lora_" in name)
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # LoRA weights train in float32
@@ -94,11 +100,23 @@ class TrainedModule:
             finally:
                 self.use_ref = False
         else:
-            self.module.disable_adapters()
+            set_adapters_enabled(self.module, False)
             try:
                 yield
             finally:
-                self.module.enable_adapters()
+                set_adapters_enabled(self.module, True)
+
+
+def set_adapters_enabled(module: nn.Module, enabled: bool) -> None:
+    """Turn a module's LoRA adapters on or off (diffusers' PeftAdapterMixin, or peft's layers directly)."""
+    if hasattr(module, "enable_adapters"):
+        module.enable_adapters() if enabled else module.disable_adapters()
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
 
 
 class TrainedAdapterMixin:
