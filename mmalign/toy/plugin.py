@@ -12,6 +12,7 @@ does not know. It registers:
                         toy_audio (gold evaluator, audio_gold.gold_evaluator_audio)
     asset root          toy  -> assets/ (toy:sd_toy, toy:sd3_toy, toy:proxy_clip, toy:vlm_toy)
     reward              toy_gold                                   (reward.py)
+    reward              toy_audio_gold                             (audio_reward.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mmalign.sources import register_asset_root, register_source
 
 from . import (
     ASSETS,
+    audio_reward,  # noqa: F401  (importing it registers the toy_audio_gold reward)
     audio_world,
     reward,  # noqa: F401  (importing it registers the toy_gold reward)
     vlm_pairs,

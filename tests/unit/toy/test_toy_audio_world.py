@@ -34,6 +34,7 @@ from mmalign.toy.audio_world import (
     render_audio,
     synthesize,
 )
+from mmalign.types import Samples
 
 SEEDS = range(12)
 
@@ -169,3 +170,40 @@ def test_gold_report_and_registered_sources():
     # `gold: true` still means the image world's evaluator, the only image one
     assert gold_evaluator(True) is sources.lookup("gold_evaluator", "toy")
     assert set(PITCHES.values()) == {220.0, 440.0, 880.0}
+
+
+def test_toy_audio_gold_reward_and_its_embedding_for_distribution_rewards():
+    from mmalign.rewards.common import build_reward
+
+    r = build_reward({"name": "toy_audio_gold"})
+    caps = ["one low beep", "a mid beep then a high beep", "three high beeps"]
+    audio = torch.stack([torch.from_numpy(render_audio(c, 2)[0])[None] for c in caps])
+    s = r(Samples(audio=audio, sample_rate=SAMPLE_RATE), [caps[0], caps[1], "three low beeps"])
+    assert s.tolist() == [1.0, 1.0, 0.75]  # the last fails `pitch` only
+    c = build_reward({"name": "toy_audio_gold", "mode": "correct"})
+    assert c(Samples(audio=audio, sample_rate=SAMPLE_RATE), [caps[0], caps[1], "three low beeps"]).tolist() == [1, 1, 0]
+    # the beep-band embedding separates pitches: FAD to low-beep exemplars is far smaller for low beeps
+    low = ["one low beep", "two low beeps", "three low beeps"]
+    fad = build_reward(
+        {
+            "name": "fad",
+            "embedding": {"name": "toy_audio_gold"},
+            "exemplars": "toy:render_audio",
+            "exemplar_prompts": low,
+            "exemplar_seeds": 4,
+        }
+    )
+
+    def batch(cs, seed):
+        return Samples(
+            audio=torch.stack([torch.from_numpy(render_audio(x, seed)[0])[None] for x in cs]), sample_rate=SAMPLE_RATE
+        )
+
+    same = float(fad.score_batch(batch(low * 2, 9), low * 2)[0])
+    other = float(fad.score_batch(batch(["one high beep", "two high beeps", "three high beeps"] * 2, 9), low * 2)[0])
+    assert other < 3 * same < 0  # -FAD: the high beeps are much further away
+    emb = r.audio_embeds(r.prepare(batch(low, 0)))
+    assert emb.shape == (3, 40) and torch.allclose(emb.norm(dim=-1), torch.ones(3, dtype=emb.dtype))
+    # resampled input gives nearly the same features
+    up = torchaudio.functional.resample(batch(low, 0).audio, 16000, 44100)
+    assert (r.audio_embeds(r.prepare(Samples(audio=up, sample_rate=44100))) - emb).abs().max() < 0.05
