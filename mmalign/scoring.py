@@ -296,7 +296,11 @@ def is_batch_level(reward: Any) -> bool:
 
 
 def score_distribution(
-    reward: Any, items: Sequence[tuple[str, str]], batch_size: int = 8, num_frames: int | None = None
+    reward: Any,
+    items: Sequence[tuple[str, str]],
+    batch_size: int = 8,
+    num_frames: int | None = None,
+    downmix: bool = False,
 ) -> tuple[float, list[float]]:
     """A distribution reward over all (path, prompt) items as one set: (the set's value, each
     item's contribution, summing to it). A reward with `embed` / `score_embeddings` embeds files
@@ -307,7 +311,7 @@ def score_distribution(
     loaded = []
     for path, _ in items:
         kind = modality or media_kind(path)
-        tensor, sr = load_media(path, kind, num_frames)
+        tensor, sr = load_media(path, kind, num_frames, downmix)
         loaded.append((kind, tensor, sr))
     with torch.no_grad():
         if hasattr(reward, "embed") and hasattr(reward, "score_embeddings"):

@@ -113,7 +113,7 @@ def _run_distribution(args: argparse.Namespace, reward, spec: dict, items) -> in
     """A distribution reward: one value for the set, each file's contribution to --out."""
     from mmalign import scoring
 
-    value, contrib = scoring.score_distribution(reward, items, args.batch_size, args.num_frames)
+    value, contrib = scoring.score_distribution(reward, items, args.batch_size, args.num_frames, args.downmix)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
