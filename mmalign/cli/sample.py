@@ -144,15 +144,25 @@ def media_overrides(args: argparse.Namespace, config_cls: type, name: str) -> di
 
 
 def with_overrides(cfg: Any, over: dict[str, Any], where: str = "generator") -> Any:
-    """A validated copy of the generator config `cfg` with the fields `over` (ConfigError naming the key)."""
+    """A copy of the (already validated) generator config `cfg` with the fields `over`, range-checked
+    and validated again (ConfigError naming the key)."""
     import dataclasses
 
-    from mmalign.config import parse_dataclass
+    from mmalign.config import check_range
 
     if not over:
         return cfg
-    data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return parse_dataclass(type(cfg), {**data, **over}, where)
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in over.items():
+        if "range" in fields[key].metadata:
+            check_range(f"{where}.{key}", value, fields[key].metadata["range"])
+    try:
+        new = dataclasses.replace(cfg, **over)
+        if hasattr(new, "validate"):
+            new.validate()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}.{e}") from None
+    return new
 
 
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
@@ -467,7 +477,8 @@ class MediaWriter:
                 else:  # videos of different sizes: one grid per video
                     for k, v in enumerate(vs):
                         video_grid(v).save(self.out / f"{p:04d}_{k:02d}_grid.png")
-            return f"{self.count} videos (MP4 + GIF, {self.fps:g} fps), {len(self.videos)} frame grids"
+            grids = len(self.videos)
+            return f"{self.count} videos (MP4 + GIF, {self.fps:g} fps), {grids} frame grid{'s' if grids > 1 else ''}"
         return f"{self.count} {self.args.audio_format.upper()} files"
 
 

@@ -209,15 +209,8 @@ def test_sample_audio_writes_wav_or_flac_at_the_models_rate_and_duration(tmp_pat
         ("test_audio_stub", ["--num-frames", "9"], "--num-frames: generator 'test_audio_stub' has no num_frames"),
         ("test_video_stub", ["--num-frames", "0"], "--num-frames"),
         (
-            "test_video_stub",
-            [
-                "--guidance",
-                "best-of-n",
-                "--reward",
-                "video_from_image",
-                "--reward-args",
-                "image_reward={name: test_mean_pixel}",
-            ],
+            "test_audio_stub",
+            ["--guidance", "best-of-n", "--reward", "test_mean_pixel"],
             "--guidance best-of-n: the guided samplers",
         ),
     ],
@@ -292,3 +285,62 @@ def test_score_audio_files_refuses_what_the_reward_cannot_use(tmp_path, capsys):
         )
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["score"] == pytest.approx(want.item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the real tiny generators
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    from mmalign.testing import make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("models") / "wan")
+
+
+@pytest.fixture(scope="module")
+def tiny_audioldm(tmp_path_factory):
+    from mmalign.testing import make_tiny_audioldm
+
+    return make_tiny_audioldm(tmp_path_factory.mktemp("models") / "audioldm")
+
+
+def test_sample_wan_from_a_run_config_with_num_frames_overridden(tmp_path, tiny_wan, capsys):
+    cfg = tmp_path / "wan.yaml"
+    cfg.write_text(
+        f"generator: {{name: wan, pretrained: {tiny_wan}, finetune: none, resolution: 32, num_frames: 5, "
+        "max_sequence_length: 8, fps: 12}\n"
+        "method: {name: diffusion_dpo}\n"
+        "data: {kind: prompts, prompts: 'toy:train'}\n"
+    )
+    out = tmp_path / "v"
+    assert sample("--config", cfg, "--prompt", "a red ball", "--num-frames", "9", "--out", out) == 0
+    (row,) = rows(out)
+    video, fps = load_video_with_fps(row["path"])
+    assert video.shape == (9, 3, 32, 32) and fps == pytest.approx(12.0)  # the config's rate
+    assert (row["num_frames"], row["fps"]) == (9, 12)
+    assert load_video(row["gif"]).shape == (9, 3, 32, 32) and (out / "0000_grid.png").is_file()
+    capsys.readouterr()
+    assert sample("--config", cfg, "--prompt", "a red ball", "--num-frames", "8", "--out", tmp_path / "w") == 2
+    assert "wan.yaml: generator.num_frames: 8 is not 4k+1" in capsys.readouterr().err
+
+
+def test_sample_audioldm_writes_the_generators_waveforms_at_its_rate(tmp_path, tiny_audioldm):
+    from mmalign import registry
+    from mmalign.config import parse_dataclass
+
+    out = tmp_path / "a"
+    args = ["--generator", "audioldm", "--model", tiny_audioldm, "--prompt", "a dog", "--n", "2", "--steps", "2"]
+    assert main(["sample", *[str(a) for a in args], "--duration", "0.5", "--out", str(out)]) == 0
+    got = rows(out)
+    entry = registry.lookup("generator", "audioldm")
+    gen = entry.build(
+        parse_dataclass(
+            entry.config, {"pretrained": str(tiny_audioldm), "finetune": "none", "audio_length_in_s": 0.5}, "g"
+        )
+    )
+    ro = gen.rollout(["a dog", "a dog"], num_steps=2, guidance_scale=5.0, eta=0.0, seeds=[0, 1], need_log_probs=False)
+    for r, want in zip(got, ro.samples.audio):
+        wave, sr = load_audio(r["path"])
+        assert sr == ro.samples.sample_rate == r["sample_rate"]
+        assert wave.shape == want.shape and r["duration_s"] == pytest.approx(want.shape[-1] / sr)
+        assert (wave - want).abs().max() <= 1 / 32768 + 1e-6  # 16-bit PCM
