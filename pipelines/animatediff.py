@@ -67,12 +67,15 @@ class MotionLoraSettings(LoraSettings):
 
 @dataclass
 class AnimateDiffGeneratorConfig(SDGeneratorConfig):
-    # pretrained: a saved AnimateDiffPipeline folder / hub id, or an SD 1.x base with motion_adapter
+    """`generator: animatediff`. The `sd` keys apply too; `pretrained` is a saved AnimateDiffPipeline
+    (hub id or folder), or an SD 1.x base given with `motion_adapter`."""
+
     motion_adapter: str | None = None  # MotionAdapter hub id or folder (e.g. guoyww/animatediff-motion-adapter-v1-5-2)
     num_frames: int = num(16, ge=1)  # frames per video (<= the adapter's motion_max_seq_length)
     fps: int = num(8, ge=1)  # frame rate of written videos (AnimateDiff's examples: 8)
-    # finetune: lora (default targets: the motion modules), full (the motion modules; the
-    # spatial UNet frozen) or none
+    # lora: adapters on `lora.target_modules` (default: the motion modules' attention projections);
+    # full: the motion modules' own weights (the spatial SD UNet frozen); none: inference only
+    finetune: Literal["lora", "full", "none"] = "lora"
     lora: MotionLoraSettings = field(default_factory=MotionLoraSettings)
     # DDIM's beta schedule: AnimateDiff's inference and training configs use "linear"
     # (beta 0.00085 -> 0.012); "pipeline" keeps the loaded pipeline scheduler's.

@@ -186,6 +186,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_ad):
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7)
 
 
+def test_bfloat16_frozen_weights_train_float32_lora(tiny_ad):
+    """dtype: bfloat16 freezes the UNet, VAE and text encoder in bf16; the LoRA trains in float32 under
+    autocast (train.mixed_precision: bf16), with gradient checkpointing."""
+    g = _gen(tiny_ad, dtype="bfloat16")
+    frozen = {p.dtype for p in g.unet.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and g.vae.dtype == torch.bfloat16
+    assert {p.dtype for p in g.trainable().parameters() if p.requires_grad} == {torch.float32}
+    g.enable_gradient_checkpointing()
+    g.unet.train()
+    x0 = torch.randn(2, 4, F, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        err = g.denoise_error(x0, g.encode_prompt(PROMPTS), torch.tensor([10, 900]), torch.randn_like(x0))
+        ro = g.rollout(PROMPTS[:1], num_steps=2, guidance_scale=2.0)
+    err.sum().backward()
+    grads = [p.grad for p in g.trainable().parameters() if p.requires_grad]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
+    assert torch.isfinite(ro.log_probs).all() and torch.isfinite(ro.samples.video).all()
+
+
 def test_denoise_error_is_the_float64_epsilon_mse(gen):
     g = torch.Generator().manual_seed(5)
     x0, noise = torch.randn(2, 4, F, 8, 8, generator=g), torch.randn(2, 4, F, 8, 8, generator=g)
