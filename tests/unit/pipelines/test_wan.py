@@ -228,3 +228,31 @@ def test_wan_plays_the_diffusion_and_guidable_generator_roles(gen):
     from mmalign.protocols import DiffusionGenerator, GuidableGenerator
 
     assert isinstance(gen, DiffusionGenerator) and isinstance(gen, GuidableGenerator)
+
+
+def test_video_step_benchmark_row_on_the_tiny_model(tiny_wan):
+    """benchmarks/video_step.py: one timed LoRA step (denoise_error + backward + AdamW) per row."""
+    import argparse
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("video_step", ROOT / "benchmarks" / "video_step.py")
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    args = argparse.Namespace(
+        pretrained=str(tiny_wan),
+        device="cpu",
+        dtype="float32",
+        num_frames=9,
+        height=32,
+        width=32,
+        batch=1,
+        rank=4,
+        max_sequence_length=8,
+        steps=1,
+    )
+    for ckpt in (False, True):
+        row = vs.run_row(args, ckpt)
+        assert row["gradient_checkpointing"] == ckpt and row["latent_shape"] == [4, 3, 4, 4]
+        assert row["frames_per_s"] == pytest.approx(9 / row["s_per_step"]) and row["peak_mem_mb"] > 0
