@@ -76,7 +76,7 @@ class AnimateDiffGeneratorConfig(SDGeneratorConfig):
     # lora: adapters on `lora.target_modules` (default: the motion modules' attention projections);
     # full: the motion modules' own weights (the spatial SD UNet frozen); none: inference only
     finetune: Literal["lora", "full", "none"] = "lora"
-    lora: MotionLoraSettings = field(default_factory=MotionLoraSettings)
+    lora: MotionLoraSettings = field(default_factory=MotionLoraSettings)  # rank, alpha, ...; target_modules take globs
     # DDIM's beta schedule: AnimateDiff's inference and training configs use "linear"
     # (beta 0.00085 -> 0.012); "pipeline" keeps the loaded pipeline scheduler's.
     beta_schedule: Literal["linear", "scaled_linear", "pipeline"] = "linear"
