@@ -130,7 +130,7 @@ def list_rewards() -> list[dict[str, str]]:
             {
                 "name": name,
                 "kind": "batch" if getattr(e.build, "batch_level", False) else "sample",
-                "modality": str(getattr(e.build, "modality", known[0])),
+                "modality": str(getattr(e.build, "modality_label", None) or getattr(e.build, "modality", known[0])),
                 "differentiable": {True: "yes", False: "no"}.get(diff, str(diff))
                 if isinstance(diff, bool)
                 else str(diff),

@@ -81,7 +81,12 @@ class ExemplarReward:
 
 
 @register_reward("exemplar_clap", ExemplarConfig)
-@reward_info("audio|image (its embedding's)", "no", "the embedding reward's encoder (default clap) + exemplars")
+@reward_info("audio|image", "no", "the embedding reward's encoder (default clap) + exemplars")
 def build_exemplar(cfg: ExemplarConfig) -> ExemplarReward:
     """Similarity to exemplars (texts or media, e.g. CLAP cross-modal): centroid / mean / max cosine."""
     return ExemplarReward(cfg)
+
+
+# The modality is the embedding's, known once built: callers that check a registry entry's
+# declared modality before building (mmalign sample --reward) skip the check, --list shows this.
+build_exemplar.modality, build_exemplar.modality_label = None, "its embedding's"  # type: ignore[attr-defined]

@@ -156,10 +156,15 @@ def _device(samples: Samples) -> torch.device:
 
 
 @register_reward("fad", FadConfig)
-@reward_info("audio|image (its embedding's)", "no", "the embedding reward's encoder (default clap) + exemplar media")
+@reward_info("audio|image", "no", "the embedding reward's encoder (default clap) + exemplar media")
 def build_fad(cfg: FadConfig) -> FadReward:
     """-FAD (Fréchet distance of embeddings) to an exemplar set; batch-level, per-item contributions."""
     return FadReward(cfg)
 
 
 build_fad.batch_level = True  # type: ignore[attr-defined]
+
+
+# The modality is the embedding's, known once built: callers that check a registry entry's
+# declared modality before building (mmalign sample --reward) skip the check, --list shows this.
+build_fad.modality, build_fad.modality_label = None, "its embedding's"  # type: ignore[attr-defined]

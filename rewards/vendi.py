@@ -111,10 +111,15 @@ class VendiReward:
 
 
 @register_reward("vendi", VendiConfig)
-@reward_info("audio|image (its embedding's)", "no", "the embedding reward's encoder (default clap)")
+@reward_info("audio|image", "no", "the embedding reward's encoder (default clap)")
 def build_vendi(cfg: VendiConfig) -> VendiReward:
     """Vendi score (exp entropy of the cosine kernel's eigenvalues): batch diversity, per-item shares."""
     return VendiReward(cfg)
 
 
 build_vendi.batch_level = True  # type: ignore[attr-defined]
+
+
+# The modality is the embedding's, known once built: callers that check a registry entry's
+# declared modality before building (mmalign sample --reward) skip the check, --list shows this.
+build_vendi.modality, build_vendi.modality_label = None, "its embedding's"  # type: ignore[attr-defined]

@@ -231,6 +231,19 @@ def test_vendi_reward_on_audio_and_images(clap, clap_args):
         v.score_batch(Samples(images=imgs), ["a"] * 3)
 
 
+def test_vendi_on_clip_image_embeddings():
+    args = fx.tiny("clip_hf")
+    v = build("vendi", embedding={"name": "clip_hf", **args})
+    clip = build("clip_hf", **args)
+    imgs = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    vs, c = v.score_batch(Samples(images=imgs), ["a"] * 5)
+    with torch.no_grad():
+        want_vs, want_c = vendi_from_embeddings(clip.embed_images(imgs))
+    assert v.modality == "image" and 1.0 <= float(vs) <= 5.0
+    assert float(vs) == pytest.approx(float(want_vs), rel=1e-5) and float(c.sum()) == pytest.approx(float(vs))
+    torch.testing.assert_close(c, want_c, rtol=1e-4, atol=1e-6)
+
+
 def test_exemplar_clap_text_and_audio_exemplars(clap, clap_args):
     texts = ["a cat", "a dog barking"]
     r = build("exemplar_clap", embedding={"name": "clap"} | clap_args, exemplar_texts=texts)
