@@ -21,10 +21,10 @@ PROMPTS = ["a red circle", "two blue squares"]
 class LinearReward:
     """A fixed linear function of the pixels, r = sum_p w_p x_p / P (differentiable)."""
 
-    name, modality, differentiable = "linear", "image", True
+    name, differentiable = "linear", True
 
-    def __init__(self, seed: int = 0, offset: float = 0.5):
-        self.seed, self.offset, self.w = seed, offset, None
+    def __init__(self, seed: int = 0, offset: float = 0.5, modality: str = "image"):
+        self.seed, self.offset, self.w, self.modality = seed, offset, None, modality
 
     def weights(self, shape, device) -> torch.Tensor:
         if self.w is None or self.w.shape != shape:
@@ -32,7 +32,7 @@ class LinearReward:
         return self.w.to(device)
 
     def __call__(self, samples: Samples, prompts) -> torch.Tensor:
-        x = samples.images
+        x = samples.require(self.modality, "linear")
         return (x.double() * self.weights(x.shape[1:], x.device).double()).flatten(1).mean(1)
 
 
@@ -66,10 +66,24 @@ def flow_gen(tmp_path_factory):
     return gen
 
 
+@pytest.fixture(scope="module")
+def wan_gen(tmp_path_factory):
+    from mmalign.pipelines.common import LoraSettings
+    from mmalign.pipelines.wan import WAN_LORA_TARGETS, WanGenerator, WanGeneratorConfig
+    from mmalign.testing import make_tiny_wan
+
+    path = make_tiny_wan(tmp_path_factory.mktemp("models") / "wan")
+    lora = LoraSettings(rank=4, alpha=4, target_modules=list(WAN_LORA_TARGETS))
+    cfg = WanGeneratorConfig(pretrained=str(path), num_frames=5, resolution=32, max_sequence_length=8, lora=lora)
+    gen = WanGenerator(cfg)
+    _perturb_lora(gen)
+    return gen
+
+
 def _method(gen, reward=None, T=4, scale=2.0, eta=0.0, **kw):
     rs = RolloutSettings(prompts_per_round=2, samples_per_prompt=1, num_steps=T, guidance_scale=scale, eta=eta)
     m = RewardBackprop(RewardBackpropConfig(rollout=rs, **kw))
-    m.setup(gen, reward or LinearReward())
+    m.setup(gen, reward or LinearReward(modality=gen.modality))
     return m
 
 
@@ -83,14 +97,14 @@ def _loss_at(m, gen, batch):
     return m.loss(m.batch(ro, [0, 1], list(batch)), gen)[0]
 
 
-@pytest.mark.parametrize("which,eta", [("sd_gen", 0.0), ("sd_gen", 1.0), ("flow_gen", 0.0)])
+@pytest.mark.parametrize("which,eta", [("sd_gen", 0.0), ("sd_gen", 1.0), ("flow_gen", 0.0), ("wan_gen", 0.0)])
 def test_gradient_through_k_steps_matches_finite_differences(which, eta, request):
     """d loss / d theta_j of the three weights with the largest gradient equals the central
     difference (L(theta + h e_j) - L(theta - h e_j)) / 2h, the no-gradient prefix fixed (sampled
     once with theta, as DRaFT-K stops gradients there). The adapters compute in float32, so the
     reward's weights have mean zero (a loss near 0 keeps float32's resolution of it fine)."""
     gen = request.getfixturevalue(which)
-    m = _method(gen, LinearReward(offset=0.0), T=4, k=2, eta=eta, checkpoint=True)
+    m = _method(gen, LinearReward(offset=0.0, modality=gen.modality), T=4, k=2, eta=eta, checkpoint=True)
     params = _params(gen)
     ro = m.collect(gen, m.reward, PROMPTS, [3, 8])
     batch = m.batch(ro, [0, 1], [5, 6])
@@ -129,7 +143,7 @@ def _recording(monkeypatch, gen):
     return calls
 
 
-@pytest.mark.parametrize("which", ["sd_gen", "flow_gen"])
+@pytest.mark.parametrize("which", ["sd_gen", "flow_gen", "wan_gen"])
 def test_only_the_last_k_steps_get_gradient_and_the_chain_is_the_samplers(which, request, monkeypatch):
     """DRaFT-K with T=5, K=2: collect makes the first 3 denoiser calls without a graph, the loss
     the last 2 with one, each of which receives gradient; the chain ends where the generator's
@@ -163,7 +177,8 @@ def test_only_the_last_k_steps_get_gradient_and_the_chain_is_the_samplers(which,
     ref = gen.rollout(PROMPTS, num_steps=T, guidance_scale=2.0, eta=eta, seeds=sample_seeds, need_log_probs=False)
     torch.testing.assert_close(captured["x0"], ref.latents[:, -1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ro.latents[:, -1], ref.latents[:, T - K], rtol=1e-4, atol=1e-4)
-    assert metrics["reward_mean"] == pytest.approx(float(LinearReward()(ref.samples, PROMPTS).mean()), abs=1e-4)
+    want = LinearReward(modality=gen.modality)(ref.samples, PROMPTS).mean()
+    assert metrics["reward_mean"] == pytest.approx(float(want), abs=1e-4)
 
 
 def test_alignprop_draws_k_in_its_range_and_trains_exactly_k_steps(sd_gen, monkeypatch):
@@ -216,7 +231,7 @@ def test_refl_equals_imagerewards_objective_computed_independently(sd_gen):
     assert r_t.grad.tolist() == [-1.0, 0.0]
 
 
-@pytest.mark.parametrize("which", ["sd_gen", "flow_gen"])
+@pytest.mark.parametrize("which", ["sd_gen", "flow_gen", "wan_gen"])
 @pytest.mark.parametrize("source", ["policy", "reference"])
 def test_edit_starts_from_the_forward_noised_sample(which, source, request, monkeypatch):
     """Edit mode: x0 sampled by the policy (or the reference: LoRA off), corrupted to step
@@ -275,7 +290,9 @@ def test_draft_lv_renoises_x0_through_the_last_step(sd_gen, monkeypatch):
     assert float(loss) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("which,mode", [("sd_gen", "draft"), ("flow_gen", "draft"), ("sd_gen", "refl")])
+@pytest.mark.parametrize(
+    "which,mode", [("sd_gen", "draft"), ("flow_gen", "draft"), ("sd_gen", "refl"), ("wan_gen", "edit")]
+)
 def test_a_training_step_changes_the_weights_and_lowers_the_loss(which, mode, request):
     gen = request.getfixturevalue(which)
     params = _params(gen)
@@ -295,6 +312,42 @@ def test_a_training_step_changes_the_weights_and_lowers_the_loss(which, mode, re
         for p, s in zip(params, saved):
             p.copy_(s)
     assert moved > 0
+    assert after < float(before)
+
+
+def test_video_edit_with_video_from_image_trains_on_the_tiny_wan(wan_gen, tiny_clip):
+    """InstructVideo's setting: a video reward made of a differentiable image reward (CLIP) on
+    segment-sampled frames with temporally attenuated weights; the edit chain back-propagates it
+    into the transformer's LoRA and one Adam step raises it on the same batch."""
+    from mmalign.rewards.common import build_reward
+
+    reward = build_reward(
+        {
+            "name": "video_from_image",
+            "image_reward": {"name": "clip", "model": f"local-dir:{tiny_clip}"},
+            "segments": 3,
+            "frames": "uniform",
+            "tar_lambda": 0.5,
+        },
+        "reward",
+    )
+    assert reward.differentiable
+    params = _params(wan_gen)
+    saved = [p.detach().clone() for p in params]
+    m = _method(wan_gen, reward, T=4, mode="edit", edit_fraction=0.5)
+    ro = m.collect(wan_gen, reward, PROMPTS, [3, 8])
+    batch = m.batch(ro, [0, 1], [5, 6])
+    opt = torch.optim.Adam(params, lr=3e-3)
+    before, metrics = m.loss(batch, wan_gen)
+    before.backward()
+    assert all(p.grad is not None for p in params) and any(float(p.grad.abs().max()) > 0 for p in params)
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        after = float(m.loss(batch, wan_gen)[0])
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    assert metrics["reward_mean"] == pytest.approx(-float(before), rel=1e-5)
     assert after < float(before)
 
 
