@@ -33,7 +33,16 @@ import yaml
 from mmalign import registry
 from mmalign.config import ConfigError, one_line_yaml_error, parse_dataclass, read_utf8
 from mmalign.data.preference import json_type, jsonl_rows
-from mmalign.media import MediaError, load_audio, load_image, load_video, media_kind, resample_problem
+from mmalign.media import (
+    AUDIO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    MediaError,
+    load_audio,
+    load_image,
+    load_video,
+    media_kind,
+    resample_problem,
+)
 from mmalign.protocols import DistributionReward
 from mmalign.rewards.common import build_reward
 from mmalign.types import Samples
@@ -216,6 +225,26 @@ def media_items(
     if len(prompts) != len(paths):
         raise ValueError(f"{len(paths)} media files but {len(prompts)} prompts (give one per file, or one for all)")
     return list(zip(paths, prompts))
+
+
+def expand_folders(items: Sequence[tuple[str, str]], modality: str) -> list[tuple[str, str]]:
+    """For an audio or image reward, a folder stands for its files of that modality (subfolders
+    included, sorted by path), each with the folder's prompt; MediaError if it holds none. (For a
+    video reward a folder is one video: its frames.)"""
+    suffixes = {"audio": AUDIO_SUFFIXES, "image": IMAGE_SUFFIXES}.get(modality)
+    if suffixes is None:
+        return list(items)
+    out: list[tuple[str, str]] = []
+    for path, prompt in items:
+        p = Path(path)
+        if not p.is_dir():
+            out.append((path, prompt))
+            continue
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        if not files:
+            raise MediaError(f"{p}: no {modality} files in this folder (looked for {', '.join(sorted(suffixes))})")
+        out += [(str(f), prompt) for f in files]
+    return out
 
 
 def load_media(

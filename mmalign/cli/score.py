@@ -6,7 +6,11 @@ mmalign score --list
 
 Media files of the reward's modality: images; videos (.mp4/.webm/.mov/.mkv, an animated .gif,
 or a folder of frames; --num-frames N keeps N evenly spaced frames); audio (.wav/.flac/.ogg/.mp3,
-mono or stereo; --downmix mixes more channels to mono).
+mono or stereo; --downmix mixes more channels to mono). For an audio or image reward a folder
+stands for its files of that modality (subfolders included).
+
+A distribution reward (`fad`, `vendi`: the "batch" kind in --list) scores all files as one
+set: it prints the set's value and --out holds each file's contribution (they sum to it).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         split_reward_args(args)
         items = scoring.media_items(args.paths, args.prompt, args.prompts, args.manifest)
         reward, spec = scoring.build_scoring_reward(args.reward, args.reward_args, args.config, args.device)
+        items = scoring.expand_folders(items, reward.modality)
         scoring.check_prompts(reward, spec["name"], items)
         if scoring.is_batch_level(reward):
             return _run_distribution(args, reward, spec, items)

@@ -308,6 +308,13 @@ def test_score_cli_prints_the_set_value_and_writes_contributions(tmp_path, capsy
     np.testing.assert_allclose([r["contribution"] for r in rows], contrib, rtol=1e-6, atol=1e-12)
     assert sum(contrib) == pytest.approx(value, rel=1e-9, abs=1e-15)
     assert f"{value:.4f}" in printed
+    # the folder itself: its audio files, in path order
+    assert main(["score", "--config", str(cfg), "--out", str(out), "--batch-size", "3", str(tmp_path / "gen")]) == 0
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [str(p) for p in paths]
+    (tmp_path / "none").mkdir()
+    capsys.readouterr()
+    assert main(["score", "--config", str(cfg), str(tmp_path / "none")]) == 2
+    assert "none: no audio files in this folder" in capsys.readouterr().err
     # a bad exemplar folder through the CLI: one line, exit 2
     capsys.readouterr()
     assert main(["score", "--reward", "fad", "--reward-args", f"exemplars={tmp_path / 'nope'}", *map(str, paths)]) == 2
