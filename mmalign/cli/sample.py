@@ -17,9 +17,9 @@ guidance norms. The media, by the generator's modality:
   rate; rows add sample_rate and duration_s.
 
 --num-frames / --duration set the generator config's frame count (`num_frames`) / length in
-seconds (`duration`, `audio_length_in_s`, `audio_end_in_s` or `seconds_total`, whichever it
-has); a generator without that setting refuses the flag. --fps is the written rate (default:
-the generator's `fps`, else 8) and sets the config's `fps` where it has one.
+seconds (`duration`, `audio_length_in_s`, `audio_end_in_s` (= audio_start_in_s + duration) or
+`seconds_total`, whichever it has); a generator without that setting refuses the flag. --fps is
+the written rate (default: the generator's `fps`, else 8) and sets the config's `fps` where it has one.
 
 --reward NAME[:WEIGHT]: a registered reward (`mmalign score --list`); WEIGHT is a number or
 START..END (linear from the first step to the last; dynamic-cfg and reward guidance use
@@ -118,9 +118,10 @@ def add_media_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def media_overrides(args: argparse.Namespace, config_cls: type, name: str) -> dict[str, Any]:
+def media_overrides(args: argparse.Namespace, config_cls: type, name: str, base: Any = None) -> dict[str, Any]:
     """The generator config fields --num-frames / --fps / --duration set; ConfigError naming the flag
-    when the generator has no such setting."""
+    when the generator has no such setting. An end time (`audio_end_in_s`) is set to the start
+    (`audio_start_in_s` of `base`, the config being overridden, else its default) plus --duration."""
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -137,6 +138,10 @@ def media_overrides(args: argparse.Namespace, config_cls: type, name: str) -> di
                 "its samples have a fixed length"
             )
         over[key] = args.duration
+        if key == "audio_end_in_s" and "audio_start_in_s" in fields:
+            start_field = next(f for f in dataclasses.fields(config_cls) if f.name == "audio_start_in_s")
+            start = getattr(base, "audio_start_in_s", start_field.default)
+            over[key] = float(start or 0.0) + args.duration
     if getattr(args, "fps", None) is not None and "fps" in fields:
         f = next(f for f in dataclasses.fields(config_cls) if f.name == "fps")
         over["fps"] = int(round(args.fps)) if f.type in (int, "int") else args.fps
@@ -528,7 +533,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         name = cfg.generator.name
         gen_cfg = with_overrides(
-            cfg.generator.args, media_overrides(args, type(cfg.generator.args), name), f"{args.config}: generator"
+            cfg.generator.args,
+            media_overrides(args, type(cfg.generator.args), name, cfg.generator.args),
+            f"{args.config}: generator",
         )
     else:
         if not args.pretrained:
@@ -544,7 +551,10 @@ def run(args: argparse.Namespace) -> int:
             {"pretrained": args.pretrained, "finetune": "none", **media_overrides(args, config_cls, name)},
             "generator",
         )
-    gen = registry.lookup("generator", name).build(gen_cfg)
+    try:
+        gen = registry.lookup("generator", name).build(gen_cfg)
+    except ValueError as e:  # a setting the loaded model cannot take (e.g. --duration past its maximum length)
+        raise ConfigError(str(e)) from None
     if args.weights:
         w = Path(args.weights)
         gen.load_trained(w.parent if w.is_file() else w)  # a LoRA file or its directory

@@ -344,3 +344,22 @@ def test_sample_audioldm_writes_the_generators_waveforms_at_its_rate(tmp_path, t
         assert sr == ro.samples.sample_rate == r["sample_rate"]
         assert wave.shape == want.shape and r["duration_s"] == pytest.approx(want.shape[-1] / sr)
         assert (wave - want).abs().max() <= 1 / 32768 + 1e-6  # 16-bit PCM
+
+
+def test_sample_stable_audio_duration_sets_the_end_time_and_is_refused_past_the_models_length(tmp_path, capsys):
+    from mmalign.testing import make_tiny_stable_audio
+
+    model = make_tiny_stable_audio(tmp_path / "sa")
+    args = ["--generator", "stable_audio", "--model", model, "--prompt", "a dog", "--steps", "2"]
+    out = tmp_path / "a"
+    assert sample(*args, "--duration", "2", "--audio-format", "flac", "--out", out) == 0
+    (row,) = rows(out)
+    wave, sr = load_audio(row["path"])
+    assert row["path"].endswith("0000_00.flac") and sr == row["sample_rate"]
+    assert wave.shape[-1] == int(2 * sr) and row["duration_s"] == pytest.approx(2.0)
+    capsys.readouterr()
+    assert sample(*args, "--duration", "100", "--out", tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]  # (stderr also holds the loading bars)
+    assert "generator.audio_end_in_s: 100 s of audio is longer than the model's maximum" in line
+    assert "Traceback" not in err
