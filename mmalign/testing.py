@@ -572,13 +572,20 @@ def make_word_tokenizer(vocab_size: int = 64):
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def make_tiny_wan(out_dir: str | Path, seed: int = 0, flow_shift: float = 3.0) -> Path:
+def make_tiny_wan(out_dir: str | Path, seed: int = 0, flow_shift: float = 3.0, scheduler: str = "euler") -> Path:
     """A random-weight `WanPipeline` (32x32 pixels; 4 latent channels; the VAE's 4x temporal and
     8x spatial compression, so 5 frames -> 2 x 4 x 4 latents): `WanTransformer3DModel` (2 layers,
     2 heads of dim 8, patch (1, 2, 2)), `AutoencoderKLWan` (base dim 8) with per-channel
     latents_mean / latents_std, a 1-layer `UMT5EncoderModel` (width 32) with a word-level
-    tokenizer, and `FlowMatchEulerDiscreteScheduler(shift=flow_shift)`."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    tokenizer, and `FlowMatchEulerDiscreteScheduler(shift=flow_shift)` (`scheduler="unipc"`: the
+    released checkpoints' UniPCMultistepScheduler with flow sigmas and `flow_shift`)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     out = Path(out_dir)
@@ -617,7 +624,9 @@ def make_tiny_wan(out_dir: str | Path, seed: int = 0, flow_shift: float = 3.0) -
         text_encoder=text_encoder,
         transformer=transformer,
         vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=flow_shift),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+        if scheduler == "euler"
+        else UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift),
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out

@@ -21,10 +21,12 @@ LoRA save/load are the flow adapter's. What differs for Wan is only:
 - `encode_prompt` is the pipeline's (UMT5 states, zero-padded to `max_sequence_length`);
 - `model_output` calls the transformer with `timestep` (scheduler units) and
   `encoder_hidden_states`;
-- the timestep grid: the pipeline's FlowMatchEulerDiscreteScheduler with its `shift`. Released
-  Wan checkpoints ship UniPCMultistepScheduler with `flow_shift`; the SDE needs single Euler-type
-  steps, so their grid is FlowMatchEulerDiscreteScheduler's with shift = flow_shift
-  (docs/parity.md);
+- the timestep grid is the pipeline's scheduler's (`set_timesteps(num_steps)`: its timesteps go
+  to the model, its sigmas into the steps), as WanPipeline and flow_grpo's Wan script set it. With
+  FlowMatchEulerDiscreteScheduler the ODE path (eta = 0) is WanPipeline.__call__; released Wan
+  checkpoints ship UniPCMultistepScheduler (flow sigmas, `flow_shift`), whose grid is walked with
+  the same single Euler / SDE steps, not UniPC's multistep update (as flow_grpo does; docs/parity.md).
+  Training sigmas (`denoise_error`) take the scheduler's `shift` / `flow_shift`;
 - `encode_images` takes videos (B, F, 3, H, W in [0, 1]) and `decode` returns
   `Samples(video=B, F, 3, H, W in [0, 1])`.
 """
@@ -46,14 +48,15 @@ from mmalign.pipelines.flow import LOSS_WEIGHTINGS, SDE_TYPES, FlowMatchingGener
 from mmalign.registry import register_generator
 from mmalign.types import Samples, per_sample_randn
 
-# Self- (attn1) and cross-attention (attn2) projections of Wan's transformer blocks, as
-# Flow-GRPO's and DiffSynth's Wan LoRA recipes target them; add "ffn.net.0.proj", "ffn.net.2"
-# for the feed-forward layers.
+# Self- (attn1) and cross-attention (attn2) projections of Wan's transformer blocks: what
+# flow_grpo's train_wan2_1.py targets (its suffixes to_q/to_k/to_v/to_out.0 match these; its
+# add_*_proj exist only in image-to-video blocks), with its rank 32 / alpha 64 gaussian-init
+# LoRA as the default; add "ffn.net.0.proj", "ffn.net.2" for the feed-forward layers.
 WAN_LORA_TARGETS = [f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")]
 
 
 def _wan_lora() -> LoraSettings:
-    return LoraSettings(rank=32, alpha=32.0, target_modules=list(WAN_LORA_TARGETS))
+    return LoraSettings(rank=32, alpha=64.0, target_modules=list(WAN_LORA_TARGETS))
 
 
 @dataclass
@@ -154,11 +157,20 @@ class WanGenerator(FlowMatchingGenerator):
         )
         pipe.text_encoder.requires_grad_(False).eval()
         sc = pipe.scheduler.config
+        # the sampling grid: the pipeline's own scheduler (a copy), as WanPipeline sets its timesteps
+        self.sample_scheduler = type(pipe.scheduler).from_config(sc)
         if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sc)
-        else:  # UniPC / DPM-Solver with flow sigmas (the released checkpoints): the same shift on Euler steps
+        elif sc.get("use_flow_sigmas") or sc.get("prediction_type") == "flow_prediction":
+            # UniPC / DPM-Solver with flow sigmas (the released checkpoints): the training-time sigmas
+            # use the same shift (flow_shift)
             shift = sc.get("flow_shift", None) or sc.get("shift", 1.0)
             self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sc.num_train_timesteps, shift=shift)
+        else:
+            raise ConfigError(
+                f"generator.pretrained: the pipeline's scheduler {type(pipe.scheduler).__name__} is not a "
+                "flow-matching one (FlowMatchEulerDiscreteScheduler, or UniPC / DPM-Solver with use_flow_sigmas)"
+            )
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.vae_scale = pipe.vae_scale_factor_spatial
         self.vae_scale_temporal = pipe.vae_scale_factor_temporal
@@ -224,6 +236,25 @@ class WanGenerator(FlowMatchingGenerator):
             encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
             return_dict=False,
         )[0].float()
+
+    def sampling_schedule(self, num_steps: int) -> tuple[Tensor, list[float]]:
+        """(timesteps [T], sigmas [T+1] ending at 0) of the pipeline's scheduler, as WanPipeline sets
+        them (`set_timesteps(num_steps)`); the model sees the timesteps, the steps use the sigmas."""
+        self.sample_scheduler.set_timesteps(num_steps, device="cpu")
+        timesteps = self.sample_scheduler.timesteps.clone()
+        sigmas = [float(s) for s in self.sample_scheduler.sigmas]
+        if sigmas and 1 - 1e-5 < sigmas[0] < 1:
+            # UniPC's flow grid starts at float32(1 - 1/1000 shifted) = 0.999999: taken as the pure-noise
+            # sigma 1, where the Flow-GRPO SDE uses the next grid value in sqrt(sigma / (1 - sigma))
+            # instead of a noise level 1000x eta
+            sigmas[0] = 1.0
+        if len(sigmas) != num_steps + 1 or sigmas[-1] != 0.0 or len(timesteps) != num_steps:
+            raise ValueError(
+                f"wan: the scheduler {type(self.sample_scheduler).__name__} gives {len(timesteps)} timesteps and "
+                f"sigmas ending at {sigmas[-1]} for {num_steps} steps; the samplers need one sigma per step and a "
+                "final sigma 0 (final_sigmas_type: zero)"
+            )
+        return timesteps, sigmas
 
     def _mu(self) -> float:
         raise ValueError("wan: a scheduler with use_dynamic_shifting is not supported (Wan uses a fixed shift)")

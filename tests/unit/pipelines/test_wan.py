@@ -256,3 +256,27 @@ def test_video_step_benchmark_row_on_the_tiny_model(tiny_wan):
         row = vs.run_row(args, ckpt)
         assert row["gradient_checkpointing"] == ckpt and row["latent_shape"] == [4, 3, 4, 4]
         assert row["frames_per_s"] == pytest.approx(9 / row["s_per_step"]) and row["peak_mem_mb"] > 0
+
+
+def test_released_unipc_scheduler_gives_its_grid_and_its_flow_shift_for_training(tmp_path):
+    """Released Wan checkpoints ship UniPC with flow sigmas: the samplers walk its grid (single
+    Euler / SDE steps) and the training sigmas use its flow_shift."""
+    from diffusers import UniPCMultistepScheduler
+
+    path = make_tiny_wan(tmp_path / "wan_unipc", flow_shift=5.0, scheduler="unipc")
+    g = WanGenerator(_cfg(path))
+    ref = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    ref.set_timesteps(6)
+    timesteps, sigmas = g.sampling_schedule(6)
+    assert torch.equal(timesteps, ref.timesteps) and sigmas[1:] == [float(s) for s in ref.sigmas[1:]]
+    # its first sigma is 0.999999 in float32: taken as 1 (else Flow-GRPO's sigma_t would be ~1000 eta)
+    assert float(ref.sigmas[0]) == pytest.approx(1.0, abs=1e-5) and sigmas[0] == 1.0 and sigmas[-1] == 0.0
+    ro = g.rollout(PROMPTS, num_steps=3, guidance_scale=1.0, eta=0.7, seeds=[0, 1])
+    assert ro.latents.abs().max() < 20 and torch.isfinite(ro.log_probs).all()
+    u = 0.5  # t = 499.5 / 1000 is the median of the logit-normal density: sigma = shift(0.5)
+    assert float(g.train_sigmas(torch.tensor([499]))) == pytest.approx(5.0 * u / (1 + 4.0 * u), abs=1e-3)
+    ro = g.rollout(PROMPTS, num_steps=3, guidance_scale=1.0, eta=0.0, seeds=[0, 1], need_log_probs=False)
+    x, (ts, sg) = ro.latents, g.sampling_schedule(3)
+    with torch.no_grad():
+        v = g.model_output(x[:, 0], ts[0], ro.extras["cond"])
+    torch.testing.assert_close(x[:, 1], x[:, 0] + (sg[1] - sg[0]) * v, rtol=0, atol=1e-6)  # an Euler step
