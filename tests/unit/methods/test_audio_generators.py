@@ -18,6 +18,7 @@ METHODS = {
     "raft": {"name": "raft", "rollout": {**ROLL, "eta": 0.0}},
     "d3po": {"name": "d3po", "rollout": {**ROLL, "same_initial_noise": True}},
     "diffusion_dpo": {"name": "diffusion_dpo", "beta": 500},
+    "dragon": {"name": "dragon", "beta": 500, "rollout": ROLL},
 }
 
 
