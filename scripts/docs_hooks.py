@@ -141,7 +141,31 @@ def _guidance_summary(data: dict) -> list[dict]:
     return out
 
 
-RENDERERS = {"toy_alignment": render_toy_alignment, "toy_vlm": render_toy_vlm, "toy_guidance": render_toy_guidance}
+def render_video_step(data: dict, filters: dict[str, str]) -> str:
+    """benchmarks/video_step.py: a Wan LoRA training step with and without gradient checkpointing."""
+    s = data["settings"]
+    head = (
+        f"Device: {data['device']} ({s['device']}, {s.get('torch_threads')} thread(s)); model `{s['pretrained']}`; "
+        f"batch {s['batch']} x {s['num_frames']} frames at {s['height']} x {s['width']}; LoRA rank {s['rank']}.\n\n"
+    )
+    lines = [
+        "| gradient checkpointing | latents (C, F, h, w) | s / step | frames / s | peak memory |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {'on' if r['gradient_checkpointing'] else 'off'} | {tuple(r['latent_shape'])} "
+            f"| {r['s_per_step']:.3f} | {r['frames_per_s']:.1f} | {r['peak_mem_mb']:.0f} MB |"
+        )
+    return head + "\n".join(lines)
+
+
+RENDERERS = {
+    "toy_alignment": render_toy_alignment,
+    "toy_vlm": render_toy_vlm,
+    "toy_guidance": render_toy_guidance,
+    "video_step": render_video_step,
+}
 
 
 def _comments(src: str) -> dict[int, str]:
