@@ -99,7 +99,8 @@ def evaluate_generator(
     batch_size: int = 64,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Deterministic DDIM (eta=0) samples of every prompt x seed; returns (metrics, images), the images
-    B,3,H,W (a video generator's videos B,F,3,H,W: no per-pixel diversity then).
+    B,3,H,W (a video generator's videos B,F,3,H,W, an audio generator's clips B,C,T: no per-pixel
+    diversity then).
 
     `gold`: False, True (the one registered gold evaluator) or a gold evaluator's name.
 
@@ -121,7 +122,8 @@ def evaluate_generator(
             seeds=seeds[i : i + batch_size],
             need_log_probs=False,
         )
-        media = ro.samples.images if ro.samples.images is not None else ro.samples.video  # B,3,H,W / B,F,3,H,W
+        # B,3,H,W images / B,F,3,H,W videos / B,C,T audio clips
+        media = next(m for m in (ro.samples.images, ro.samples.video, ro.samples.audio) if m is not None)
         images.append(media.float().cpu())
         if reward is not None:
             rewards.append(reward(ro.samples, rep[i : i + batch_size]).float().cpu())

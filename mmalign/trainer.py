@@ -46,7 +46,7 @@ from mmalign.data import preference as P
 from mmalign.data.generated import generate_pairs, load_prompts
 from mmalign.data.sampling import GlobalBatchSampler, Seeded
 from mmalign.evaluation import evaluate_config
-from mmalign.media import image_grid, video_grid
+from mmalign.media import image_grid, save_wav, video_grid
 from mmalign.methods.online import dump_rollout, load_buffer, save_buffer
 from mmalign.protocols import (
     AfterStepMethod,
@@ -434,6 +434,15 @@ class Trainer:
             with self.acc.autocast(), self.ema_weights():  # evaluate what save_final writes
                 out, images = evaluate_config(self.generator, self.reward, e)
             self.generator.set_forward_module(self.model)
+            if images.ndim == 3:  # audio clips B,C,T: samples/<tag>/<i>.wav, no image grid
+                d = self.run_dir / "samples" / tag
+                with rundir.writing(d):
+                    d.mkdir(parents=True, exist_ok=True)
+                    for i, clip in enumerate(images[:64]):
+                        save_wav(d / f"{i:03d}.wav", clip, self.generator.sample_rate)
+                self._log({"step": self.step, "tag": tag, "eval": out})
+                self.acc.wait_for_everyone()
+                return out
             path = self.run_dir / "samples" / f"{tag}.png"
             with rundir.writing(path):
                 path.parent.mkdir(exist_ok=True)

@@ -65,3 +65,28 @@ def test_method_trains_an_audio_generator(method, generator, audio_models, tmp_p
     logs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in k for rec in logs for k in rec)
     assert (tmp_path / "run" / "final").is_dir()
+
+
+@pytest.mark.parametrize("generator", ["audioldm", "stable_audio"])
+def test_evaluation_writes_wav_clips_and_scores_them(generator, audio_models, tmp_path):
+    import soundfile
+
+    cfg = audio_config(
+        tmp_path / "c.yaml",
+        generator,
+        audio_models[generator],
+        METHODS["grpo"],
+        eval={"enabled": True, "prompts": ["a dog barks", "rain"], "num_steps": 2},
+    )
+    tr = Trainer(load_config(cfg), run_dir=tmp_path / "run")
+    tr.fit()
+    logs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [rec for rec in logs if "eval" in rec]
+    assert evals and all("reward" in rec["eval"] for rec in evals)
+    wavs = sorted((tmp_path / "run" / "samples").glob("*/*.wav"))
+    assert wavs
+    info = soundfile.info(str(wavs[0]))
+    assert (
+        info.samplerate == tr.generator.sample_rate
+        and info.frames == tr.generator.decode(torch.zeros(1, *tr.generator.latent_shape)).audio.shape[-1]
+    )
