@@ -160,8 +160,27 @@ def render_video_step(data: dict, filters: dict[str, str]) -> str:
     return head + "\n".join(lines)
 
 
+def render_toy_audio_gold(data: dict, filters: dict[str, str]) -> str:
+    """benchmarks/toy_audio_gold.py: the audio world's gold evaluator on its renders, and the
+    distribution rewards on the beep-band embedding."""
+    s = data["settings"]
+    out = [
+        f"{s['captions']} captions; {s['seeds']} clean renders per caption, {s['robust_seeds']} per caption "
+        "for each other setting.\n",
+        "| clips | n | gold accuracy |",
+        "|---|---|---|",
+    ]
+    out += [f"| {r['setting']} | {r['clips']} | {r['accuracy']:.3f} |" for r in data["gold"]]
+    out += ["", "| hard-negative caption | pairs | rejected by gold |", "|---|---|---|"]
+    out += [f"| {r['perturbation']} | {r['pairs']} | {r['rejected']:.3f} |" for r in data["negatives"]]
+    out += ["", "| distribution reward (beep-band embedding) | value |", "|---|---|"]
+    out += [f"| {r['measure']} | {r['value']:.3f} |" for r in data["distribution"]]
+    return "\n".join(out)
+
+
 RENDERERS = {
     "toy_alignment": render_toy_alignment,
+    "toy_audio_gold": render_toy_audio_gold,
     "toy_vlm": render_toy_vlm,
     "toy_guidance": render_toy_guidance,
     "video_step": render_video_step,
