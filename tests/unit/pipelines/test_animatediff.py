@@ -12,9 +12,11 @@ from PIL import Image
 
 from mmalign.config import load_config
 from mmalign.pipelines.animatediff import (
+    MOTION_LORA_TARGETS,
     AnimateDiffGenerator,
     AnimateDiffGeneratorConfig,
     MotionLoraSettings,
+    resolve_lora_targets,
 )
 from mmalign.testing import make_tiny_animatediff
 from mmalign.trainer import Trainer
@@ -108,6 +110,22 @@ def test_lora_targets_only_the_motion_modules_by_default(gen, tiny_ad):
     assert any("motion_modules" in n for n in names) and any(".attentions." in n for n in names)
     with pytest.raises(ValueError, match="matches no Linear"):
         _gen(tiny_ad, lora=MotionLoraSettings(target_modules=["motion_modules.*.nothing_here"]))
+
+
+def test_default_targets_on_the_v2_motion_adapter_layout():
+    """At full size (diffusers' MotionAdapter defaults: AnimateDiff v2's motion modules for SD 1.5, mid
+    block included; built on the meta device): 21 motion modules x 2 attentions x 4 projections = 168
+    LoRA targets, a rank-8 LoRA of 2.42M parameters on 453.2M motion-module parameters."""
+    from diffusers import MotionAdapter
+
+    with torch.device("meta"):
+        adapter = MotionAdapter()
+    names = resolve_lora_targets(adapter, MOTION_LORA_TARGETS)
+    attn = r"motion_modules\.\d+\.transformer_blocks\.0\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+    assert len(names) == 168 and all(re.search(attn, n) for n in names)
+    mods = dict(adapter.named_modules())
+    assert sum(8 * (mods[n].in_features + mods[n].out_features) for n in names) == 2_416_640
+    assert sum(p.numel() for p in adapter.parameters()) == 453_209_280
 
 
 def test_full_finetune_trains_the_motion_modules_only(tiny_ad, tmp_path):
