@@ -95,6 +95,17 @@ def test_deterministic_ddim_equals_animatediff_pipeline_call(gen):
     torch.testing.assert_close(ro.latents[:, -1], lat, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_guidance_hooks_walk_the_rollouts_steps(gen, eta):
+    """The guided samplers (mmalign.guidance) reproduce the rollout through the guidance hooks on
+    5-D latents: dynamic CFG with one candidate scale is plain CFG, bit for bit."""
+    from mmalign.guidance.dynamic_cfg import dynamic_cfg_sample
+
+    ref = gen.rollout(PROMPTS, num_steps=3, guidance_scale=3.0, eta=eta, seeds=[3, 4], need_log_probs=False)
+    out = dynamic_cfg_sample(gen, PROMPTS, [], candidates=[3.0], num_steps=3, seeds=[3, 4], eta=eta)
+    assert torch.equal(out.latents, ref.latents) and torch.equal(out.samples.video, ref.samples.video)
+
+
 def test_lora_targets_only_the_motion_modules_by_default(gen, tiny_ad):
     from diffusers import UNetMotionModel
 
