@@ -342,3 +342,26 @@ def test_image_exemplar_folder(tmp_path):
     assert fad.modality == "image" and fad.num_exemplars == 3
     score, contrib = fad.score_batch(Samples(images=torch.rand(4, 3, 4, 4)), ["a"] * 4)
     assert float(score) < 0 and float(contrib.sum()) == pytest.approx(float(score))
+
+
+@pytest.mark.parametrize("variant", ["set", "per_clip"])
+def test_dragon_credits_an_off_distribution_clip_least(variant):
+    from mmalign.methods.dragon import item_credits
+
+    low = ["one low beep", "two low beeps", "three low beeps"]
+    fad = build(
+        "fad",
+        variant=variant,
+        exemplars="toy:render_audio",
+        exemplar_prompts=low,
+        exemplar_seeds=4,
+        embedding={"name": "toy_audio_gold"},
+    )
+    caps = [*low, "two high beeps", "one low beep"]
+    samples = Samples(
+        audio=torch.stack([torch.from_numpy(render_audio(c, 50 + i)[0])[None] for i, c in enumerate(caps)]),
+        sample_rate=16000,
+    )
+    credits, value = item_credits(fad, samples, caps)
+    assert int(credits.argmin()) == 3  # the high beeps are furthest from the low-beep exemplars
+    assert float(credits.double().sum()) == pytest.approx(float(value), rel=1e-5)
