@@ -111,10 +111,11 @@ def test_gradient_through_k_steps_matches_finite_differences(which, eta, request
     loss, _ = m.loss(batch, gen)
     grads = torch.autograd.grad(loss, params)
     flat = torch.cat([g.flatten() for g in grads])
-    where = [(p, g, j) for p, g in zip(params, grads) for j in range(p.numel())]
+    ends = torch.tensor([p.numel() for p in params]).cumsum(0).tolist()
     h = 1e-2
     for i in flat.abs().topk(3).indices.tolist():
-        p, g, j = where[i]
+        n = next(n for n, end in enumerate(ends) if i < end)
+        p, g, j = params[n], grads[n], i - (ends[n - 1] if n else 0)
         vals = []
         with torch.no_grad():
             for sign in (1, -1):
