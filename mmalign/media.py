@@ -281,7 +281,7 @@ def _decode_video_file(p: Path) -> tuple[Tensor, float]:
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     except MediaError:
         raise
-    except (av.FFmpegError, OSError, ValueError, EOFError, IndexError) as e:
+    except (av.error.FFmpegError, OSError, ValueError, EOFError, IndexError) as e:
         raise MediaError(f"{p}: not a readable video ({_one_line(e)})") from None
     if not frames:
         raise MediaError(f"{p}: no frames decoded (corrupt or empty video)")

@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file, one prompt per line (or toy:heldout / toy:train)")
-    p.add_argument("--n", type=flag(int, ge=1), default=1, help="images per prompt")
+    p.add_argument("--n", type=flag(int, ge=1), default=1, help="samples (images, videos, clips) per prompt")
     p.add_argument("--steps", type=flag(int, ge=1), default=30)
     p.add_argument(
         "--guidance",
