@@ -711,12 +711,14 @@ def make_tiny_audioldm(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def make_tiny_animatediff(out_dir: str | Path, seed: int = 0, num_frames_max: int = 32) -> Path:
+def make_tiny_animatediff(
+    out_dir: str | Path, seed: int = 0, num_frames_max: int = 32, prediction_type: str = "epsilon"
+) -> Path:
     """A random-weight `AnimateDiffPipeline` folder: the tiny SD 1.x parts of `make_tiny_sd` (32x32
     frames, 8x8x4 latents) and a tiny `MotionAdapter` matching its UNet (block channels (16, 32), one
     motion layer per block, 2 motion heads, a motion mid block, positional table of `num_frames_max`
     frames), so the saved `unet` is a `UNetMotionModel`. The scheduler is DDIM with AnimateDiff's
-    linear beta schedule (its inference and training configs)."""
+    linear beta schedule (its inference and training configs) and `prediction_type`."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
     from transformers import CLIPTokenizer
 
@@ -738,6 +740,7 @@ def make_tiny_animatediff(out_dir: str | Path, seed: int = 0, num_frames_max: in
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
     pipe = AnimateDiffPipeline(
         vae=tiny_vae(),
