@@ -20,7 +20,9 @@ LoRA save/load are the flow adapter's. What differs for Wan is only:
   (WanPipeline decodes with z = z_model * latents_std + latents_mean);
 - `encode_prompt` is the pipeline's (UMT5 states, zero-padded to `max_sequence_length`);
 - `model_output` calls the transformer with `timestep` (scheduler units) and
-  `encoder_hidden_states`;
+  `encoder_hidden_states`; the zero-padded text tokens run as one key with its logit raised by
+  log(n) (RepeatedTokenWanAttnProcessor; the same velocities up to float rounding,
+  `repeated_token_attention: false` runs all of them);
 - the timestep grid is the pipeline's scheduler's (`set_timesteps(num_steps)`: its timesteps go
   to the model, its sigmas into the steps), as WanPipeline and flow_grpo's Wan script set it. With
   FlowMatchEulerDiscreteScheduler the ODE path (eta = 0) is WanPipeline.__call__; released Wan
@@ -34,6 +36,7 @@ LoRA save/load are the flow adapter's. What differs for Wan is only:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +84,8 @@ class WanGeneratorConfig:
     logit_std: float = num(1.0, gt=0)
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap", "eps"] = "none"  # as the flow generator's
     sde_type: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"  # as the flow generator's
+    # run the zero-padded text tokens as one in the cross-attention (same outputs up to float rounding)
+    repeated_token_attention: bool = True
 
     def validate(self) -> None:
         from mmalign.paths import resolve
@@ -99,6 +104,40 @@ class WanGeneratorConfig:
     def validate_choices(self) -> None:
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+
+
+class RepeatedTokenWanAttnProcessor:
+    """diffusers' WanAttnProcessor for the cross-attention (attn2), where the last text token may
+    stand for n identical ones.
+
+    WanPipeline zero-pads the UMT5 states to `max_sequence_length` (512) tokens. Every per-token
+    op before and inside the cross-attention (the text embedder's MLP, to_k / to_v, the RMS norm
+    of the keys) maps the identical zero tokens to identical keys and values, so n of them in a
+    softmax are one of them with its logit raised by log(n). The generator cuts the text states
+    after the first position from which all are zero (`cut_zero_tokens`); text states of
+    S < `total` positions then end in one token standing for total - S + 1, which gets the bias.
+    n comes from the input's length alone, so a recomputation (gradient checkpointing) sees the
+    same attention. Full-length text states take the stock path. The same velocities up to float
+    rounding, at the cost of the real tokens plus one (as the flow adapter runs SD3's zero T5
+    tokens).
+    """
+
+    def __init__(self, total: int):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.stock = WanAttnProcessor()
+        self.total = total
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None and attn.add_k_proj is None:
+            n = self.total - encoder_hidden_states.shape[1] + 1
+            if n > 1:
+                bias = torch.zeros(
+                    encoder_hidden_states.shape[1], dtype=hidden_states.dtype, device=hidden_states.device
+                )
+                bias[-1] = math.log(n)
+                attention_mask = bias.view(1, 1, 1, -1)
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
 
 def check_num_frames(n: int, temporal: int = 4, key: str = "num_frames") -> None:
@@ -197,7 +236,16 @@ class WanGenerator(FlowMatchingGenerator):
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
         self.latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
+        # the zero-padded text tokens run as one (RepeatedTokenWanAttnProcessor) unless
+        # cfg.repeated_token_attention is off; image-to-video blocks (add_k_proj) are not Wan 2.1 T2V
         self._trained = TrainedModule(self.transformer, cfg.finetune, cfg.lora, DTYPES[cfg.dtype])
+        self.cross_attn = (
+            RepeatedTokenWanAttnProcessor(self.max_sequence_length) if cfg.repeated_token_attention else None
+        )
+        if self.cross_attn is not None:  # one processor, shared by the policy and a frozen full copy
+            for module in (self.transformer, self._trained.ref):
+                for block in getattr(module, "blocks", []):
+                    block.attn2.set_processor(self.cross_attn)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -230,11 +278,11 @@ class WanGenerator(FlowMatchingGenerator):
         t = t.to(latents.device, torch.float32)
         if t.ndim == 0:
             t = t.expand(B)
+        emb = cond["encoder_hidden_states"]
+        if self.cross_attn is not None and emb.shape[1] == self.max_sequence_length:
+            emb = cut_zero_tokens(emb)  # the zero tail as one token (RepeatedTokenWanAttnProcessor)
         return model(
-            hidden_states=latents.to(dtype),
-            timestep=t,
-            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-            return_dict=False,
+            hidden_states=latents.to(dtype), timestep=t, encoder_hidden_states=emb.to(dtype), return_dict=False
         )[0].float()
 
     def sampling_schedule(self, num_steps: int) -> tuple[Tensor, list[float]]:
@@ -289,6 +337,16 @@ class WanGenerator(FlowMatchingGenerator):
         z = latents.float() * self.latents_std.to(dev) + self.latents_mean.to(dev)
         x = self.vae.decode(z.to(self.vae.dtype)).sample.float()
         return Samples(video=((x + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous())
+
+
+def cut_zero_tokens(emb: Tensor) -> Tensor:
+    """emb[:, :L + 1]: the text states up to the first position L from which every sample's
+    tokens are all zero, that position standing for the S - L zero tokens; `emb` itself when
+    the zero tail is shorter than two tokens."""
+    nonzero = emb.detach().abs().amax(dim=(0, 2)) > 0  # [S]: some sample has a non-zero state there
+    idx = torch.nonzero(nonzero).flatten()
+    L = int(idx[-1]) + 1 if len(idx) else 0
+    return emb if emb.shape[1] - L <= 1 else emb[:, : L + 1]
 
 
 def check_wan_variant(index: dict, src: str) -> None:

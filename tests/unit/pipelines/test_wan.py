@@ -23,7 +23,8 @@ def tiny_wan(tmp_path_factory):
 
 def _cfg(path, **kw):
     lora = LoraSettings(rank=4, alpha=4, target_modules=list(WAN_LORA_TARGETS))
-    return WanGeneratorConfig(pretrained=str(path), num_frames=5, resolution=32, max_sequence_length=8, lora=lora, **kw)
+    kw = {"num_frames": 5, "resolution": 32, "max_sequence_length": 8, **kw}
+    return WanGeneratorConfig(pretrained=str(path), lora=lora, **kw)
 
 
 def _perturb(gen, seed=0):
@@ -280,3 +281,27 @@ def test_released_unipc_scheduler_gives_its_grid_and_its_flow_shift_for_training
     with torch.no_grad():
         v = g.model_output(x[:, 0], ts[0], ro.extras["cond"])
     torch.testing.assert_close(x[:, 1], x[:, 0] + (sg[1] - sg[0]) * v, rtol=0, atol=1e-6)  # an Euler step
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_zero_padded_text_tokens_run_as_one_with_the_same_velocities(tiny_wan, finetune):
+    """512-style zero padding: the cut text states with the log(n) logit give the stock
+    processor's velocities on all 32 positions, for the policy and the frozen reference."""
+    torch.manual_seed(0)
+    on = _perturb(WanGenerator(_cfg(tiny_wan, finetune=finetune, max_sequence_length=32)))
+    torch.manual_seed(0)
+    off = _perturb(WanGenerator(_cfg(tiny_wan, finetune=finetune, max_sequence_length=32)))
+    off.cross_attn = None
+    for b in off.transformer.blocks:  # the stock processor
+        b.attn2.set_processor(type(on.cross_attn.stock)())
+    x = torch.randn(2, *on.latent_shape, generator=torch.Generator().manual_seed(5))
+    cond = on.encode_prompt(PROMPTS)
+    assert cond["encoder_hidden_states"].shape[1] == 32
+    t = torch.tensor([700.0, 200.0])
+    with torch.no_grad():
+        torch.testing.assert_close(on.model_output(x, t, cond), off.model_output(x, t, cond), rtol=0, atol=1e-5)
+        with on.reference(), off.reference():
+            torch.testing.assert_close(on.model_output(x, t, cond), off.model_output(x, t, cond), rtol=0, atol=1e-5)
+    from mmalign.pipelines.wan import cut_zero_tokens
+
+    assert cut_zero_tokens(cond["encoder_hidden_states"]).shape[1] < 12  # the real tokens + 1 of 32
