@@ -90,7 +90,11 @@ def test_flow_method_trains_tiny_wan(name, tiny_wan, tmp_path):
     method, data, gen_extra = METHODS[name]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball moving left\ntwo blue squares\na green circle\n")
-    p = _write(tmp_path / "c.yaml", tiny_wan, prompts, method, data, gen_extra)
+    # one run also evaluates: sampled videos scored by the reward, a frame grid saved
+    ev = (
+        {"eval": {"prompts": ["a red ball"], "num_steps": 2, "images_per_prompt": 2}} if name == "raft_baseline" else {}
+    )
+    p = _write(tmp_path / "c.yaml", tiny_wan, prompts, method, data, gen_extra, **ev)
     tr = Trainer(load_config(p), run_dir=tmp_path / "run")
     assert tr.generator.modality == "video" and len(tr.generator.latent_shape) == 4
     before = {n: v.detach().clone() for n, v in tr.generator.trainable().named_parameters() if v.requires_grad}
@@ -102,6 +106,10 @@ def test_flow_method_trains_tiny_wan(name, tiny_wan, tmp_path):
     losses = [rec["loss"] for rec in logs if "loss" in rec]
     assert losses and all(math.isfinite(x) for x in losses)
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    if ev:
+        evals = [rec["eval"] for rec in logs if "eval" in rec]
+        assert evals and evals[-1]["n_samples"] == 2 and math.isfinite(evals[-1]["reward"])
+        assert list((tmp_path / "run" / "samples").glob("step_*.png"))
 
 
 def test_reward_guidance_steers_tiny_wan_video_latents(tiny_wan):
