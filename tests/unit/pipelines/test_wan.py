@@ -305,3 +305,24 @@ def test_zero_padded_text_tokens_run_as_one_with_the_same_velocities(tiny_wan, f
     from mmalign.pipelines.wan import cut_zero_tokens
 
     assert cut_zero_tokens(cond["encoder_hidden_states"]).shape[1] < 12  # the real tokens + 1 of 32
+
+
+def test_bfloat16_frozen_weights_with_float32_lora(tiny_wan):
+    """dtype: bfloat16 keeps the frozen transformer and text encoder in bf16 and the VAE and LoRA in
+    float32; velocities stay close to the float32 model's and the LoRA gets gradients."""
+    torch.manual_seed(0)
+    g16 = WanGenerator(_cfg(tiny_wan, dtype="bfloat16"))
+    torch.manual_seed(0)
+    g32 = WanGenerator(_cfg(tiny_wan))
+    assert g16.pipe.text_encoder.dtype == torch.bfloat16 and g16.vae.dtype == torch.float32
+    frozen = [p for p in g16.transformer.parameters() if not p.requires_grad]
+    trained = [p for p in g16.transformer.parameters() if p.requires_grad]
+    assert {p.dtype for p in trained} == {torch.float32} and torch.bfloat16 in {p.dtype for p in frozen}
+    x = torch.randn(2, *g16.latent_shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([600.0, 300.0])
+    v16 = g16.model_output(x, t, g16.encode_prompt(PROMPTS))
+    with torch.no_grad():
+        v32 = g32.model_output(x, t, g32.encode_prompt(PROMPTS))
+    assert v16.dtype == torch.float32 and (v16.detach() - v32).abs().max() < 0.1 * v32.abs().max()
+    v16.pow(2).mean().backward()
+    assert all(p.grad is not None for p in trained)
