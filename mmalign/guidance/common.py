@@ -67,8 +67,8 @@ def parse_weight(text: str, where: str = "weight") -> Weight:
 class Evaluator:
     """A scorer of candidates with a (timestep-dependent) weight.
 
-    `fn` is a Reward (scored on the candidates' x̂_0 decoded to images, or videos for a video
-    generator, `space="image"`), or a callable (x̂_0 latents [N,...], prompts) -> [N] scored in latent space
+    `fn` is a Reward (scored on the candidates' x̂_0 decoded to the generator's media: images,
+    videos or audio, `space="image"`), or a callable (x̂_0 latents [N,...], prompts) -> [N] scored in latent space
     (`space="latent"`, the paper's cheap latent evaluators). Higher is better.
     """
 
@@ -82,10 +82,14 @@ class Evaluator:
             self.space = "image" if isinstance(self.fn, Reward) else "latent"
         if self.space not in ("image", "latent"):
             raise ValueError(f"evaluator {self.name!r}: space must be 'image' or 'latent', got {self.space!r}")
-        if self.space == "image" and isinstance(self.fn, Reward) and self.fn.modality not in ("image", "video"):
+        if (
+            self.space == "image"
+            and isinstance(self.fn, Reward)
+            and self.fn.modality not in ("image", "video", "audio")
+        ):
             raise TypeError(
                 f"evaluator {self.label}: reward scores {self.fn.modality} samples, but these samplers make "
-                "images or videos"
+                "images, videos or audio"
             )
         if not self.name:
             self.name = getattr(self.fn, "name", None) or getattr(self.fn, "__name__", "evaluator")
@@ -148,6 +152,11 @@ def score_candidates(
         samples = decode_all(decode, x0, batch_size)
     for e in evaluators:
         if e.space == "image":
+            if isinstance(e.fn, Reward) and len(samples) and e.fn.modality != samples.modality:
+                raise TypeError(
+                    f"evaluator {e.label}: reward scores {e.fn.modality} samples, but the generator makes "
+                    f"{samples.modality} samples"
+                )
             s = e.fn(samples, list(prompts))
         else:
             s = e.fn(x0, list(prompts))

@@ -90,3 +90,21 @@ def test_evaluation_writes_wav_clips_and_scores_them(generator, audio_models, tm
         info.samplerate == tr.generator.sample_rate
         and info.frames == tr.generator.decode(torch.zeros(1, *tr.generator.latent_shape)).audio.shape[-1]
     )
+
+
+@pytest.mark.parametrize("generator", ["audioldm", "stable_audio"])
+def test_best_of_n_keeps_the_loudest_clip(generator, audio_models):
+    from mmalign.guidance.search import best_of_n_sample
+    from mmalign.pipelines.audioldm import AudioLDMGenerator, AudioLDMGeneratorConfig
+    from mmalign.pipelines.stable_audio import StableAudioGenerator, StableAudioGeneratorConfig
+    from mmalign.rewards.rules import AudioLoudness
+
+    build = {
+        "audioldm": lambda p: AudioLDMGenerator(AudioLDMGeneratorConfig(pretrained=str(p), finetune="none")),
+        "stable_audio": lambda p: StableAudioGenerator(StableAudioGeneratorConfig(pretrained=str(p), finetune="none")),
+    }[generator]
+    gen = build(audio_models[generator])
+    out = best_of_n_sample(gen, ["a dog barks", "rain"], AudioLoudness(), n=3, guidance_scale=2.0, num_steps=2)
+    cand = out.extras["candidate_rewards"]["audio_loudness"]
+    assert out.extras["chosen"].tolist() == cand.argmax(1).tolist()
+    torch.testing.assert_close(AudioLoudness()(out.samples, out.prompts).cpu(), cand.max(1).values)
