@@ -35,6 +35,7 @@ ARCH_NAMES = {
     "sdxl": "Stable Diffusion XL",
     "flux": "FLUX.1",
     "sd3": "Stable Diffusion 3",
+    "animatediff": "AnimateDiff (motion modules of a Stable Diffusion 1.x UNet)",
 }
 
 
@@ -98,7 +99,7 @@ class Lora:
 
     state_dict: dict[str, Any]
     component: str  # "unet" or "transformer"
-    arch: str  # sd15 | sdxl | sd3 | flux
+    arch: str  # sd15 | sdxl | sd3 | flux | animatediff
     rank: int
     alpha: float
     target_modules: list[str]
@@ -125,9 +126,10 @@ def load_lora(run: RunInfo) -> Lora:
     rank = int(lora_cfg.get("rank") or next(v.shape[0] for k, v in sd.items() if "lora_A" in k))
     alpha = float(lora_cfg.get("alpha") or rank)
     modules = sorted({k.split(".lora_")[0] for k in sd})  # the exact layers, if the config does not say
-    return Lora(
-        sd, component, _architecture(run, component, sd), rank, alpha, list(lora_cfg.get("target_modules") or modules)
-    )
+    targets = list(lora_cfg.get("target_modules") or modules)
+    if any(c in t for t in targets for c in "*?["):  # globs (animatediff's) mean nothing to peft: the layers
+        targets = modules
+    return Lora(sd, component, _architecture(run, component, sd), rank, alpha, targets)
 
 
 def _architecture(run: RunInfo, component: str, sd: dict) -> str:
@@ -135,6 +137,8 @@ def _architecture(run: RunInfo, component: str, sd: dict) -> str:
     it is a local directory, else from the LoRA's layer names and the base model's name."""
     base = base_model(run)
     pipeline = _read_json(Path(base) / "model_index.json").get("_class_name", "")
+    if run.config.get("generator", {}).get("name") == "animatediff" or any(".motion_modules." in k for k in sd):
+        return "animatediff"
     if component == "transformer":
         if pipeline:
             return "flux" if "Flux" in pipeline else "sd3"
@@ -157,6 +161,11 @@ def to_kohya(lora: Lora) -> dict[str, Any]:
 
     if lora.arch == "flux":
         return flux_to_kohya(lora)
+    if lora.arch == "animatediff":
+        raise ExportError(
+            "kohya export: AnimateDiff motion-module LoRAs have no kohya key layout; use --format diffusers "
+            "(AnimateDiffPipeline.load_lora_weights) or peft"
+        )
     if lora.arch == "sd3":
         raise ExportError(
             "kohya export: SD3 LoRAs have no kohya key layout that ComfyUI / AUTOMATIC1111 agree on; "
@@ -261,6 +270,7 @@ def write_kohya(lora: Lora, out: Path, name: str) -> list[str]:
     """One .safetensors file with kohya keys and sd-scripts' metadata."""
     from safetensors.torch import save_file
 
+    tensors = to_kohya(lora)  # (refuses an architecture without a kohya layout)
     file = f"{_slug(name)}.safetensors"
     meta = {
         "format": "pt",
@@ -269,7 +279,7 @@ def write_kohya(lora: Lora, out: Path, name: str) -> list[str]:
         "ss_network_alpha": str(lora.alpha),
         "ss_base_model_version": KOHYA_BASE_VERSION[lora.arch],
     }
-    save_file(to_kohya(lora), str(out / file), metadata=meta)
+    save_file(tensors, str(out / file), metadata=meta)
     return [file]
 
 
@@ -308,9 +318,19 @@ def model_card(run: RunInfo, lora: Lora, fmt: str, files: list[str]) -> str:
         base_model=hub_base,
         library_name="diffusers",
         license=None,
-        tags=["lora", "text-to-image", "mmalign", method, lora.arch, f"{fmt}-format"],
+        tags=[
+            "lora",
+            "text-to-video" if lora.arch == "animatediff" else "text-to-image",
+            "mmalign",
+            method,
+            lora.arch,
+            f"{fmt}-format",
+        ],
     )
     data_desc = data.get("path") or data.get("prompts") or "?"
+    named = (cfg.get("generator", {}).get("lora") or {}).get("target_modules")  # as configured (globs too)
+    layers = lora.target_modules
+    shown = ", ".join(named or layers) if named or len(layers) <= 8 else f"{len(layers)} layers"
     reward_desc = (
         f"`{reward.get('name')}`" + (f" ({reward.get('model')})" if reward.get("model") else "")
         if reward
@@ -328,7 +348,7 @@ def model_card(run: RunInfo, lora: Lora, fmt: str, files: list[str]) -> str:
         f"| Reward | {reward_desc} |",
         f"| Data | {data.get('kind', '?')}: `{data_desc}` |",
         f"| Steps | {run.steps if run.steps is not None else '?'} |",
-        f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.target_modules)} |",
+        f"| LoRA | rank {lora.rank}, alpha {lora.alpha:g}, on {shown} |",
         f"| Format | {fmt}: {', '.join(files)} |",
         "",
     ]

@@ -348,3 +348,36 @@ def test_one_training_step_changes_the_motion_lora(method, tiny_ad, tiny_sd, tin
         assert len(evals) == 2 and all(math.isfinite(e["reward"]) for e in evals)
         grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
         assert len(grids) == 2 and all(Image.open(g).size[0] > Image.open(g).size[1] for g in grids)
+
+
+def test_export_of_a_motion_lora(gen, tiny_ad, tmp_path):
+    """`mmalign export`: diffusers format loads into AnimateDiffPipeline with the run's outputs, its
+    adapter metadata names the exact layers (not the config's globs), peft format too; kohya is refused."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    from mmalign.export import ExportError, export_run
+
+    run = tmp_path / "run"
+    gen.save_trained(run / "final")
+    lora = {"rank": 4, "alpha": 4, "target_modules": ["motion_modules.*.to_q", "motion_modules.*.to_k"]}
+    cfg = {"run": {"name": "ad"}, "generator": {"name": "animatediff", "pretrained": str(tiny_ad), "lora": lora}}
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "method": {"name": "grpo"}, "train": {"steps": 1}}))
+    out = export_run(run, "diffusers")
+    card = (out / "README.md").read_text()
+    assert "AnimateDiff" in card and "text-to-video" in card and "motion_modules.*.to_q" in card
+    pipe = AnimateDiffPipeline.from_pretrained(tiny_ad)
+    pipe.load_lora_weights(out)
+    pipe.scheduler = DDIMScheduler.from_config(gen.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn(1, 4, F, 8, 8, generator=torch.Generator().manual_seed(4))
+    ro = gen.rollout(PROMPTS[:1], num_steps=2, guidance_scale=2.0, eta=0.0, latents=x_T, need_log_probs=False)
+    with torch.no_grad():
+        got = pipe(
+            PROMPTS[:1], num_frames=F, height=32, width=32, num_inference_steps=2, guidance_scale=2.0,
+            latents=x_T.clone(), output_type="latent",
+        ).frames  # fmt: skip
+    torch.testing.assert_close(got, ro.latents[:, -1], rtol=1e-5, atol=1e-5)
+    peft_cfg = json.loads((export_run(run, "peft") / "adapter_config.json").read_text())
+    assert len(peft_cfg["target_modules"]) == 56 and all("*" not in t for t in peft_cfg["target_modules"])
+    with pytest.raises(ExportError, match="AnimateDiff"):
+        export_run(run, "kohya")
