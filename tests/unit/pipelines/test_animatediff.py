@@ -359,7 +359,7 @@ def test_export_of_a_motion_lora(gen, tiny_ad, tmp_path):
 
     run = tmp_path / "run"
     gen.save_trained(run / "final")
-    lora = {"rank": 4, "alpha": 4, "target_modules": ["motion_modules.*.to_q", "motion_modules.*.to_k"]}
+    lora = {"rank": 4, "alpha": 4, "target_modules": list(MOTION_LORA_TARGETS)}
     cfg = {"run": {"name": "ad"}, "generator": {"name": "animatediff", "pretrained": str(tiny_ad), "lora": lora}}
     (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "method": {"name": "grpo"}, "train": {"steps": 1}}))
     out = export_run(run, "diffusers")
@@ -377,7 +377,15 @@ def test_export_of_a_motion_lora(gen, tiny_ad, tmp_path):
             latents=x_T.clone(), output_type="latent",
         ).frames  # fmt: skip
     torch.testing.assert_close(got, ro.latents[:, -1], rtol=1e-5, atol=1e-5)
-    peft_cfg = json.loads((export_run(run, "peft") / "adapter_config.json").read_text())
+    peft_out = export_run(run, "peft")
+    peft_cfg = json.loads((peft_out / "adapter_config.json").read_text())
     assert len(peft_cfg["target_modules"]) == 56 and all("*" not in t for t in peft_cfg["target_modules"])
+    from diffusers import UNetMotionModel
+    from peft import PeftModel
+
+    unet = PeftModel.from_pretrained(UNetMotionModel.from_pretrained(tiny_ad / "unet"), peft_out)
+    x, ehs = torch.randn(1, 4, F, 8, 8), torch.randn(F, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, 500, ehs).sample, gen.unet(x, 500, ehs).sample, rtol=1e-4, atol=1e-5)
     with pytest.raises(ExportError, match="AnimateDiff"):
         export_run(run, "kohya")
