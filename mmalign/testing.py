@@ -696,6 +696,11 @@ def make_tiny_audioldm(out_dir: str | Path, seed: int = 0) -> Path:
             normalize_before=False,
         )
     )
+    g = torch.Generator().manual_seed(seed)  # default init gives ~1e-6 waveforms: audible, unsaturated clips
+    for m in vocoder.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
     scheduler = DDIMScheduler(
         beta_start=0.0015,
         beta_end=0.0195,

@@ -137,7 +137,21 @@ def test_one_step_changes_the_params(tiny_audioldm):
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
 
 
-@pytest.mark.parametrize("reward", ["test_set_spread", "audio_loudness"])
+def _fad_set():  # full-dataset FAD of the round against toy exemplar clips, embedded by a tiny CLAP
+    from mmalign.rewards.fixtures import tiny
+
+    caps = ["one low beep", "two high beeps"]
+    return {
+        "name": "fad",
+        "variant": "set",
+        "exemplars": "toy:render_audio",
+        "exemplar_prompts": caps,
+        "exemplar_seeds": 2,
+        "embedding": tiny("clap") | {"name": "clap"},
+    }
+
+
+@pytest.mark.parametrize("reward", ["test_set_spread", "audio_loudness", "fad"])
 def test_dragon_trains_through_the_trainer(reward, tiny_audioldm, tmp_path):
     import yaml
 
@@ -147,7 +161,7 @@ def test_dragon_trains_through_the_trainer(reward, tiny_audioldm, tmp_path):
     cfg = {
         "run": {"name": "dragon", "seed": 0},
         "generator": {"name": "audioldm", "pretrained": str(tiny_audioldm), "lora": {"rank": 4, "alpha": 4}},
-        "reward": {"name": reward},
+        "reward": _fad_set() if reward == "fad" else {"name": reward},
         "method": {
             "name": "dragon",
             "beta": 500,
@@ -165,4 +179,4 @@ def test_dragon_trains_through_the_trainer(reward, tiny_audioldm, tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("rollout/pairs" in rec for rec in logs)
-    assert any("rollout/set_value" in rec for rec in logs) == (reward == "test_set_spread")
+    assert any("rollout/set_value" in rec for rec in logs) == (reward != "audio_loudness")
