@@ -389,3 +389,35 @@ def test_export_of_a_motion_lora(gen, tiny_ad, tmp_path):
         torch.testing.assert_close(unet(x, 500, ehs).sample, gen.unet(x, 500, ehs).sample, rtol=1e-4, atol=1e-5)
     with pytest.raises(ExportError, match="AnimateDiff"):
         export_run(run, "kohya")
+
+
+def test_full_motion_finetune_run_saves_a_motion_adapter(tiny_ad, tiny_sd, tiny_clip, pairs_manifest, tmp_path):
+    """finetune: full through the trainer: only motion-module weights change, final/ is a MotionAdapter
+    folder that a fresh generator loads back."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\na blue square spinning\n")
+    p = write_config(
+        tmp_path / "c.yaml",
+        tiny_sd,
+        tiny_clip,
+        pairs_manifest,
+        generator={"name": "animatediff", "pretrained": str(tiny_ad), "num_frames": 2, "finetune": "full"},
+        method=METHODS["grpo"],
+        data={"kind": "prompts", "prompts": str(prompts)},
+        train={"steps": 1, "batch_size": 2, "lr": 1e-3, "gradient_checkpointing": True},
+    )
+    raw = yaml.safe_load(p.read_text())
+    p.write_text(yaml.safe_dump({**raw, "reward": VIDEO_REWARD}))
+    tr = Trainer(load_config(p), run_dir=tmp_path / "run")
+    before = {n: v.detach().clone() for n, v in tr.generator.trainable().named_parameters()}
+    tr.fit()
+    after = dict(tr.generator.trainable().named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("motion_modules" in n for n in changed)
+    final = tmp_path / "run" / "final"
+    assert (final / "motion_adapter" / "config.json").is_file()
+    g = AnimateDiffGenerator(AnimateDiffGeneratorConfig(pretrained=str(tiny_ad), num_frames=2, finetune="full"))
+    g.load_trained(final)
+    loaded = dict(g.trainable().named_parameters())
+    for n in changed:
+        torch.testing.assert_close(loaded[n], after[n])
