@@ -13,6 +13,7 @@ does not know. It registers:
     asset root          toy  -> assets/ (toy:sd_toy, toy:sd3_toy, toy:proxy_clip, toy:vlm_toy)
     reward              toy_gold                                   (reward.py)
     reward              toy_audio_gold                             (audio_reward.py)
+    reward              toy_audio_proxy                            (audio_proxy.py, assets/audio_proxy)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mmalign.sources import register_asset_root, register_source
 
 from . import (
     ASSETS,
+    audio_proxy,  # noqa: F401  (importing it registers the toy_audio_proxy reward)
     audio_reward,  # noqa: F401  (importing it registers the toy_audio_gold reward)
     audio_world,
     reward,  # noqa: F401  (importing it registers the toy_gold reward)
