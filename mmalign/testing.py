@@ -791,7 +791,7 @@ def make_tiny_stable_audio(out_dir: str | Path, seed: int = 0) -> Path:
         cross_attention_input_dim=8,
     )
     vae = AutoencoderOobleck(
-        encoder_hidden_size=6,
+        encoder_hidden_size=8,  # mean and scale of the 4 latent channels
         downsampling_ratios=[1, 4],
         decoder_channels=6,
         decoder_input_channels=4,

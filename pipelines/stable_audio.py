@@ -90,6 +90,8 @@ class StableAudioGeneratorConfig:
     audio_end_in_s: float | None = num(None, gt=0)  # seconds_total; default: the model's maximum length
     negative_prompt: str = ""  # "" -> the pipeline's all-zero unconditional branch
     sde_final_sigma: float = num(0.01, gt=0)  # where the stochastic (log-prob) sampler stops instead of 0
+    # latents of clips to train on (re-encoded samples): an Oobleck posterior draw, or its mean
+    vae_latents: Literal["sample", "mean"] = "sample"
 
     def validate(self) -> None:
         SDGeneratorConfig.validate(self)
@@ -371,11 +373,40 @@ class StableAudioGenerator(TrainedAdapterMixin):
         a, b = int(self.audio_start_in_s * self.sample_rate), int(self.audio_end_in_s * self.sample_rate)
         return Samples(audio=wav[:, :, a:b].clamp(-1, 1), sample_rate=self.sample_rate)
 
+    @torch.no_grad()
     def encode_images(self, images: Tensor, seeds: Sequence[int] | None = None) -> Tensor:
-        raise ValueError(
-            "generator 'stable_audio' trains on its own sampled latents; re-encoding samples "
-            "(rollout.reencode, data.reencode) is not supported for audio"
-        )
+        """Clips [B, C, T] in [-1, 1] (this generator's samples: `audio_start_in_s` .. `audio_end_in_s`)
+        -> latents [B, C_lat, sample_size]: each clip is placed at its start offset in a zero
+        waveform of the model's full length (cut beyond it), as the pipeline prepares
+        `initial_audio_waveforms` (mono repeated to stereo, stereo averaged to mono), and encoded by
+        the Oobleck VAE as a posterior draw (`vae_latents: sample`, seeded per sample like the
+        image adapters' draws) or its mean."""
+        from mmalign.pipelines.common import VAE_SALT
+
+        a = images.to(self.device, torch.float32)
+        if a.ndim != 3:
+            raise ValueError(f"generator 'stable_audio': audio to encode must be B,C,T, got shape {tuple(a.shape)}")
+        ch = self.vae.config.audio_channels
+        if a.shape[1] == 1 and ch > 1:
+            a = a.repeat(1, ch, 1)
+        elif a.shape[1] > 1 and ch == 1:
+            a = a.mean(1, keepdim=True)
+        elif a.shape[1] != ch:
+            raise ValueError(f"generator 'stable_audio': {a.shape[1]}-channel audio for a {ch}-channel VAE")
+        full = self.transformer.config.sample_size * self.vae.hop_length
+        start = int(self.audio_start_in_s * self.sample_rate)
+        wav = a.new_zeros(a.shape[0], ch, full)
+        n = max(0, min(a.shape[-1], full - start))
+        wav[:, :, start : start + n] = a[:, :, :n]
+        dist = self.vae.encode(wav.to(self.vae.dtype)).latent_dist
+        z = dist.mean
+        if self.cfg.vae_latents == "sample":
+            if seeds is None:
+                eps = torch.randn_like(z)
+            else:
+                eps = per_sample_randn([int(s) * 1_000_003 + VAE_SALT for s in seeds], z.shape[1:], z.device, z.dtype)
+            z = z + dist.std * eps
+        return z.float()
 
     # ------------------------------------------------------------------ saving
     def save_trained(self, out_dir: str | Path) -> Path:

@@ -19,6 +19,8 @@ METHODS = {
     "d3po": {"name": "d3po", "rollout": {**ROLL, "same_initial_noise": True}},
     "diffusion_dpo": {"name": "diffusion_dpo", "beta": 500},
     "dragon": {"name": "dragon", "beta": 500, "rollout": ROLL},
+    # stable_audio re-encodes its clips (Oobleck VAE): RAFT's default
+    "raft_reencode": {"name": "raft", "rollout": {**ROLL, "eta": 0.0, "reencode": True}},
 }
 
 
@@ -55,6 +57,8 @@ def audio_config(path, generator: str, model, method: dict, **sections):
 @pytest.mark.parametrize("generator", ["audioldm", "stable_audio"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_trains_an_audio_generator(method, generator, audio_models, tmp_path):
+    if method == "raft_reencode" and generator == "audioldm":
+        pytest.skip("audioldm does not re-encode clips (no waveform -> mel front end in the pipeline)")
     cfg = audio_config(tmp_path / "c.yaml", generator, audio_models[generator], METHODS[method])
     tr = Trainer(load_config(cfg), run_dir=tmp_path / "run")
     assert tr.generator.modality == "audio"

@@ -183,3 +183,22 @@ def test_bfloat16_frozen_weights_sample(tiny_stable_audio):
         warnings.simplefilter("ignore")
         ro = g.rollout(PROMPTS[:1], num_steps=2, guidance_scale=2.0, eta=1.0)
     assert torch.isfinite(ro.log_probs).all() and torch.isfinite(ro.samples.audio).all()
+
+
+def test_reencoding_clips_is_the_oobleck_posterior_of_the_padded_waveform(gen):
+    """encode_images places each clip at audio_start_in_s in a zero waveform of the model's length
+    (as the pipeline prepares initial_audio_waveforms) and draws from the VAE posterior per seed."""
+    ro = gen.rollout(PROMPTS, num_steps=2, guidance_scale=1.0, eta=1.0, seeds=[1, 2])
+    z = gen.encode_images(ro.samples.audio, [5, 5])
+    assert z.shape == ro.latents[:, -1].shape
+    torch.testing.assert_close(z, gen.encode_images(ro.samples.audio, [5, 5]))  # seeded
+    full = torch.zeros(2, 2, 64 * 4)
+    full[:, :, : ro.samples.audio.shape[-1]] = ro.samples.audio
+    with torch.no_grad():
+        dist = gen.vae.encode(full).latent_dist
+    from mmalign.types import per_sample_randn
+
+    eps = per_sample_randn([5 * 1_000_003 + 7919] * 2, z.shape[1:])
+    torch.testing.assert_close(z, dist.mean + dist.std * eps, rtol=1e-5, atol=1e-5)
+    mono = gen.encode_images(ro.samples.audio.mean(1, keepdim=True), [5, 5])
+    assert mono.shape == z.shape
