@@ -136,8 +136,10 @@ def evaluate_generator(
         out["gold_compositional"] = rep_["compositional"]
         out["gold_per_kind"] = rep_["per_kind"]
         out["gold_per_constraint"] = rep_["per_constraint"]
-    if seeds_per_prompt > 1 and images.ndim == 4:  # (per-pixel diversity of images only)
-        groups = [list(images[i * seeds_per_prompt : (i + 1) * seeds_per_prompt]) for i in range(len(prompts))]
+    if seeds_per_prompt > 1 and images.ndim in (4, 5):  # per-pixel diversity of images, or of videos' frames
+        # a video B,F,3,H,W as one image of its frames stacked vertically: the RMS over all of its pixels
+        stills = images if images.ndim == 4 else images.permute(0, 2, 1, 3, 4).flatten(2, 3)
+        groups = [list(stills[i * seeds_per_prompt : (i + 1) * seeds_per_prompt]) for i in range(len(prompts))]
         out["diversity"] = diversity(groups)
     return out, images
 

@@ -109,6 +109,7 @@ def test_flow_method_trains_tiny_wan(name, tiny_wan, tmp_path):
     if ev:
         evals = [rec["eval"] for rec in logs if "eval" in rec]
         assert evals and evals[-1]["n_samples"] == 2 and math.isfinite(evals[-1]["reward"])
+        assert evals[-1]["diversity"] > 0  # two seeds of one caption: RMS distance over all frames
         assert list((tmp_path / "run" / "samples").glob("step_*.png"))
 
 
