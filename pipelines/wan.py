@@ -178,7 +178,9 @@ class WanGenerator(FlowMatchingGenerator):
                     "(text-to-video) layout"
                 )
             check_wan_variant(index, src)
-            kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, dtype=DTYPES[cfg.dtype])
+            # the VAE loads in float32 whatever `dtype` is (as Wan's own code runs it)
+            dtypes = {"vae": torch.float32, "default": DTYPES[cfg.dtype]}
+            kw: dict[str, Any] = dict(revision=cfg.revision, variant=cfg.variant, dtype=dtypes)
             if index.get("transformer_2", [None])[0] is None:
                 kw["transformer_2"] = None
             pipe = WanPipeline.from_pretrained(src, **kw)
@@ -190,7 +192,7 @@ class WanGenerator(FlowMatchingGenerator):
         self.zero_tokens = 0
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer: nn.Module = pipe.transformer
-        # the VAE decodes in float32 (as Wan's own code runs it); it is small next to the transformer
+        # the VAE decodes in float32 (a pipeline passed in is cast); it is small next to the transformer
         self.vae = (
             (pipe.vae if pipe.vae.dtype == torch.float32 else pipe.vae.to(torch.float32)).requires_grad_(False).eval()
         )

@@ -315,6 +315,8 @@ def test_bfloat16_frozen_weights_with_float32_lora(tiny_wan):
     torch.manual_seed(0)
     g32 = WanGenerator(_cfg(tiny_wan))
     assert g16.pipe.text_encoder.dtype == torch.bfloat16 and g16.vae.dtype == torch.float32
+    # the VAE is loaded in float32, not rounded through bf16
+    assert all(torch.equal(a, b) for a, b in zip(g16.vae.parameters(), g32.vae.parameters()))
     frozen = [p for p in g16.transformer.parameters() if not p.requires_grad]
     trained = [p for p in g16.transformer.parameters() if p.requires_grad]
     assert {p.dtype for p in trained} == {torch.float32} and torch.bfloat16 in {p.dtype for p in frozen}
