@@ -178,7 +178,9 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
     prompts_from: str | None = None  # instead of `prompts`: a prompt set "prefix:name" or a .txt file
     max_prompts: int | None = num(None, ge=1)
-    gold: bool = False  # also report gold accuracy by the registered gold evaluator (the toy world's)
+    # also report gold accuracy: true = the one registered gold evaluator of the samples'
+    # modality (image, video, audio), or a gold evaluator's name (e.g. toy_video)
+    gold: bool | str = False
     enabled: bool = True
     at_start: bool = True  # also evaluate before training (false: the caller has the base numbers)
     seed: int = num(1234, ge=0)
@@ -192,6 +194,8 @@ class EvalConfig:
                 raise ValueError(f"prompts[{i}]: is empty")
         if self.prompts_from and sources.is_spec(self.prompts_from) and not Path(self.prompts_from).is_file():
             check_source("prompts_from", "prompt_set", self.prompts_from)
+        if isinstance(self.gold, str):
+            check_source("gold", "gold_evaluator", self.gold)
 
 
 @dataclass

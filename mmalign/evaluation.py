@@ -131,7 +131,8 @@ def evaluate_generator(
     if rewards:
         out["reward"] = float(torch.cat(rewards).mean())
     if gold:
-        rep_ = gold_evaluator(gold)(images, rep)
+        modality = {4: "image", 5: "video"}.get(images.ndim, "audio")  # B,3,H,W / B,F,3,H,W / B,C,T
+        rep_ = gold_evaluator(gold, modality)(images, rep)
         out["gold_accuracy"] = rep_["accuracy"]
         out["gold_compositional"] = rep_["compositional"]
         out["gold_per_kind"] = rep_["per_kind"]
