@@ -224,7 +224,7 @@ def test_refl_equals_imagerewards_objective_computed_independently(sd_gen):
     with torch.no_grad():
         r = reward(sd_gen.decode(x0.float()), PROMPTS).double()
     want = 0.5 * torch.relu(2.0 - r).mean()
-    assert float(loss) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
     assert metrics["reward_mean"] == pytest.approx(float(r.mean()), abs=1e-4)
     # the margin: no gradient from samples already scoring above it
     r_t = torch.tensor([1.0, 3.0], requires_grad=True)
@@ -288,7 +288,7 @@ def test_draft_lv_renoises_x0_through_the_last_step(sd_gen, monkeypatch):
             e = sd_gen.guided_eps(x1, torch.tensor(t), cond, uncond, 2.0).double()
             x0_hat = (x1.double() - math.sqrt(1 - abar) * e) / math.sqrt(abar)  # DDIM's last step, eta 0
             want = want - reward(sd_gen.decode(x0_hat.float()), PROMPTS).double().mean() / 2
-    assert float(loss) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -313,7 +313,7 @@ def test_a_training_step_changes_the_weights_and_lowers_the_loss(which, mode, re
         for p, s in zip(params, saved):
             p.copy_(s)
     assert moved > 0
-    assert after < float(before)
+    assert after < float(before.detach())
 
 
 def test_video_edit_with_video_from_image_trains_on_the_tiny_wan(wan_gen, tiny_clip):
@@ -348,8 +348,8 @@ def test_video_edit_with_video_from_image_trains_on_the_tiny_wan(wan_gen, tiny_c
         after = float(m.loss(batch, wan_gen)[0])
         for p, s in zip(params, saved):
             p.copy_(s)
-    assert metrics["reward_mean"] == pytest.approx(-float(before), rel=1e-5)
-    assert after < float(before)
+    assert metrics["reward_mean"] == pytest.approx(-float(before.detach()), rel=1e-5)
+    assert after < float(before.detach())
 
 
 def test_setup_refuses_a_reward_without_gradients(sd_gen):
