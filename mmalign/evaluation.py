@@ -112,7 +112,7 @@ def evaluate_generator(
         reward = None
     rep = [p for p in prompts for _ in range(seeds_per_prompt)]
     seeds = [seed + i for i in range(len(rep))]
-    images, rewards = [], []
+    images, rewards, sample_rate = [], [], None
     for i in tqdm(range(0, len(rep), batch_size), desc=f"eval {len(rep)} samples", leave=False, dynamic_ncols=True):
         ro = generator.rollout(
             rep[i : i + batch_size],
@@ -125,6 +125,7 @@ def evaluate_generator(
         # B,3,H,W images / B,F,3,H,W videos / B,C,T audio clips
         media = next(m for m in (ro.samples.images, ro.samples.video, ro.samples.audio) if m is not None)
         images.append(media.float().cpu())
+        sample_rate = ro.samples.sample_rate
         if reward is not None:
             rewards.append(reward(ro.samples, rep[i : i + batch_size]).float().cpu())
     images = torch.cat(images)
@@ -132,7 +133,12 @@ def evaluate_generator(
         out["reward"] = float(torch.cat(rewards).mean())
     if gold:
         modality = {4: "image", 5: "video"}.get(images.ndim, "audio")  # B,3,H,W / B,F,3,H,W / B,C,T
-        rep_ = gold_evaluator(gold, modality)(images, rep)
+        if modality == "audio" and sample_rate is not None:  # the audio evaluator reads the clips' rate
+            from mmalign.types import Samples
+
+            rep_ = gold_evaluator(gold, modality)(Samples(audio=images, sample_rate=sample_rate), rep)
+        else:
+            rep_ = gold_evaluator(gold, modality)(images, rep)
         out["gold_accuracy"] = rep_["accuracy"]
         out["gold_compositional"] = rep_["compositional"]
         out["gold_per_kind"] = rep_["per_kind"]
