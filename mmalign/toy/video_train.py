@@ -11,6 +11,8 @@ Stages (the transformer stage reads the VAE stages from --work):
                grammar) on cached latents -> <out>/wan_toy/ (WanPipeline layout, fp16 weights)
   proxy        toy_video_proxy reward (video_proxy.py), contrastive with hard negatives
                -> <out>/video_proxy/
+  swap-decoder put a further-trained decoder (--vae-dir, a `decoder` stage folder) into the
+               saved <out>/wan_toy (same encoder, so the transformer's latents still match)
   report       held-out gold of the shipped wan_toy, sampled with WanPipeline, and the proxy's
                agreement with gold on those samples (--json FILE writes the numbers)
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 
 from .train import log, save_pipe, seed_all
 from .video_evaluate import gold_report_video
+from .video_gold import VIDEO_CONSTRAINTS
 from .video_world import (
     FRAMES,
     heldout_eval_captions,
@@ -357,6 +361,7 @@ def train_transformer(
     stop_accuracy: float = 0.25,
     max_accuracy: float = 0.6,
     eval_seeds=(0,),
+    init_from: Path | None = None,
 ):
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -379,6 +384,9 @@ def train_transformer(
     log(f"transformer: latents {tuple(mu.shape)} ({time.time() - t:.0f}s)")
     lat_mean = mu.mean(dim=(0, 2, 3, 4))
     lat_std = (mu + sd * torch.randn_like(sd)).std(dim=(0, 2, 3, 4))
+    if init_from is not None:  # continue a saved pipeline: keep its latent normalisation
+        icfg = json.loads((init_from / "vae" / "config.json").read_text())
+        lat_mean, lat_std = torch.tensor(icfg["latents_mean"]), torch.tensor(icfg["latents_std"])
     vae.register_to_config(latents_mean=lat_mean.tolist(), latents_std=lat_std.tolist())
     m5, s5 = lat_mean.view(1, -1, 1, 1, 1), lat_std.view(1, -1, 1, 1, 1)
     kinds = [parse_video(c).kind for c in caps]
@@ -391,6 +399,12 @@ def train_transformer(
 
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_CFG))
     transformer = WanTransformer3DModel(**TRANSFORMER_CFG)
+    if init_from is not None:
+        transformer.load_state_dict(
+            WanTransformer3DModel.from_pretrained(init_from / "transformer").float().state_dict()
+        )
+        text_encoder.load_state_dict(UMT5EncoderModel.from_pretrained(init_from / "text_encoder").float().state_dict())
+        log(f"transformer: initialised from {init_from}")
     cross = [PaddedCrossAttention(b.attn2.processor) for b in transformer.blocks]
     for b, proc in zip(transformer.blocks, cross):
         b.attn2.processor = proc
@@ -481,6 +495,7 @@ def train_transformer(
         "minutes": (time.time() - t0) / 60,
         "pool": {"clips": len(caps), "single_clips": single_clips, "pair_clips": pair_clips},
         "stop_band": [stop_accuracy, max_accuracy],
+        "init_from": str(init_from) if init_from else None,
         "sample": {"num_inference_steps": 20, "guidance_scale": SAMPLE_CFG, "num_frames": FRAMES},
         "heldout_gold": r["accuracy"],
         "history": history,
@@ -488,6 +503,26 @@ def train_transformer(
     save_pipe(pipe, out / "wan_toy", info)
     log(f"transformer: saved {out / 'wan_toy'} after {step} steps")
     return pipe
+
+
+def swap_decoder(pipe_dir: Path, vae_dir: Path) -> None:
+    """Put the decoder of `vae_dir` (a `decoder` stage run: same frozen encoder, so the same
+    latents) into the saved pipeline at `pipe_dir`, keeping its latents_mean / latents_std."""
+    from diffusers import AutoencoderKLWan
+
+    old = AutoencoderKLWan.from_pretrained(pipe_dir / "vae", torch_dtype=torch.float32)
+    new = AutoencoderKLWan.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    for a, b in zip(old.encoder.state_dict().values(), new.encoder.state_dict().values()):
+        if not torch.allclose(a, b, atol=1e-2):  # fp16 round trip
+            raise ValueError(f"{vae_dir}: its encoder differs from {pipe_dir / 'vae'}'s; the latents would not match")
+    new.register_to_config(latents_mean=old.config.latents_mean, latents_std=old.config.latents_std)
+    shutil.rmtree(pipe_dir / "vae")
+    new.to(torch.float16).save_pretrained(pipe_dir / "vae", safe_serialization=True)
+    info_p = pipe_dir / "train_info.json"
+    info = json.loads(info_p.read_text())
+    info["vae_decoder_from"] = json.loads((vae_dir / "train_info.json").read_text())
+    info_p.write_text(json.dumps(info, indent=2))
+    log(f"swapped the decoder of {vae_dir} into {pipe_dir}")
 
 
 def final_report(
@@ -528,14 +563,20 @@ def final_report(
         ok = torch.tensor([s["correct"] for s in r["scores"]])
         pos, neg = score[ok], score[~ok]
         auc = float((pos[:, None] > neg[None]).float().mean()) if len(pos) and len(neg) else float("nan")
+        # concordance with the fraction of gold constraints met (defined even when no sample is
+        # fully correct): over sample pairs whose fractions differ, how often the proxy agrees
+        frac = torch.tensor([np.mean([s[c] for c in VIDEO_CONSTRAINTS]) for s in r["scores"]])
+        higher = frac[:, None] > frac[None]
+        conc = float((score[:, None] > score[None])[higher].float().mean()) if higher.any() else float("nan")
         cfgp = json.loads((out / "video_proxy" / "video_proxy_config.json").read_text())
         result["proxy"] = {
             "heldout_pairwise_accuracy": cfgp["heldout_pairwise_accuracy"],
             "gold_agreement_auc": auc,
+            "gold_fraction_concordance": conc,
             "mean_score_gold_correct": float(pos.mean()) if len(pos) else float("nan"),
             "mean_score_gold_incorrect": float(neg.mean()) if len(neg) else float("nan"),
         }
-        log(f"proxy vs gold on these samples: AUC {auc:.3f}")
+        log(f"proxy vs gold on these samples: AUC {auc:.3f}, concordance with constraint fraction {conc:.3f}")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     return r
@@ -543,7 +584,7 @@ def final_report(
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["vae", "decoder", "transformer", "proxy", "all", "report"])
+    ap.add_argument("stage", choices=["vae", "decoder", "transformer", "proxy", "all", "report", "swap-decoder"])
     ap.add_argument("--out", type=Path, default=HERE / "assets")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmalign_video_work"))
     ap.add_argument("--minutes", type=float, default=40.0, help="transformer training time box")
@@ -557,7 +598,9 @@ def main(argv=None):
     ap.add_argument("--stop-accuracy", type=float, default=0.25)
     ap.add_argument("--max-accuracy", type=float, default=0.6)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--init-from", type=Path, default=None, help="transformer stage: continue a saved wan_toy folder")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--vae-dir", type=Path, default=None, help="swap-decoder stage: the decoder stage's VAE folder")
     ap.add_argument("--json", type=Path, default=None, help="report stage: write the numbers here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -584,7 +627,10 @@ def main(argv=None):
             lr=args.lr,
             stop_accuracy=args.stop_accuracy,
             max_accuracy=args.max_accuracy,
+            init_from=args.init_from,
         )
+    if args.stage == "swap-decoder":
+        swap_decoder(args.out / "wan_toy", args.vae_dir or args.work / "video_vae_dec")
     if args.stage in ("proxy", "all"):
         from .video_proxy import train_video_proxy
 
