@@ -178,9 +178,43 @@ def render_toy_audio_gold(data: dict, filters: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+def render_toy_video(data: dict, filters: dict[str, str]) -> str:
+    """`python -m mmalign.toy.video_train report --json benchmarks/results/toy_video.json`: the
+    shipped wan_toy's held-out gold (WanPipeline samples) and the video proxy's accuracy."""
+    s, w, t = data["settings"], data["wan_toy"], data["train_info"]
+    out = [
+        f"{s['captions']} held-out captions x {len(s['seeds'])} seeds, {s['steps']} UniPC steps, guidance "
+        f"{s['guidance_scale']}; transformer trained {t['steps']} steps.\n",
+        "| measure | value |",
+        "|---|---|",
+        f"| gold accuracy (strict) | {w['accuracy']:.3f} |",
+    ]
+    out += [f"| kind `{k}` (n={w['n_per_kind'][k]}) | {v:.3f} |" for k, v in w["per_kind"].items()]
+    out += [f"| constraint `{k}` | {v:.3f} |" for k, v in w["per_constraint"].items()]
+    out += [
+        f"| frames with every named object found | {w['frames_found']:.3f} |",
+        f"| temporal similarity (1 - MSE of consecutive frames) | {w['temporal_similarity']:.3f} |",
+    ]
+    if "proxy" in data:
+        p = data["proxy"]
+        out += ["", "| toy_video_proxy | value |", "|---|---|"]
+        out += [
+            f"| held-out pairwise accuracy, `{k}` negatives | {v:.3f} |"
+            for k, v in p["heldout_pairwise_accuracy"].items()
+        ]
+        out += [
+            "| agreement with gold on the samples above: AUC of correct vs. incorrect "
+            f"| {p['gold_agreement_auc']:.3f} |",
+            "| agreement with gold on the samples above: pairs ordered as the fraction of constraints met "
+            f"| {p['gold_fraction_concordance']:.3f} |",
+        ]
+    return "\n".join(out)
+
+
 RENDERERS = {
     "toy_alignment": render_toy_alignment,
     "toy_audio_gold": render_toy_audio_gold,
+    "toy_video": render_toy_video,
     "toy_vlm": render_toy_vlm,
     "toy_guidance": render_toy_guidance,
     "video_step": render_video_step,
