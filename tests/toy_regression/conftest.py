@@ -16,6 +16,7 @@ CI_GROUPS = {
         "test_shipped_method_raises_heldout_gold[flow_dpo.yaml]",
         "test_shipped_method_raises_heldout_gold[diffusion_nft_variant.yaml]",
         "test_shipped_method_raises_heldout_gold[d3po.yaml]",
+        "test_shipped_audio_toy_is_imperfect_on_purpose",
     ],
     # the toy UNet model's other methods, and the toy VLM
     "unet_and_vlm": [
