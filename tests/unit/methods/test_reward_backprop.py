@@ -434,3 +434,9 @@ def test_trains_in_the_trainer_with_the_clip_reward_and_resumes_mid_round_exactl
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_video_toy_config_edits_wan_samples_with_the_video_proxy():
+    c = load_config(ROOT / "configs" / "toy" / "video_reward_backprop.yaml")
+    assert (c.generator.name, c.method.args.mode, c.reward.name) == ("wan", "edit", "toy_video_proxy")
+    assert c.method.args.edit_source == "policy" and c.method.args.rollout.steps_per_round == 1
