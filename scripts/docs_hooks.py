@@ -184,7 +184,8 @@ def render_toy_video(data: dict, filters: dict[str, str]) -> str:
     s, w, t = data["settings"], data["wan_toy"], data["train_info"]
     out = [
         f"{s['captions']} held-out captions x {len(s['seeds'])} seeds, {s['steps']} UniPC steps, guidance "
-        f"{s['guidance_scale']}; transformer trained {t['steps']} steps.\n",
+        f"{s['guidance_scale']}; transformer trained {t['steps']} steps"
+        + (" (continuing an earlier run; see the rebuild commands).\n" if t.get("init_from") else ".\n"),
         "| measure | value |",
         "|---|---|",
         f"| gold accuracy (strict) | {w['accuracy']:.3f} |",
