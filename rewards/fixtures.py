@@ -575,14 +575,15 @@ def register_test_rewards() -> None:
     from dataclasses import dataclass
 
     from mmalign import registry
+    from mmalign.config import num
 
     if "test_mean_pixel" in registry.REWARDS:
         return
 
     @dataclass
     class MeanPixelConfig:
-        scale: float = 1.0
-        offset: float = 0.0
+        scale: float = num(1.0)
+        offset: float = num(0.0)
 
     class MeanPixel:
         modality = "image"
