@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .audio_gold import gold_report_audio
 from .audio_world import all_audio_captions, audio_heldout_captions, audio_train_captions, render_audio
-from .train import log, seed_all
+from .train import ema_update_step, log, seed_all
 
 HERE = Path(__file__).parent
 SR = 4000  # the shipped model's sampling rate
@@ -444,17 +444,7 @@ def train_dit(
         a, s = torch.cos(u * torch.pi / 2).view(-1, 1, 1), torch.sin(u * torch.pi / 2).view(-1, 1, 1)
         v = dit_forward(transformer, a * x0 + s * noise, u, ehs, glob)
         loss = F.mse_loss(v, a * noise - s * x0)
-        for pg in opt.param_groups:
-            pg["lr"] = lr * min(1.0, (step + 1) / 100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                e.lerp_(p.detach(), 1 - decay)
+        step = ema_update_step(opt, loss, params, ema, step, lr, warmup=100, max_decay=0.995)
         losses.append(loss.item())
         if step % 50 == 0:
             log(f"dit step {step} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / step:.2f}s/step)")

@@ -115,6 +115,24 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0
 
 
+def ema_update_step(opt, loss, params, ema, step: int, lr: float, warmup: int, max_decay: float) -> int:
+    """One optimizer step of the toy models' training loops: linear learning-rate warmup over
+    `warmup` steps, gradient-norm clip 1.0, then the EMA copies `ema` of `params` move towards them
+    with decay min(max_decay, (1 + step) / (10 + step)). Returns the new step count."""
+    for pg in opt.param_groups:
+        pg["lr"] = lr * min(1.0, (step + 1) / warmup)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    step += 1
+    decay = min(max_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            e.lerp_(p.detach(), 1 - decay)
+    return step
+
+
 def scene_pool(captions, per_caption: int, seed_offset: int = 0):
     """Rendered scenes: (captions list, uint8 tensor N,3,32,32)."""
     caps, imgs = [], []
@@ -393,17 +411,7 @@ def train_unet(
         enc = text_encoder(tok)[0]
         pred = unet(xt, t, enc).sample
         loss = F.mse_loss(pred, noise)
-        for pg in opt.param_groups:
-            pg["lr"] = lr * min(1.0, (step + 1) / 200)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                e.lerp_(p.detach(), 1 - decay)
+        step = ema_update_step(opt, loss, params, ema, step, lr, warmup=200, max_decay=0.999)
         losses.append(loss.item())
         if step % 50 == 0:
             log(f"unet step {step} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / step:.2f}s/step)")
@@ -608,17 +616,7 @@ def train_flow(
             return_dict=False,
         )[0]
         loss = F.mse_loss(v, noise - x0)
-        for pg in opt.param_groups:
-            pg["lr"] = lr * min(1.0, (step + 1) / 200)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                e.lerp_(p.detach(), 1 - decay)
+        step = ema_update_step(opt, loss, params, ema, step, lr, warmup=200, max_decay=0.999)
         losses.append(loss.item())
         if step % 100 == 0:
             log(f"flow step {step} loss {np.mean(losses[-100:]):.4f} ({(time.time() - t0) / step:.3f}s/step)")

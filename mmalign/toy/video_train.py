@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .train import log, save_pipe, seed_all
+from .train import ema_update_step, log, save_pipe, seed_all
 from .video_evaluate import gold_report_video
 from .video_gold import VIDEO_CONSTRAINTS
 from .video_world import (
@@ -464,17 +464,7 @@ def train_transformer(
         for proc in cross:
             proc.bias = None
         loss = F.mse_loss(v, noise - x0)
-        for pg in opt.param_groups:
-            pg["lr"] = lr * min(1.0, (step + 1) / 100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                e.lerp_(p.detach(), 1 - decay)
+        step = ema_update_step(opt, loss, params, ema, step, lr, warmup=100, max_decay=0.995)
         losses.append(loss.item())
         if step % 50 == 0:
             log(f"transformer step {step} loss {np.mean(losses[-50:]):.4f} ({(time.time() - t0) / step:.2f}s/step)")
